@@ -1,0 +1,3 @@
+from dermaloop.cli import main
+
+raise SystemExit(main())
