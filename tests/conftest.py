@@ -1,0 +1,28 @@
+"""Shared fixtures. Tests start a real localbase and use the real Firebase client libraries."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.localbase_process import LocalbaseProcess
+
+HAM10000 = Path(os.environ.get("DERMALOOP_HAM10000", Path(__file__).resolve().parents[1].parent / "shared/data/ham10000"))
+
+
+@pytest.fixture(scope="session")
+def localbase(tmp_path_factory) -> LocalbaseProcess:
+    """One localbase process for the session, on free ports, with the project's rules files."""
+    server = LocalbaseProcess(data_dir=tmp_path_factory.mktemp("localbase")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ham10000() -> Path:
+    """The real HAM10000 folder; skips (saying why) where it is absent, as on users' machines."""
+    if not (HAM10000 / "metadata.csv").is_file():
+        pytest.skip(f"HAM10000 folder not found at {HAM10000} (set DERMALOOP_HAM10000); users do not have it")
+    return HAM10000
