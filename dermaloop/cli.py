@@ -67,13 +67,13 @@ def build_parser(command: Command | None = None) -> argparse.ArgumentParser:
         epilog=_overview(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    if command is None:
+        parser.add_argument("command", nargs="?", metavar="COMMAND", help="one of the commands below")
+        return parser
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for entry in COMMANDS:
-        if command is not None and entry.name != command.name:
-            continue
-        sub_parser = sub.add_parser(entry.name, help=entry.help, description=entry.help)
-        if command is not None and _available(entry):
-            importlib.import_module(entry.module).add_arguments(sub_parser)
+    sub_parser = sub.add_parser(command.name, help=command.help, description=command.help)
+    if _available(command):
+        importlib.import_module(command.module).add_arguments(sub_parser)
     return parser
 
 

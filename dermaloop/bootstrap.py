@@ -1,0 +1,28 @@
+"""First-run preparation for ``dermaloop run``: demo accounts and starter models (both idempotent)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dermaloop.settings import Settings
+
+# Demo sign-ins printed by the run command. They exist only on the embedded backend.
+DEMO_ACCOUNTS = (
+    {"email": "patient@dermaloop.test", "password": "patient-demo-1", "role": "patient", "display_name": "Demo Patient"},
+    {"email": "derm@dermaloop.test", "password": "derm-demo-1", "role": "dermatologist", "display_name": "Dr Demo"},
+)
+
+
+def demo_accounts(settings: Settings, options: dict[str, Any]) -> str:
+    from dermaloop import users_cli
+
+    for account in DEMO_ACCOUNTS:
+        users_cli.ensure_user(settings, **account)
+    return "Demo sign-ins: " + "; ".join(f"{a['role']} {a['email']} / {a['password']}" for a in DEMO_ACCOUNTS)
+
+
+def starter_models(settings: Settings, options: dict[str, Any]) -> str:
+    from training.starter import ensure_starter_models
+
+    model_dir = ensure_starter_models(settings.models_dir, options.get("ham10000"))
+    return f"Models: {model_dir}"
