@@ -1,12 +1,8 @@
-"""localbase rtdb service (placeholder until its issue lands: answers 501 on every route)."""
+"""localbase Realtime Database: Firebase's RTDB REST + streaming protocol over SQLite, with rules.
 
-from aiohttp import web
+``create_app(ctx)`` is what :mod:`localbase.server` mounts on the database port.
+"""
 
+from localbase.rtdb.service import create_app
 
-def create_app(ctx) -> web.Application:
-    async def not_built(request: web.Request) -> web.Response:
-        return web.json_response({"error": "localbase rtdb service not built yet"}, status=501)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", not_built)
-    return app
+__all__ = ["create_app"]

@@ -1,0 +1,412 @@
+"""The Realtime Database REST + SSE endpoint: parses requests, applies rules, writes, notifies.
+
+Everything from the moment a request body is in memory to the dispatch of its events runs without
+an ``await``, so each write is atomic with respect to every other request and listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from typing import Any
+
+from aiohttp import web
+
+from localbase import tokens
+from localbase.rtdb import events
+from localbase.rtdb.query import QUERY_PARAMS, Query, parse_query, run_query
+from localbase.rtdb.rules import LOCKED, Rules, auth_variable, load_rules
+from localbase.rtdb.store import Namespace, Store
+from localbase.rtdb.values import (
+    INVALID_JSON,
+    MAX_WRITE_BYTES,
+    FirebaseError,
+    Normaliser,
+    Path,
+    PushIds,
+    bad_request,
+    check_key,
+    dumps,
+    etag,
+    export,
+    loads,
+    parse_path,
+    to_output,
+)
+from localbase.rules_expr import RuleSyntaxError
+
+log = logging.getLogger("localbase.rtdb")
+
+KNOWN_PARAMS = {
+    "auth", "access_token", "auth_variable_override", "ns", "print", "shallow", "format", "callback",
+    "download", "timeout", "writeSizeLimit", "disableTriggers", *QUERY_PARAMS,
+}
+_NS = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_HEADERS = {"Cache-Control": "no-cache", "Access-Control-Allow-Origin": "*"}
+DEFAULT_KEEPALIVE_S = 30.0
+
+
+def _json_response(status: int, text: str | None, extra: dict[str, str] | None = None) -> web.Response:
+    headers = dict(_HEADERS)
+    if extra:
+        headers.update(extra)
+    if text is None:
+        return web.Response(status=status, headers=headers, content_type="application/json", charset="utf-8")
+    return web.Response(status=status, text=text, headers=headers, content_type="application/json", charset="utf-8")
+
+
+def error_response(status: int, message: str) -> web.Response:
+    # Production pretty-prints errors exactly like this.
+    return _json_response(status, '{\n  "error" : ' + json.dumps(message) + "\n}\n")
+
+
+class Caller:
+    """Who sends a request: admin (rules skipped) or an end user (rules with this ``auth``)."""
+
+    def __init__(self, admin: bool, auth: Any = None, token: str | None = None, expires_at: float | None = None):
+        self.admin = admin
+        self.auth = auth
+        self.token = token
+        self.expires_at = expires_at
+
+
+class Database:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.default_ns = f"{ctx.project_id}-default-rtdb"
+        ctx.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(ctx.data_dir / "rtdb.sqlite3")
+        self.rules_file = ctx.rules_dir / "database.rules.json"
+        if self.rules_file.is_file():
+            self.rules_text = self.rules_file.read_text()
+            self.rules = Rules(load_rules(self.rules_text))  # a broken rules file stops start-up
+        else:
+            log.warning("no %s: every end-user read and write is denied", self.rules_file)
+            self.rules_text = '{"rules": {".read": false, ".write": false}}'
+            self.rules = Rules(LOCKED)
+        self.hub = events.Hub()
+        self.push_ids = PushIds()
+        self.keepalive_s = float(ctx.extras.get("rtdb_keepalive_s", DEFAULT_KEEPALIVE_S))
+
+    # ----------------------------------------------------------------------------------- requests
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._handle(request)
+        except FirebaseError as exc:
+            return error_response(exc.status, exc.message)
+
+    def _caller(self, request: web.Request) -> Caller:
+        params = request.query
+        header = request.headers.get("Authorization", "")
+        admin = header.lower().startswith("bearer ") or "access_token" in params
+        if admin:
+            if "auth_variable_override" in params:
+                try:
+                    override = json.loads(params["auth_variable_override"])
+                except ValueError:
+                    raise bad_request("auth_variable_override must be JSON (an object or null).") from None
+                if override is not None and not isinstance(override, dict):
+                    raise bad_request("auth_variable_override must be JSON (an object or null).")
+                return Caller(admin=False, auth=override)
+            return Caller(admin=True)
+        token = params.get("auth")
+        if token is None:
+            return Caller(admin=False, auth=None)
+        try:
+            claims = self.ctx.verify_id_token(token)
+        except tokens.InvalidToken as exc:
+            msg = "Auth token is expired" if "expired" in str(exc) else "Could not parse auth token."
+            raise FirebaseError(401, msg) from None
+        return Caller(admin=False, auth=auth_variable(claims), token=token, expires_at=float(claims["exp"]))
+
+    def _namespace(self, request: web.Request) -> Namespace:
+        name = request.query.get("ns") or self.default_ns
+        if not _NS.match(name):
+            raise FirebaseError(404, f"Invalid namespace {name[:100]!r}.")
+        return self.store.namespace(name)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        method = request.method
+        if method == "OPTIONS":
+            return web.Response(status=200, headers={
+                **_HEADERS, "Access-Control-Allow-Methods": "GET, PUT, POST, PATCH, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": "*", "Access-Control-Max-Age": "3600"})
+        if method == "POST" and "X-HTTP-Method-Override" in request.headers:
+            method = request.headers["X-HTTP-Method-Override"].upper()
+            if method not in ("GET", "PUT", "PATCH", "DELETE", "POST"):
+                raise bad_request(f"Unsupported X-HTTP-Method-Override: {method[:20]}")
+        unknown = sorted(set(request.query) - KNOWN_PARAMS)
+        if unknown:
+            raise bad_request(f"Invalid parameter: {unknown[0][:100]!r} is not a Realtime Database REST parameter.")
+        raw_path = request.path
+        if raw_path.startswith("/.settings/rules"):
+            return await self._rules_endpoint(request, method)
+        if raw_path.startswith("/.inspect/databases"):
+            return _json_response(200, dumps([{"name": n} for n in sorted(self.store.namespaces)]))
+        if not raw_path.endswith(".json"):
+            raise FirebaseError(404, "Not found: Realtime Database REST paths end in .json.")
+        path = parse_path(raw_path[: -len(".json")])
+        ns = self._namespace(request)
+        caller = self._caller(request)
+        if method == "GET":
+            if "text/event-stream" in request.headers.get("Accept", ""):
+                return await self._stream(request, ns, path, caller)
+            return self._get(request, ns, path, caller)
+        if method in ("PUT", "PATCH", "POST", "DELETE"):
+            body = b"" if method == "DELETE" else await self._read_body(request)
+            return self._write(request, method, ns, path, caller, body)
+        raise FirebaseError(405, f"Method {method} is not supported.")
+
+    @staticmethod
+    async def _read_body(request: web.Request) -> bytes:
+        too_big = bad_request(
+            f"Data to write exceeds the maximum size that can be modified with a single request "
+            f"({MAX_WRITE_BYTES // (1024 * 1024)} MB).")
+        if request.content_length is not None and request.content_length > MAX_WRITE_BYTES:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(1 << 16):
+            body += chunk
+            if len(body) > MAX_WRITE_BYTES:
+                raise too_big
+        return bytes(body)
+
+    # ---------------------------------------------------------------------------------------- read
+
+    def _check_read(self, ns: Namespace, path: Path, caller: Caller, query: Query | None = None) -> None:
+        if caller.admin:
+            return
+        qvar = query.as_rules_variable() if query is not None and query.active else None
+        if not self.rules.can_read(path, caller.auth, ns.get, qvar):
+            raise FirebaseError(401, "Permission denied")
+
+    def _check_index(self, path: Path, q: Query) -> None:
+        if q.order_by in (None, "$key", "$priority"):
+            return
+        name = ".value" if q.order_by == "$value" else "/".join(q.child)
+        if not self.rules.index_defined(path, name):
+            raise bad_request(
+                f'Index not defined, add ".indexOn": "{name}", for path "/{"/".join(path)}", to the rules')
+
+    def _get(self, request: web.Request, ns: Namespace, path: Path, caller: Caller) -> web.Response:
+        params = request.query
+        q = parse_query(params)
+        self._check_read(ns, path, caller, q)
+        if q.active:
+            self._check_index(path, q)
+        value = ns.get(path)
+        headers: dict[str, str] = {}
+        tag = None
+        if request.headers.get("X-Firebase-ETag", "").lower() == "true" or "if-none-match" in request.headers:
+            tag = etag(value)
+            headers["ETag"] = tag
+            if request.headers.get("if-none-match") == tag:
+                return web.Response(status=304, headers={**_HEADERS, **headers})
+        if q.active:
+            value = run_query(value, q, path, ns.priorities)
+        shallow = params.get("shallow")
+        if shallow is not None:
+            if shallow != "true":
+                raise bad_request("shallow must be true.")
+            if isinstance(value, dict):
+                value = dict.fromkeys(value, True)
+        elif params.get("format") == "export":
+            value = export(value, path, ns.priorities)
+        elif "format" in params:
+            raise bad_request("format must be export.")
+        else:
+            value = to_output(value)
+        return self._body_response(request, 200, value, headers)
+
+    def _body_response(self, request: web.Request, status: int, value: Any, headers: dict[str, str]) -> web.Response:
+        printing = request.query.get("print")
+        if printing == "silent":
+            return web.Response(status=204, headers={**_HEADERS, **headers})
+        if printing not in (None, "pretty"):
+            raise bad_request("print must be pretty or silent.")
+        text = dumps(value, pretty=printing == "pretty")
+        callback = request.query.get("callback")
+        if callback is not None and request.method == "GET":
+            if not re.fullmatch(r"[A-Za-z_$][\w$.]{0,100}", callback):
+                raise bad_request("Invalid callback name.")
+            return web.Response(status=status, text=f"{callback}({text});", content_type="application/javascript",
+                                headers={**_HEADERS, **headers})
+        download = request.query.get("download")
+        if download is not None and request.method == "GET":
+            safe = re.sub(r"[^\w.-]", "_", download)[:100] or "download.json"
+            headers = {**headers, "Content-Disposition": f'attachment; filename="{safe}"'}
+        return _json_response(status, text, headers)
+
+    # --------------------------------------------------------------------------------------- write
+
+    def _write(self, request: web.Request, method: str, ns: Namespace, path: Path, caller: Caller,
+               body: bytes) -> web.Response:
+        norm = Normaliser(old_root=ns.root)
+        if method == "DELETE":
+            raw: Any = None
+        else:
+            if not body.strip():
+                raise bad_request(INVALID_JSON)
+            raw = loads(body)
+        patch_base: Path | None = None
+        if method == "PATCH":
+            if not isinstance(raw, dict):
+                raise bad_request("Invalid data; PATCH needs a JSON object of paths to values.")
+            ops, sent = self._patch_ops(path, raw, norm)
+            patch_base = path
+        elif method == "POST":
+            key = self.push_ids.next(norm.now_ms)
+            path = (*path, key)
+            value = norm.value(raw, path)
+            ops, sent = [(path, value)], value
+        else:
+            value = norm.value(raw, path)
+            ops, sent = [(path, value)], value
+        if not caller.admin and not self.rules.can_write(ops, caller.auth, ns.get):
+            raise FirebaseError(401, "Permission denied")
+        headers: dict[str, str] = {}
+        if_match = request.headers.get("if-match")
+        if if_match is not None:
+            if method not in ("PUT", "DELETE"):
+                raise bad_request("if-match is supported on PUT and DELETE only.")
+            current = ns.get(path)
+            current_tag = etag(current)
+            if if_match != current_tag:
+                return _json_response(412, dumps(to_output(current)), {"ETag": current_tag})
+            headers["ETag"] = etag(ops[0][1])
+        old_values = {lp: ns.get(lp) for lp in self.hub.below(ns.name, ops)}
+        try:
+            self.store.apply(ns, ops, norm.priorities)
+        except Exception:
+            log.exception("write to %s failed", "/".join(path))
+            raise FirebaseError(500, "Internal error: the write was not stored.") from None
+        self.hub.dispatch(ns.name, ops, patch_base, ns.get, old_values)
+        self._recheck_listeners(ns)
+        if method == "POST":
+            return self._body_response(request, 200, {"name": path[-1]}, headers)
+        if method == "DELETE":
+            return self._body_response(request, 200, None, headers)
+        return self._body_response(request, 200, to_output(sent), headers)
+
+    @staticmethod
+    def _patch_ops(path: Path, raw: dict, norm: Normaliser) -> tuple[list[tuple[Path, Any]], dict]:
+        ops: list[tuple[Path, Any]] = []
+        sent: dict[str, Any] = {}
+        for key, child in raw.items():
+            rel = tuple(k for k in key.split("/") if k)
+            if not rel:
+                raise bad_request("Invalid data; PATCH keys must be non-empty paths.")
+            for k in rel:
+                check_key(k)
+            full = (*path, *rel)
+            value = norm.value(child, full)
+            ops.append((full, value))
+            sent[key] = value
+        ordered = sorted(p for p, _ in ops)
+        for a, b in zip(ordered, ordered[1:], strict=False):
+            if b[: len(a)] == a:
+                raise bad_request(f"Invalid data; path /{'/'.join(a)} is an ancestor of /{'/'.join(b)} in one update.")
+        return ops, sent
+
+    def _recheck_listeners(self, ns: Namespace) -> None:
+        """End users whose read rule depends on data lose their stream when it stops allowing them."""
+        for listener in self.hub.listeners(ns.name):
+            if listener.recheck_reads and not self.rules.can_read(listener.path, listener.auth, ns.get):
+                listener.close(events.CANCEL)
+                self.hub.remove(listener)
+
+    # -------------------------------------------------------------------------------------- stream
+
+    async def _stream(self, request: web.Request, ns: Namespace, path: Path, caller: Caller) -> web.StreamResponse:
+        unsupported = set(request.query) & set(QUERY_PARAMS)
+        if unsupported:
+            raise bad_request("Queries are not supported on streaming requests in localbase.")
+        self._check_read(ns, path, caller)
+        listener = events.Listener(
+            ns=ns.name, path=path, auth=None if caller.admin else caller.auth, token=caller.token,
+            expires_at=caller.expires_at,
+            recheck_reads=not caller.admin and self.rules.read_uses_data(path))
+        # Snapshot and registration in one loop step: no write can slip in between.
+        listener.send(events.initial_frame(ns.root, path))
+        self.hub.add(listener)
+        response = web.StreamResponse(status=200, headers={**_HEADERS, "Content-Type": "text/event-stream"})
+        try:
+            await response.prepare(request)
+            await self._pump(listener, response)
+        except (ConnectionResetError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            listener.closed = True
+            self.hub.remove(listener)
+        return response
+
+    async def _pump(self, listener: events.Listener, response: web.StreamResponse) -> None:
+        queue = listener.queue
+        while True:
+            timeout = self.keepalive_s
+            if listener.expires_at is not None:
+                timeout = max(0.0, min(timeout, listener.expires_at - time.time()))
+            try:
+                data = await asyncio.wait_for(queue.get(), timeout)
+            except TimeoutError:
+                if listener.token is not None and not self._token_still_valid(listener.token):
+                    await response.write(events.AUTH_REVOKED)
+                    return
+                await response.write(events.KEEP_ALIVE)
+                continue
+            chunks = [data]
+            while not queue.empty() and chunks[-1] != events.CLOSE:
+                chunks.append(queue.get_nowait())
+            done = chunks[-1] == events.CLOSE
+            payload = b"".join(chunks)
+            if payload:
+                await response.write(payload)
+            if done:
+                return
+
+    def _token_still_valid(self, token: str) -> bool:
+        try:
+            self.ctx.verify_id_token(token)
+        except tokens.InvalidToken:
+            return False
+        return True
+
+    # --------------------------------------------------------------------------------------- rules
+
+    async def _rules_endpoint(self, request: web.Request, method: str) -> web.Response:
+        if not self._caller(request).admin:
+            raise FirebaseError(401, "Permission denied")
+        if method == "GET":
+            return web.Response(status=200, text=self.rules_text, content_type="application/json",
+                                headers=_HEADERS)
+        if method == "PUT":
+            text = (await self._read_body(request)).decode("utf-8", "replace")
+            try:
+                rules = load_rules(text)
+            except RuleSyntaxError as exc:
+                raise bad_request(str(exc)) from None
+            self.rules, self.rules_text = Rules(rules), text
+            return _json_response(200, '{"status":"ok"}')
+        raise FirebaseError(405, f"Method {method} is not supported on rules.")
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        self.hub.close_all()
+
+    async def on_cleanup(self, app: web.Application) -> None:
+        with contextlib.suppress(Exception):
+            self.store.close()
+
+
+def create_app(ctx) -> web.Application:
+    database = Database(ctx)
+    app = web.Application(client_max_size=MAX_WRITE_BYTES + 1024)
+    app["database"] = database
+    app.router.add_route("*", "/{tail:.*}", database.handle)
+    app.on_shutdown.append(database.on_shutdown)
+    app.on_cleanup.append(database.on_cleanup)
+    return app
