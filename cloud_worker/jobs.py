@@ -1,0 +1,250 @@
+"""The ``/jobs`` work queue in the Realtime Database: claiming with leases, and fenced outcomes.
+
+Why transactions and leases: several workers (processes or machines) watch the same queue. A job is
+claimed by an RTDB transaction that sets ``lease = {worker, token, expiresAt}``; only one transaction
+can win for a given state of the job, so only one worker holds a live lease. A worker that dies
+stops renewing, its lease expires, and the next sweep of any worker claims the job again (counting
+an attempt, so a job that kills every worker that touches it ends as failed instead of looping).
+
+Every outcome (result, failure, retry later, release) is *fenced*: a transaction first checks that
+the lease still carries our token and extends it, and only then is the outcome written, in one
+atomic multi-path update that moves the job and the case together. A worker that stalled past its
+lease therefore cannot overwrite the work of the worker that took over, and a crash can never leave
+a diagnosed case with a job that is still queued (or the reverse).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from firebase_admin import db
+from firebase_admin import exceptions as fb_exceptions
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+# Case statuses after which the worker has nothing left to do.
+FINISHED_CASE_STATUSES = frozenset({"diagnosed", "reviewed", "labelled"})
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Abort(Exception):
+    """Raised inside a transaction function to leave the job untouched."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+class LeaseLost(RuntimeError):
+    """Our lease was taken over (we stalled past its expiry) or the job vanished: drop the work."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job this worker holds a lease on."""
+
+    case_id: str
+    uid: str
+    token: str
+    attempt: int  # 1 for the first claim
+    exhausted: bool  # attempts were already used up: the job must be failed, not processed
+    last_error: str
+    created_at: int | None
+
+
+def claimable(job: Any, now: int) -> bool:
+    """Whether a job may be claimed now (queued and due, or running with an expired lease)."""
+    if not isinstance(job, dict):
+        return False
+    state = job.get("state", QUEUED)  # a job from an older client may carry no state yet
+    if state == QUEUED:
+        retry_at = job.get("retryAt") or 0
+        return not isinstance(retry_at, (int, float)) or retry_at <= now
+    if state == RUNNING:
+        lease = job.get("lease") or {}
+        expires = lease.get("expiresAt", 0) if isinstance(lease, dict) else 0
+        return not isinstance(expires, (int, float)) or expires <= now
+    return False
+
+
+class JobQueue:
+    """Claims and settles jobs for one worker identity."""
+
+    def __init__(self, app, worker_id: str, lease_ms: int = 30_000, max_attempts: int = 3) -> None:
+        self.app = app
+        self.worker_id = worker_id
+        self.lease_ms = lease_ms
+        self.max_attempts = max_attempts
+        self._indexed = True
+
+    def ref(self, path: str = "/") -> db.Reference:
+        return db.reference(path, app=self.app)
+
+    # ---- discovery -------------------------------------------------------------------------
+    def _open_jobs(self) -> dict[str, Any]:
+        """Jobs that are not settled: new (no state yet), queued or running.
+
+        Uses the ``state`` index (null sorts first in RTDB's order, so ``endAt("")`` returns the jobs
+        without a state). Where the rules define no index it falls back to reading all of ``/jobs``.
+        """
+        jobs = self.ref("jobs")
+        if self._indexed:
+            try:
+                found: dict[str, Any] = {}
+                found.update(jobs.order_by_child("state").end_at("").get() or {})
+                for state in (QUEUED, RUNNING):
+                    found.update(jobs.order_by_child("state").equal_to(state).get() or {})
+                return found
+            except fb_exceptions.FirebaseError as exc:
+                if "Index not defined" not in str(exc):
+                    raise
+                self._indexed = False  # rules without .indexOn state: slower but correct
+        everything = jobs.get() or {}
+        return {k: v for k, v in everything.items() if isinstance(v, dict) and v.get("state", QUEUED) in (QUEUED, RUNNING)}
+
+    def due_job_ids(self, now: int | None = None) -> list[str]:
+        """Jobs any worker may claim now: the sweep that catches what the listener missed."""
+        now = now_ms() if now is None else now
+        due = [case_id for case_id, job in self._open_jobs().items() if claimable(job, now)]
+        return sorted(due)  # push ids sort by creation time: oldest first
+
+    def queue_depth(self) -> int:
+        """Jobs waiting or in progress (for the metrics)."""
+        return len(self._open_jobs())
+
+    # ---- claiming --------------------------------------------------------------------------
+    def claim(self, case_id: str) -> Claim | None:
+        """Take a lease on a job if it is claimable; ``None`` if someone else has it or it is settled."""
+        token = uuid.uuid4().hex
+        seen: dict[str, Any] = {}
+
+        def update(job: Any) -> Any:
+            now = now_ms()
+            if not claimable(job, now):
+                raise _Abort("not claimable")
+            attempts = int(job.get("attempts") or 0)
+            seen.update(job)
+            new = dict(job)
+            new.update(
+                state=RUNNING,
+                lease={"worker": self.worker_id, "token": token, "expiresAt": now + self.lease_ms},
+                attempts=attempts + 1,
+                updatedAt=now,
+            )
+            new.pop("retryAt", None)
+            return new
+
+        try:
+            self.ref(f"jobs/{case_id}").transaction(update)
+        except _Abort:
+            return None
+        attempts = int(seen.get("attempts") or 0)
+        uid = seen.get("uid")
+        created = seen.get("createdAt")
+        return Claim(
+            case_id=case_id,
+            uid=uid if isinstance(uid, str) else "",
+            token=token,
+            attempt=attempts + 1,
+            exhausted=attempts >= self.max_attempts,
+            last_error=str(seen.get("error") or ""),
+            created_at=created if isinstance(created, (int, float)) else None,
+        )
+
+    def _fence(self, claim: Claim, extend_ms: int | None = None, release_attempt: bool = False) -> None:
+        """Check our lease still holds and extend it, atomically; raises ``LeaseLost`` otherwise."""
+
+        def update(job: Any) -> Any:
+            lease = job.get("lease") if isinstance(job, dict) else None
+            if not isinstance(lease, dict) or lease.get("token") != claim.token or job.get("state") != RUNNING:
+                raise _Abort("lease lost")
+            new = dict(job)
+            new["lease"] = dict(lease, expiresAt=now_ms() + (extend_ms or self.lease_ms))
+            if release_attempt:
+                new["attempts"] = max(0, int(job.get("attempts") or 1) - 1)
+            return new
+
+        try:
+            self.ref(f"jobs/{claim.case_id}").transaction(update)
+        except _Abort as exc:
+            raise LeaseLost(f"job {claim.case_id}: {exc.why}") from None
+
+    def renew(self, claim: Claim) -> None:
+        self._fence(claim)
+
+    # ---- outcomes (each one fenced, then one atomic multi-path update) ---------------------
+    def _case(self, claim: Claim) -> str:
+        return f"cases/{claim.uid}/{claim.case_id}"
+
+    def complete(self, claim: Claim, cloud: dict[str, Any], queue_entry: dict[str, Any]) -> None:
+        """Write the cloud result, move the case to ``diagnosed`` and the job to ``done``, at once."""
+        self._fence(claim)
+        now = now_ms()
+        case = self._case(claim)
+        self.ref("/").update({
+            f"{case}/cloud": cloud,
+            f"{case}/status": "diagnosed",
+            f"{case}/failure": None,
+            f"queue/{claim.case_id}": queue_entry,
+            f"jobs/{claim.case_id}/state": DONE,
+            f"jobs/{claim.case_id}/lease": None,
+            f"jobs/{claim.case_id}/error": None,
+            f"jobs/{claim.case_id}/updatedAt": now,
+        })
+
+    def fail(self, claim: Claim, reason: str, detail: str, case_exists: bool = True) -> None:
+        """Give up on a job: the case shows ``failed`` with a reason the patient app can explain."""
+        self._fence(claim)
+        now = now_ms()
+        updates: dict[str, Any] = {
+            f"jobs/{claim.case_id}/state": FAILED,
+            f"jobs/{claim.case_id}/lease": None,
+            f"jobs/{claim.case_id}/error": f"{reason}: {detail}"[:500],
+            f"jobs/{claim.case_id}/updatedAt": now,
+        }
+        if case_exists:
+            case = self._case(claim)
+            updates[f"{case}/status"] = "failed"
+            updates[f"{case}/failure"] = {"reason": reason, "detail": detail[:500], "attempts": claim.attempt, "at": now}
+        self.ref("/").update(updates)
+
+    def mark_done(self, claim: Claim) -> None:
+        """The case was already diagnosed (a crash came between result and bookkeeping): just settle."""
+        self._fence(claim)
+        self.ref("/").update({
+            f"jobs/{claim.case_id}/state": DONE,
+            f"jobs/{claim.case_id}/lease": None,
+            f"jobs/{claim.case_id}/updatedAt": now_ms(),
+        })
+
+    def set_processing(self, claim: Claim) -> None:
+        """Show the patient that the cloud has the case (only while it is still queued or processing)."""
+        self.ref("/").update({f"{self._case(claim)}/status": "processing"})
+
+    def retry_later(self, claim: Claim, delay_ms: int, error: str) -> None:
+        """Put the job back with a backoff; the attempt stays counted."""
+        self._fence(claim)
+        now = now_ms()
+        self.ref("/").update({
+            f"jobs/{claim.case_id}/state": QUEUED,
+            f"jobs/{claim.case_id}/lease": None,
+            f"jobs/{claim.case_id}/retryAt": now + delay_ms,
+            f"jobs/{claim.case_id}/error": error[:500],
+            f"jobs/{claim.case_id}/updatedAt": now,
+            f"{self._case(claim)}/status": "queued",
+        })
+
+    def release(self, claim: Claim) -> None:
+        """Hand a job back untouched (graceful shutdown): it does not count as an attempt."""
+        self._fence(claim, release_attempt=True)
+        self.ref("/").update({
+            f"jobs/{claim.case_id}/state": QUEUED,
+            f"jobs/{claim.case_id}/lease": None,
+            f"jobs/{claim.case_id}/updatedAt": now_ms(),
+            f"{self._case(claim)}/status": "queued",
+        })
