@@ -1,0 +1,215 @@
+"""JSON shapes of the two Storage APIs and the request helpers they share."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from localbase.storage.store import Digest
+
+CHUNK = 256 * 1024
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def rfc3339(ms: int) -> str:
+    stamp = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def etag(row: dict[str, Any]) -> str:
+    raw = hashlib.sha1(f"{row['generation']}/{row['metageneration']}/{row['md5']}".encode()).digest()
+    return base64.b64encode(raw).decode().rstrip("=")
+
+
+def base_url(request: web.Request) -> str:
+    """Links use the Host the client used, so proxies and remapped ports keep working (gotcha 3)."""
+    return f"{request.scheme}://{request.host}"
+
+
+def enc(name: str) -> str:
+    return quote(name, safe="")
+
+
+def custom_metadata(row: dict[str, Any], with_tokens: bool) -> dict[str, str]:
+    metadata = json.loads(row["metadata"])
+    if with_tokens and row["download_tokens"]:
+        metadata["firebaseStorageDownloadTokens"] = row["download_tokens"]
+    return metadata
+
+
+def gcs_object(row: dict[str, Any], base: str) -> dict[str, Any]:
+    bucket, name, gen = row["bucket"], row["name"], row["generation"]
+    created = rfc3339(row["time_created"])
+    out: dict[str, Any] = {
+        "kind": "storage#object",
+        "id": f"{bucket}/{name}/{gen}",
+        "selfLink": f"{base}/storage/v1/b/{enc(bucket)}/o/{enc(name)}",
+        "mediaLink": f"{base}/download/storage/v1/b/{enc(bucket)}/o/{enc(name)}?generation={gen}&alt=media",
+        "name": name,
+        "bucket": bucket,
+        "generation": str(gen),
+        "metageneration": str(row["metageneration"]),
+        "contentType": row["content_type"] or "application/octet-stream",
+        "storageClass": "STANDARD",
+        "size": str(row["size"]),
+        "md5Hash": row["md5"],
+        "crc32c": row["crc32c"],
+        "etag": etag(row),
+        "timeCreated": created,
+        "updated": rfc3339(row["updated"]),
+        "timeStorageClassUpdated": created,
+    }
+    for key, column in (("cacheControl", "cache_control"), ("contentDisposition", "content_disposition"),
+                        ("contentEncoding", "content_encoding"), ("contentLanguage", "content_language"),
+                        ("customTime", "custom_time")):
+        if row[column]:
+            out[key] = row[column]
+    metadata = custom_metadata(row, with_tokens=True)
+    if metadata:
+        out["metadata"] = metadata
+    return out
+
+
+def firebase_metadata(row: dict[str, Any]) -> dict[str, Any]:
+    """The ``/v0`` FirebaseMetadata shape (crc32c as a decimal string, as the emulator sends it)."""
+    out: dict[str, Any] = {
+        "name": row["name"],
+        "bucket": row["bucket"],
+        "generation": str(row["generation"]),
+        "metageneration": str(row["metageneration"]),
+        "contentType": row["content_type"] or "application/octet-stream",
+        "timeCreated": rfc3339(row["time_created"]),
+        "updated": rfc3339(row["updated"]),
+        "storageClass": "STANDARD",
+        "size": str(row["size"]),
+        "md5Hash": row["md5"],
+        "crc32c": str(Digest(row["size"], row["md5"], row["crc32c"]).crc32c_int),
+        "etag": etag(row),
+        "downloadTokens": row["download_tokens"] or "",
+        "contentEncoding": row["content_encoding"] or "identity",
+        "contentDisposition": row["content_disposition"] or "inline",
+        "metadata": custom_metadata(row, with_tokens=False),
+    }
+    if row["cache_control"]:
+        out["cacheControl"] = row["cache_control"]
+    if row["content_language"]:
+        out["contentLanguage"] = row["content_language"]
+    return out
+
+
+def rules_resource(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An object as security rules see it (``resource``): sizes and generations are numbers."""
+    if row is None:
+        return None
+    meta = firebase_metadata(row)
+    return {
+        "name": row["name"], "bucket": row["bucket"], "generation": row["generation"],
+        "metageneration": row["metageneration"], "size": row["size"], "timeCreated": meta["timeCreated"],
+        "updated": meta["updated"], "md5Hash": row["md5"], "crc32c": row["crc32c"], "etag": meta["etag"],
+        "contentDisposition": meta["contentDisposition"], "contentEncoding": meta["contentEncoding"],
+        "contentType": meta["contentType"], "metadata": meta["metadata"],
+    }
+
+
+def download_headers(row: dict[str, Any]) -> dict[str, str]:
+    headers = {
+        "Content-Type": row["content_type"] or "application/octet-stream",
+        "x-goog-hash": f"crc32c={row['crc32c']},md5={row['md5']}",
+        "x-goog-generation": str(row["generation"]),
+        "x-goog-metageneration": str(row["metageneration"]),
+        "x-goog-stored-content-length": str(row["size"]),
+        "x-goog-storage-class": "STANDARD",
+        "Accept-Ranges": "bytes",
+    }
+    if row["cache_control"]:
+        headers["Cache-Control"] = row["cache_control"]
+    if row["content_language"]:
+        headers["Content-Language"] = row["content_language"]
+    return headers
+
+
+async def stream_body(request: web.Request, fh, limit: int, skip: int = 0) -> int:
+    """Copy the request body into ``fh`` (dropping the first ``skip`` bytes); bytes written.
+
+    Raises BodyTooLarge past ``limit``; a broken connection propagates (the caller cleans up).
+    """
+    written = 0
+    async for chunk in request.content.iter_chunked(CHUNK):
+        if skip:
+            drop = min(skip, len(chunk))
+            chunk, skip = chunk[drop:], skip - drop
+        written += len(chunk)
+        if written > limit:
+            raise BodyTooLarge(f"body larger than {limit} bytes")
+        fh.write(chunk)
+    return written
+
+
+async def stream_part(part, fh, limit: int) -> int:
+    written = 0
+    while chunk := await part.read_chunk(CHUNK):
+        written += len(chunk)
+        if written > limit:
+            raise BodyTooLarge(f"upload larger than {limit} bytes")
+        fh.write(chunk)
+    return written
+
+
+async def read_multipart(request: web.Request, temp: Path, limit: int) -> dict[str, Any]:
+    """Parse a ``multipart/related`` upload: JSON metadata part, then the bytes into ``temp``.
+
+    Only a body that ends with its closing boundary is accepted, so a truncated upload is refused
+    instead of being stored short.
+    """
+    try:
+        reader = await request.multipart()
+        meta_part = await reader.next()
+        if meta_part is None:
+            raise BadRequest("multipart body has no parts")
+        raw = await meta_part.read()
+        if len(raw) > 1024 * 1024:
+            raise BadRequest("metadata part is too large")
+        try:
+            metadata = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            raise BadRequest("metadata part is not valid JSON") from None
+        if not isinstance(metadata, dict):
+            raise BadRequest("metadata part must be a JSON object")
+        data_part = await reader.next()
+        if data_part is None:
+            raise BadRequest("multipart body has no media part")
+        media_type = data_part.headers.get("Content-Type")
+        with open(temp, "wb") as fh:
+            await stream_part(data_part, fh, limit)
+        if await reader.next() is not None:
+            raise BadRequest("multipart body has more than two parts")
+    except (BadRequest, BodyTooLarge):
+        raise
+    except (ValueError, AssertionError, RuntimeError) as exc:
+        raise BadRequest(f"malformed or truncated multipart body: {exc}") from None
+    except Exception as exc:  # aiohttp's payload and header errors
+        if type(exc).__name__ in ("InvalidHeader", "BadHttpMessage", "LineTooLong", "ContentLengthError",
+                                  "TransferEncodingError", "ClientPayloadError"):
+            raise BadRequest(f"malformed or truncated multipart body: {exc}") from None
+        raise
+    if media_type and "contentType" not in metadata:
+        metadata["contentType"] = media_type
+    return metadata
+
+
+def discard(path: Path) -> None:
+    Path(path).unlink(missing_ok=True)
