@@ -12,11 +12,11 @@ import base64
 import hashlib
 import json
 import math
-import secrets
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from dermaloop.database import PushIds  # noqa: F401 - the same push-id algorithm the apps use
 
 Path = tuple[str, ...]
 
@@ -220,35 +220,3 @@ def etag(value: Any) -> str:
         return "null_etag"
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return base64.b64encode(hashlib.sha1(canonical.encode("utf-8", "surrogatepass")).digest()).decode()
-
-
-_PUSH_CHARS = "-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
-
-
-class PushIds:
-    """Firebase push ids: 8 chars of ms timestamp + 12 random chars, incremented within one ms so
-    ids sort in creation order."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last_ms = -1
-        self._last_rand = [0] * 12
-
-    def next(self, now_ms: int | None = None) -> str:
-        now = int(time.time() * 1000) if now_ms is None else now_ms
-        with self._lock:
-            if now <= self._last_ms:
-                now = self._last_ms
-                for i in range(11, -1, -1):
-                    if self._last_rand[i] != 63:
-                        self._last_rand[i] += 1
-                        break
-                    self._last_rand[i] = 0
-            else:
-                self._last_ms = now
-                self._last_rand = [secrets.randbelow(64) for _ in range(12)]
-            stamp = []
-            for _ in range(8):
-                stamp.append(_PUSH_CHARS[now % 64])
-                now //= 64
-            return "".join(reversed(stamp)) + "".join(_PUSH_CHARS[i] for i in self._last_rand)
