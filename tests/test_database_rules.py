@@ -1,0 +1,280 @@
+"""The project's database.rules.json, enforced by a real localbase, as patients and dermatologists
+see it through the documented REST API (dermaloop.database.UserDatabase, i.e. ``?auth=``)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+
+import pytest
+import requests
+
+from dermaloop.admin_app import delete_app
+from dermaloop.database import (
+    SERVER_TIMESTAMP,
+    DatabaseError,
+    PermissionDenied,
+    UserDatabase,
+    admin_reference,
+    new_push_id,
+)
+from localbase.tokens import mint_id_token
+
+APP_NAME = "test_database_rules"
+
+
+@pytest.fixture(scope="module")
+def settings(localbase):
+    yield localbase.settings()
+    delete_app(APP_NAME)
+
+
+def admin(settings, path: str):
+    return admin_reference(path, settings, app_name=APP_NAME)
+
+
+def user(settings, uid: str, role: str | None = None) -> UserDatabase:
+    claims = {"role": role} if role else {}
+    return UserDatabase(mint_id_token(settings.project_id, uid, claims), settings)
+
+
+@pytest.fixture
+def alice(settings):
+    return user(settings, "alice-" + uuid.uuid4().hex[:8], "patient")
+
+
+@pytest.fixture
+def bob(settings):
+    return user(settings, "bob-" + uuid.uuid4().hex[:8], "patient")
+
+
+@pytest.fixture
+def derm(settings):
+    return user(settings, "derm-" + uuid.uuid4().hex[:8], "dermatologist")
+
+
+def uid_of(db: UserDatabase) -> str:
+    from localbase.tokens import decode_unverified
+
+    return decode_unverified(db.token())["sub"]
+
+
+def new_case(uid: str, case_id: str) -> dict:
+    return {
+        "caseId": case_id,
+        "patientUid": uid,
+        "createdAt": SERVER_TIMESTAMP,
+        "status": "queued",
+        "consent": {"research": True, "at": SERVER_TIMESTAMP},
+        "image": {"path": f"cases/{uid}/{case_id}/image.jpg", "sha256": hashlib.sha256(b"img").hexdigest(),
+                  "contentType": "image/jpeg", "bytes": 1234, "width": 640, "height": 480},
+        "note": {"site": "back", "text": "itchy"},
+        "device": {"modelVersion": "device-1", "at": SERVER_TIMESTAMP, "risk": "low",
+                   "top": [{"label": "nv", "name": "naevus", "p": 0.8}, {"label": "mel", "name": "melanoma", "p": 0.1},
+                           {"label": "bkl", "name": "keratosis", "p": 0.05}],
+                   "quality": {"ok": True, "issues": []}, "box": [0.1, 0.1, 0.9, 0.9]},
+    }
+
+
+def create_case(db: UserDatabase) -> str:
+    """The app's one multi-path write: the case and its job together."""
+    uid, case_id = uid_of(db), new_push_id()
+    db.update("/", {f"cases/{uid}/{case_id}": new_case(uid, case_id),
+                    f"jobs/{case_id}": {"uid": uid, "caseId": case_id, "createdAt": SERVER_TIMESTAMP}})
+    return case_id
+
+
+def denied(fn, *args, **kwargs) -> bool:
+    try:
+        fn(*args, **kwargs)
+    except PermissionDenied as exc:
+        assert exc.status == 401 and exc.message == "Permission denied"
+        return True
+    return False
+
+
+def test_patient_creates_and_reads_own_case_only(settings, alice, bob):
+    a = uid_of(alice)
+    case_id = create_case(alice)
+    case = alice.get(f"cases/{a}/{case_id}")
+    assert case["status"] == "queued" and case["patientUid"] == a
+    assert isinstance(case["createdAt"], int)
+    assert case["device"]["top"][0]["label"] == "nv"  # arrays come back as lists
+    assert case_id in alice.get(f"cases/{a}")
+    assert admin(settings, f"jobs/{case_id}").get()["uid"] == a
+    # Bob sees and touches nothing of Alice's.
+    assert denied(bob.get, f"cases/{a}")
+    assert denied(bob.get, f"cases/{a}/{case_id}")
+    assert denied(bob.get, "cases")
+    assert denied(bob.set, f"cases/{a}/{case_id}/status", "queued")
+    assert denied(bob.update, "/", {f"cases/{a}/{new_push_id()}": new_case(a, "x")})
+    # Patients cannot list all cases, the queue, or the jobs.
+    assert denied(alice.get, "cases")
+    assert denied(alice.get, "queue")
+    assert denied(alice.get, f"jobs/{case_id}")
+
+
+def test_patient_write_shapes_are_validated(alice):
+    a = uid_of(alice)
+
+    def attempt(mutate) -> bool:
+        cid = new_push_id()
+        case = new_case(a, cid)
+        mutate(case, cid)
+        return denied(alice.set, f"cases/{a}/{cid}", case)
+
+    assert attempt(lambda c, cid: c.pop("image"))                             # required field missing
+    assert attempt(lambda c, cid: c.update(patientUid="someone-else"))
+    assert attempt(lambda c, cid: c.update(caseId="other-id"))
+    assert attempt(lambda c, cid: c.update(status="diagnosed"))                # must start queued
+    assert attempt(lambda c, cid: c["image"].update(sha256="not-a-hash"))
+    assert attempt(lambda c, cid: c["image"].update(path="cases/x/y/image.jpg"))
+    assert attempt(lambda c, cid: c["image"].update(contentType="text/html"))
+    assert attempt(lambda c, cid: c.update(cloud={"risk": "low"}))             # admin only
+    assert attempt(lambda c, cid: c.update(review={"label": "nv"}))
+    assert attempt(lambda c, cid: c.update(unexpected=1))
+    assert attempt(lambda c, cid: c["device"].update(risk="none"))
+    assert attempt(lambda c, cid: c["device"]["top"].__setitem__(0, {"label": "nv", "p": 3}))
+    assert attempt(lambda c, cid: c.update(createdAt=int(time.time() * 1000) + 3_600_000))  # in the future
+    # The valid shape itself is accepted (the matrix above is not denying everything).
+    cid = new_push_id()
+    alice.set(f"cases/{a}/{cid}", new_case(a, cid))
+
+
+def test_jobs_are_created_by_their_patient_only(settings, alice, bob):
+    a, b = uid_of(alice), uid_of(bob)
+    case_id = create_case(alice)
+    # A job for someone else, or for a case that does not exist, is refused.
+    assert denied(bob.set, f"jobs/{new_push_id()}", {"uid": a, "caseId": "x", "createdAt": SERVER_TIMESTAMP})
+    ghost = new_push_id()
+    assert denied(bob.set, f"jobs/{ghost}", {"uid": b, "caseId": ghost, "createdAt": SERVER_TIMESTAMP})
+    # Once the worker holds a lease, the patient can no longer rewrite the job or the case.
+    admin(settings, f"jobs/{case_id}").update({"state": "running", "lease": {"worker": "w1", "expiresAt": 1}})
+    assert denied(alice.set, f"jobs/{case_id}", {"uid": a, "caseId": case_id, "createdAt": SERVER_TIMESTAMP})
+    assert denied(alice.set, f"jobs/{case_id}/state", "queued")
+    admin(settings, f"cases/{a}/{case_id}").update({"status": "diagnosed", "cloud": {"risk": "high"}})
+    assert denied(alice.set, f"cases/{a}/{case_id}", new_case(a, case_id))
+    assert denied(alice.delete, f"cases/{a}/{case_id}")
+    assert alice.get(f"cases/{a}/{case_id}/cloud") == {"risk": "high"}
+
+
+def test_patient_retry_of_the_same_creation_is_allowed(alice):
+    a = uid_of(alice)
+    case_id = new_push_id()
+    body = {f"cases/{a}/{case_id}": new_case(a, case_id),
+            f"jobs/{case_id}": {"uid": a, "caseId": case_id, "createdAt": SERVER_TIMESTAMP}}
+    alice.update("/", body)
+    alice.update("/", body)  # the answer to the first was lost: sending again must not fail
+    assert alice.get(f"cases/{a}/{case_id}/status") == "queued"
+
+
+def test_dermatologist_reads_everything_and_reviews(settings, alice, derm):
+    a, d = uid_of(alice), uid_of(derm)
+    case_id = create_case(alice)
+    admin(settings, f"queue/{case_id}").set({"uid": a, "status": "diagnosed", "risk": "high", "score": 0.97,
+                                              "createdAt": 1, "updatedAt": 2})
+    assert case_id in derm.get(f"cases/{a}")
+    assert a in derm.get("cases", shallow=True)
+    top = derm.get("queue", order_by="score", limit_to_last=1)
+    assert len(top) == 1 and next(iter(top.values()))["score"] >= 0.97
+    review = {"reviewerUid": d, "label": "mel", "recommendation": "excise", "urgency": "urgent", "at": SERVER_TIMESTAMP}
+    derm.update(f"cases/{a}/{case_id}", {"review": review, "status": "reviewed"})
+    case = alice.get(f"cases/{a}/{case_id}")
+    assert case["status"] == "reviewed" and case["review"]["label"] == "mel"
+    # ...but only as themself, only reviews, and never admin-owned data.
+    assert denied(derm.set, f"cases/{a}/{case_id}/review", {**review, "reviewerUid": "someone"})
+    assert denied(derm.set, f"cases/{a}/{case_id}/review", {**review, "urgency": "whenever"})
+    assert denied(derm.set, f"cases/{a}/{case_id}/status", "diagnosed")
+    assert denied(derm.set, f"cases/{a}/{case_id}/cloud", {"risk": "low"})
+    assert denied(derm.set, f"queue/{case_id}/score", 0)
+    assert denied(derm.set, f"jobs/{case_id}/state", "done")
+    assert denied(derm.set, "models/cloud/current", "v9")
+    assert denied(derm.set, f"cases/{a}/{new_push_id()}/review", review)  # no such case
+    # The patient cannot review their own case.
+    assert denied(alice.set, f"cases/{a}/{case_id}/review", {**review, "reviewerUid": a})
+
+
+def test_messages(alice, bob, derm):
+    a, d = uid_of(alice), uid_of(derm)
+    case_id = create_case(alice)
+    thread = f"messages/{a}/{case_id}"
+    alice.push(thread, {"senderUid": a, "senderRole": "patient", "text": "hello", "at": SERVER_TIMESTAMP})
+    derm.push(thread, {"senderUid": d, "senderRole": "dermatologist", "text": "hi", "at": SERVER_TIMESTAMP})
+    texts = [m["text"] for m in alice.get(thread, order_by="at").values()]
+    assert texts == ["hello", "hi"]
+    assert [m["text"] for m in derm.get(thread, order_by="at").values()] == ["hello", "hi"]
+    assert denied(bob.get, thread)
+    assert denied(bob.push, thread, {"senderUid": uid_of(bob), "senderRole": "patient", "text": "x", "at": SERVER_TIMESTAMP})
+    assert denied(alice.push, thread, {"senderUid": a, "senderRole": "dermatologist", "text": "x", "at": SERVER_TIMESTAMP})
+    assert denied(alice.push, thread, {"senderUid": d, "senderRole": "patient", "text": "x", "at": SERVER_TIMESTAMP})
+    assert denied(alice.push, thread, {"senderUid": a, "senderRole": "patient", "text": "", "at": SERVER_TIMESTAMP})
+    assert denied(alice.push, thread, {"senderUid": a, "senderRole": "patient", "text": "x" * 4001, "at": SERVER_TIMESTAMP})
+    assert denied(alice.push, f"messages/{a}/{new_push_id()}", {"senderUid": a, "senderRole": "patient", "text": "x",
+                                                                "at": SERVER_TIMESTAMP})  # no such case
+    first = next(iter(alice.get(thread)))
+    assert denied(alice.set, f"{thread}/{first}/text", "edited")  # messages are immutable
+
+
+def test_users_models_and_anonymous(settings, alice):
+    a = uid_of(alice)
+    admin(settings, f"users/{a}").set({"displayName": "Alice", "role": "patient", "createdAt": 1})
+    alice.set(f"users/{a}/displayName", "Alice A")
+    assert alice.get(f"users/{a}") == {"displayName": "Alice A", "role": "patient", "createdAt": 1}
+    assert denied(alice.set, f"users/{a}/role", "dermatologist")
+    assert denied(alice.update, f"users/{a}", {"role": None})
+    assert denied(alice.set, f"users/{a}", {"displayName": "A"})  # would drop the role mirror
+    admin(settings, "models/device/current").set("device-1")
+    assert alice.get("models/device/current") == "device-1"
+    assert denied(alice.set, "models/device/current", "evil")
+    assert denied(alice.get, "workers")
+    url = f"http://{settings.database_emulator_host}/models.json"
+    anonymous = requests.get(url, params={"ns": settings.database_namespace})
+    assert anonymous.status_code == 401 and anonymous.json() == {"error": "Permission denied"}
+
+
+def test_bad_and_expired_tokens_are_refused(settings, alice):
+    a = uid_of(alice)
+    expired = UserDatabase(mint_id_token(settings.project_id, a, now=time.time() - 7200), settings)
+    with pytest.raises(PermissionDenied, match="expired"):
+        expired.get(f"cases/{a}")
+    garbage = UserDatabase("not-a-token", settings)
+    with pytest.raises(PermissionDenied, match="Could not parse auth token"):
+        garbage.get(f"cases/{a}")
+    other_project = UserDatabase(mint_id_token("another-project", a), settings)
+    with pytest.raises(PermissionDenied):
+        other_project.get(f"cases/{a}")
+
+
+def test_user_listener_sees_worker_updates(settings, alice):
+    a = uid_of(alice)
+    case_id = create_case(alice)
+    seen = []
+    listener = alice.listen(f"cases/{a}/{case_id}/status", seen.append)
+    try:
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        admin(settings, f"cases/{a}/{case_id}/status").set("processing")
+        admin(settings, f"cases/{a}/{case_id}").update({"status": "diagnosed"})
+        deadline = time.monotonic() + 10
+        while len(seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        listener.close()
+    assert [(e.event_type, e.path, e.data) for e in seen] == [
+        ("put", "/", "queued"), ("put", "/", "processing"), ("put", "/", "diagnosed")]
+
+
+def test_denied_listener_reports_cancel(settings, alice, bob):
+    a = uid_of(alice)
+    reasons = []
+    listener = bob.listen(f"cases/{a}", lambda e: None, on_cancel=reasons.append)
+    listener.thread.join(10)
+    assert reasons == ["Permission denied"]
+
+
+def test_database_error_carries_firebase_message(alice):
+    with pytest.raises(DatabaseError) as info:
+        alice.get("cases", order_by="nope", limit_to_first=-1)
+    assert info.value.status == 400 and "limitToFirst" in info.value.message
