@@ -1,0 +1,42 @@
+"""The device's analysis model: one trunk pass giving the lesion box, its confidence and P(lesion).
+
+Keras assembly of the frozen ImageNet Lite0 trunk, the localiser head and the not-skin head, for
+export to a single TFLite file (``training/localiser_train.ensure_localiser``). Its single output is
+six numbers in [0, 1], ``[x0, y0, x1, y1, box_confidence, p_lesion]``, so the order cannot get lost
+in conversion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+HEAD_WEIGHTS = WEIGHTS_DIR / "localiser_head.weights.h5"
+OUTPUTS = ("x0", "y0", "x1", "y1", "box_confidence", "p_lesion")
+
+
+def build_analysis_model(head_weights: str | Path = HEAD_WEIGHTS, ood_file: str | Path | None = None):
+    import keras
+
+    from dermaloop.analysis.features import FRAME_SIZE, build_trunk
+    from dermaloop.analysis.localiser import build_head
+    from dermaloop.analysis.ood import load_head
+
+    head_weights = Path(head_weights)
+    if not head_weights.is_file():
+        raise FileNotFoundError(f"{head_weights} missing: run `python -m training.localiser_train --data DIR`")
+    trunk = build_trunk()
+    head = build_head()
+    head.load_weights(head_weights)
+    ood = load_head(str(ood_file) if ood_file else None)
+    inputs = keras.Input((FRAME_SIZE, FRAME_SIZE, 3), name="frame")
+    fmap = trunk(inputs)
+    box = head(fmap)
+    pooled = keras.layers.GlobalAveragePooling2D(name="pooled")(fmap)
+    dense = keras.layers.Dense(1, activation="sigmoid", name="not_skin")
+    p_lesion = dense(pooled)
+    dense.set_weights([np.asarray(ood["w"], np.float32)[:, None], np.array([ood["b"]], np.float32)])
+    outputs = keras.layers.Concatenate(name="analysis")([box, p_lesion])
+    return keras.Model(inputs, outputs, name="dermaloop_analysis")

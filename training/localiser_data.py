@@ -1,0 +1,101 @@
+"""Cached trunk features of HAM10000 frames (and zoomed-out copies) for the localiser and not-skin heads.
+
+The trunk is frozen, so its features are computed once and reused by every head training run. The
+cache is a set of .npy files under a cache folder (git-ignored ``var/cache``); it is rebuilt when
+missing. Zoomed-out copies teach the localiser small, distant lesions (the quality gate's "move
+closer" case), which HAM10000's close-up dermoscopy otherwise never shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from dermaloop.analysis import degrade
+from dermaloop.analysis.features import MAP_SHAPE, build_trunk, extract_maps, frame_input
+from dermaloop.analysis.hamdata import lesion_split, read_records
+
+CACHE_VERSION = 1
+
+
+def _zoom_scale(rng: np.random.Generator) -> float:
+    return float(rng.uniform(0.25, 0.8))
+
+
+def build_cache(data_dir: str | Path, cache_dir: str | Path, zoom_fraction: float = 0.35,
+                limit: int | None = None, seed: int = 0, batch: int = 64) -> Path:
+    """Write maps.npy (float16 N x 7 x 7 x 1280), boxes.npy, meta.json; return the cache folder."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    records = read_records(data_dir)
+    if limit:
+        records = records[:limit]
+    train_idx, val_idx = lesion_split(records)
+    split = np.zeros(len(records), np.int8)  # 0 train, 1 val
+    split[val_idx] = 1
+    rng = np.random.default_rng(seed)
+    # Items: (record index, zoom scale or 1.0). Zoomed copies for a share of both splits.
+    items = [(i, 1.0) for i in range(len(records))]
+    items += [(i, _zoom_scale(rng)) for i in range(len(records)) if rng.random() < zoom_fraction]
+    n = len(items)
+    maps = np.lib.format.open_memmap(cache_dir / "maps.tmp.npy", mode="w+", dtype=np.float16,
+                                     shape=(n, *MAP_SHAPE))
+    boxes = np.zeros((n, 4), np.float32)
+    trunk = build_trunk()
+    for start in tqdm(range(0, n, batch), desc="trunk features", unit="batch"):
+        chunk = items[start:start + batch]
+        frames = []
+        for j, (i, scale) in enumerate(chunk):
+            rec = records[i]
+            with Image.open(rec.path) as im:
+                img = im.convert("RGB")
+            box = rec.box
+            if scale < 1.0:
+                img, box = degrade.zoom_out(img, box, scale)
+            boxes[start + j] = box
+            frames.append(frame_input(img))
+        maps[start:start + len(chunk)] = extract_maps(trunk, np.stack(frames))
+    maps.flush()
+    del maps
+    (cache_dir / "maps.tmp.npy").replace(cache_dir / "maps.npy")
+    np.save(cache_dir / "boxes.npy", boxes)
+    meta = {
+        "version": CACHE_VERSION,
+        "data_dir": str(Path(data_dir).resolve()),
+        "record": [i for i, _ in items],
+        "scale": [s for _, s in items],
+        "split": [int(split[i]) for i, _ in items],
+        "image_id": [records[i].image_id for i, _ in items],
+        "lesion_id": [records[i].lesion_id for i, _ in items],
+    }
+    (cache_dir / "meta.json").write_text(json.dumps(meta))
+    return cache_dir
+
+
+def load_cache(cache_dir: str | Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    cache_dir = Path(cache_dir)
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        if meta.get("version") != CACHE_VERSION:
+            return None
+        return np.load(cache_dir / "maps.npy", mmap_mode="r"), np.load(cache_dir / "boxes.npy"), meta
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--cache", default="var/cache/analysis/ham")
+    ap.add_argument("--limit", type=int)
+    args = ap.parse_args()
+    build_cache(args.data, args.cache, limit=args.limit)
+
+
+if __name__ == "__main__":
+    main()

