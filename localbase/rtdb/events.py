@@ -61,18 +61,23 @@ class Listener:
 class Hub:
     def __init__(self) -> None:
         self._by_ns: dict[str, dict[Path, set[Listener]]] = {}
+        self.rechecked = 0  # listeners whose read rule depends on data (re-checked after writes)
 
     def __len__(self) -> int:
         return sum(len(s) for paths in self._by_ns.values() for s in paths.values())
 
     def add(self, listener: Listener) -> None:
-        self._by_ns.setdefault(listener.ns, {}).setdefault(listener.path, set()).add(listener)
+        group = self._by_ns.setdefault(listener.ns, {}).setdefault(listener.path, set())
+        if listener not in group:
+            group.add(listener)
+            self.rechecked += listener.recheck_reads
 
     def remove(self, listener: Listener) -> None:
         paths = self._by_ns.get(listener.ns, {})
         group = paths.get(listener.path)
-        if group is not None:
+        if group is not None and listener in group:
             group.discard(listener)
+            self.rechecked -= listener.recheck_reads
             if not group:
                 del paths[listener.path]
 

@@ -146,22 +146,39 @@ class Snapshot(Member):
         return all(get_at(value, tuple(k for k in n.split("/") if k)) is not None for n in names)
 
     def rule_member(self, name: str) -> Any:
+        method = _SNAPSHOT_METHODS.get(name)
+        if method is None:
+            raise RuleError(f"snapshots have no member {name!r}")
+        return Method(name, method.__get__(self))
+
+    def _val(self) -> Any:
+        return self.value
+
+    def _has_child(self, rel: Any) -> bool:
+        return self._child(rel).value is not None
+
+    def _exists(self) -> bool:
+        return self.value is not None
+
+    def _get_priority(self) -> Any:
+        return self._priorities.get(self._path)
+
+    def _is_number(self) -> bool:
         v = self.value
-        methods: dict[str, Callable[..., Any]] = {
-            "val": lambda: v,
-            "child": self._child,
-            "parent": self._parent,
-            "hasChild": lambda rel: self._child(rel).value is not None,
-            "hasChildren": self._has_children,
-            "exists": lambda: v is not None,
-            "getPriority": lambda: self._priorities.get(self._path),
-            "isNumber": lambda: isinstance(v, int | float) and not isinstance(v, bool),
-            "isString": lambda: isinstance(v, str),
-            "isBoolean": lambda: isinstance(v, bool),
-        }
-        if name in methods:
-            return Method(name, methods[name])
-        raise RuleError(f"snapshots have no member {name!r}")
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    def _is_string(self) -> bool:
+        return isinstance(self.value, str)
+
+    def _is_boolean(self) -> bool:
+        return isinstance(self.value, bool)
+
+
+_SNAPSHOT_METHODS = {
+    "val": Snapshot._val, "child": Snapshot._child, "parent": Snapshot._parent, "hasChild": Snapshot._has_child,
+    "hasChildren": Snapshot._has_children, "exists": Snapshot._exists, "getPriority": Snapshot._get_priority,
+    "isNumber": Snapshot._is_number, "isString": Snapshot._is_string, "isBoolean": Snapshot._is_boolean,
+}
 
 
 def overlay(old: Callable[[Path], Any], ops: list[tuple[Path, Any]]) -> Callable[[Path], Any]:

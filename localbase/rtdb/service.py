@@ -171,6 +171,8 @@ class Database:
             f"({MAX_WRITE_BYTES // (1024 * 1024)} MB).")
         if request.content_length is not None and request.content_length > MAX_WRITE_BYTES:
             raise too_big
+        if request.content_length is not None:
+            return await request.read()  # bounded by the check above (and client_max_size)
         body = bytearray()
         async for chunk in request.content.iter_chunked(1 << 16):
             body += chunk
@@ -317,6 +319,8 @@ class Database:
 
     def _recheck_listeners(self, ns: Namespace) -> None:
         """End users whose read rule depends on data lose their stream when it stops allowing them."""
+        if not self.hub.rechecked:
+            return
         for listener in self.hub.listeners(ns.name):
             if listener.recheck_reads and not self.rules.can_read(listener.path, listener.auth, ns.get):
                 listener.close(events.CANCEL)

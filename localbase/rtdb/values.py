@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +27,6 @@ MAX_STRING_BYTES = 10 * 1024 * 1024
 # Production accepts REST writes up to 256 MB. localbase holds the tree in memory and serves one
 # machine, so it refuses bodies above this (documented in docs/BENCHMARKS.md / the RTDB module).
 MAX_WRITE_BYTES = 32 * 1024 * 1024
-
-_FORBIDDEN_KEY_CHARS = set(".$#[]/") | {chr(c) for c in range(32)} | {chr(127)}
 
 INVALID_JSON = "Invalid data; couldn't parse JSON object, array, or value."
 
@@ -45,12 +44,16 @@ def bad_request(message: str) -> FirebaseError:
     return FirebaseError(400, message)
 
 
+_BAD_KEY = re.compile(r"[.$#\[\]/\x00-\x1f\x7f]")
+_BAD_PATH = re.compile(r"(?:^|/)\.|[.$#\[\]\x00-\x1f\x7f]")
+
+
 def check_key(key: str) -> None:
     if not isinstance(key, str) or not key:
         raise bad_request("Invalid data; keys must be non-empty strings.")
-    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+    if len(key) > MAX_KEY_BYTES // 4 and len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
         raise bad_request(f"Invalid data; key longer than {MAX_KEY_BYTES} bytes: {key[:40]!r}...")
-    if any(ch in _FORBIDDEN_KEY_CHARS for ch in key):
+    if _BAD_KEY.search(key):
         raise bad_request(
             f'Invalid data; key {key[:80]!r} contains ".", "#", "$", "/", "[", "]" or a control character.'
         )
@@ -58,16 +61,17 @@ def check_key(key: str) -> None:
 
 def parse_path(text: str) -> Path:
     """Keys of a ``/``-separated path (already URL-decoded); empty segments are ignored."""
+    if _BAD_PATH.search(text):
+        raise bad_request(
+            f'Invalid path "{text[:200]}". Paths must be non-empty strings and can\'t contain '
+            '".", "#", "$", "[", or "]".'
+        )
     parts = tuple(p for p in text.split("/") if p)
-    for key in parts:
-        if key.startswith(".") or any(ch in _FORBIDDEN_KEY_CHARS for ch in key):
-            raise bad_request(
-                f'Invalid path "{text[:200]}". Paths must be non-empty strings and can\'t contain '
-                '".", "#", "$", "[", or "]".'
-            )
-        check_key(key)
     if len(parts) > MAX_DEPTH:
         raise bad_request(f"Invalid path: deeper than {MAX_DEPTH} levels.")
+    for key in parts:
+        if len(key) > MAX_KEY_BYTES // 4:
+            check_key(key)
     return parts
 
 
