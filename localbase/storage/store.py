@@ -41,6 +41,7 @@ SETTABLE = {
 }
 TOKENS_KEY = "firebaseStorageDownloadTokens"
 MAX_NAME_BYTES = 1024
+SESSION_TTL_MS = 7 * 24 * 3600 * 1000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -183,6 +184,10 @@ class ObjectStore:
         for blob in self.blobs.iterdir():
             if blob.name not in referenced:
                 blob.unlink(missing_ok=True)
+        # Resumable sessions expire after a week, as Cloud Storage's do; finished ones after a day.
+        now = int(time.time() * 1000)
+        self._db.execute("DELETE FROM uploads WHERE created < ? OR (state != 'active' AND created < ?)",
+                         (now - SESSION_TTL_MS, now - 24 * 3600 * 1000))
         sessions = {r[0] for r in self._db.execute("SELECT upload_id FROM uploads WHERE state = 'active'")}
         for part in self.parts.iterdir():
             if part.name not in sessions:
