@@ -233,6 +233,20 @@ def test_users_models_and_anonymous(settings, alice):
     assert anonymous.status_code == 401 and anonymous.json() == {"error": "Permission denied"}
 
 
+def test_user_client_conditional_writes(settings, alice):
+    a = uid_of(alice)
+    name_path = f"users/{a}/displayName"
+    value, etag = alice.get_with_etag(name_path)
+    assert value is None and etag == "null_etag"
+    ok, value, etag = alice.set_if_match(name_path, "First", "null_etag")
+    assert ok and value == "First" and etag != "null_etag"
+    stale, current, current_etag = alice.set_if_match(name_path, "Second", "null_etag")  # create-only
+    assert not stale and current == "First" and current_etag == etag
+    assert alice.get_with_etag(name_path) == ("First", etag)
+    with pytest.raises(PermissionDenied):
+        alice.set_if_match(f"users/{a}/role", "admin", "null_etag")
+
+
 def test_bad_and_expired_tokens_are_refused(settings, alice):
     a = uid_of(alice)
     expired = UserDatabase(mint_id_token(settings.project_id, a, now=time.time() - 7200), settings)

@@ -30,6 +30,7 @@ TEST_RULES = {
     }
 }
 APP_NAME = "test_localbase_rtdb_admin"
+ADMIN = {"Authorization": "Bearer owner"}
 # firebase-admin's ListenerRegistration.close() closes the response under its reader thread, which
 # then dies with AttributeError inside urllib3 (SDK behaviour, also against production). Missing or
 # wrong events still fail the assertions below.
@@ -306,12 +307,52 @@ def test_many_listeners_all_get_each_event(lb, app, root):
         assert [e[1]["data"] for e in s.events()[1:6]] == [1, 2, 3, 4, 5]
 
 
+def test_no_event_is_lost_between_snapshot_and_first_change(lb, root):
+    """Listeners connect while a writer keeps counting: each one's snapshot plus its events must be
+    a gap-free sequence ending at the last value written."""
+    counter = root.child("c")
+    counter.set(0)
+    stop = threading.Event()
+    last = [0]
+
+    def writer():
+        with requests.Session() as s:
+            while not stop.is_set():
+                last[0] += 1
+                r = s.put(f"{lb.database_url}{counter.path}.json", data=str(last[0]),
+                          params={"ns": lb.settings().database_namespace, "print": "silent"}, headers=ADMIN)
+                assert r.status_code == 204
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    streams = []
+    try:
+        for _ in range(8):
+            streams.append(RawStream(f"{lb.database_url}{counter.path}.json",
+                                     params={"ns": lb.settings().database_namespace}, headers=ADMIN))
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    final = last[0]
+    try:
+        assert wait_for(lambda: all(s.events() and s.events()[-1][1]["data"] == final for s in streams))
+    finally:
+        for s in streams:
+            s.close()
+    for s in streams:
+        values = [payload["data"] for _, payload in s.events()]
+        assert values == list(range(values[0], final + 1)), values[:5]
+
+
 def test_acknowledged_writes_survive_kill_9(lb, app):
     base = f"/durable/{uuid.uuid4().hex}"
     ref = db.reference(base, app=app)
     ref.set({"a": {"b": [1, 2]}, "s": "text"})
     ref.update({"multi/x": 1, "multi/y": 2, "s": None})
     keys = [ref.child("pushed").push({"i": i}).key for i in range(50)]
+    ref.child("was_leaf").set(5)
+    ref.child("was_leaf/now").set("object")  # a primitive replaced by an object through a deeper write
     url = f"{lb.database_url}{base}/prio.json"
     put = requests.put(url, params={"ns": lb.settings().database_namespace}, headers={"Authorization": "Bearer owner"},
                        data=json.dumps({".value": "p", ".priority": 3}))
@@ -322,6 +363,7 @@ def test_acknowledged_writes_survive_kill_9(lb, app):
     assert after["a"] == {"b": [1, 2]}
     assert after["multi"] == {"x": 1, "y": 2}
     assert "s" not in after
+    assert after["was_leaf"] == {"now": "object"}
     assert list(after["pushed"]) == sorted(keys) and after["pushed"][keys[-1]] == {"i": 49}
     exported = requests.get(f"{lb.database_url}{base}/prio.json",
                             params={"ns": lb.settings().database_namespace, "format": "export"},
