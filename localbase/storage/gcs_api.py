@@ -364,8 +364,8 @@ class GcsApi:
                     fh.flush()
                     await asyncio.to_thread(os.fsync, fh.fileno())
                     received = fh.tell()
-            if last is not None and received < last + 1 and total is not None and last + 1 == total:
-                return self._incomplete(received)  # the final chunk arrived short
+            if last is not None and received < last + 1:
+                return self._incomplete(received)  # the chunk arrived short: the client resumes from Range
             if not header:
                 total = received
         if total is None:
