@@ -8,9 +8,11 @@ REST; uploads and reads go through ``dermaloop.storage.UserStorage`` (the SDKs' 
 from __future__ import annotations
 
 import os
+import socket
+import time
 import uuid
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 import requests
@@ -229,3 +231,39 @@ def test_admin_bearer_owner_bypasses_rules_on_v0(localbase, seeded):
     assert after == tokens[1]
     assert requests.get(url, params={"alt": "media", "token": first}, timeout=30).status_code == 403
     assert requests.post(url, params={"create_token": "true"}, timeout=30).status_code == 403
+
+
+class DroppingSession(requests.Session):
+    """Sends the second upload chunk only half-way over a raw socket, then fails like a dropped link."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks = 0
+        self.dropped = 0
+
+    def request(self, method, url, *args, **kwargs):
+        headers = kwargs.get("headers") or {}
+        if headers.get("X-Goog-Upload-Command", "").startswith("upload"):
+            self.chunks += 1
+            if self.chunks == 2:
+                data = kwargs["data"]
+                parts = urlsplit(url)
+                lines = [f"POST {parts.path}?{parts.query} HTTP/1.1", f"Host: {parts.netloc}",
+                         f"Content-Length: {len(data)}"] + [f"{k}: {v}" for k, v in headers.items()]
+                with socket.create_connection((parts.hostname, parts.port)) as sock:
+                    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + data[: len(data) // 2])
+                    time.sleep(0.3)
+                self.dropped += 1
+                raise requests.ConnectionError("connection dropped mid-chunk (test)")
+        return super().request(method, url, *args, **kwargs)
+
+
+def test_user_storage_resumes_after_a_dropped_chunk(localbase, people):
+    alice = people["alice"]
+    flaky = DroppingSession()
+    s = UserStorage(alice.session, localbase.settings(), http=flaky)
+    data = b"\xff\xd8" + os.urandom(1024 * KB)
+    path = f"cases/{alice.uid}/drop/image.jpg"
+    meta = s.upload(path, data, "image/jpeg", chunk_bytes=256 * KB, resumable_threshold=0)
+    assert flaky.dropped == 1 and int(meta["size"]) == len(data)
+    assert alice.storage.download(path) == data
