@@ -102,7 +102,7 @@ class FirebaseApi:
             return v0_error(413, f"Upload too large: {exc}. Use a resumable upload for large files.")
 
     async def _route(self, request: web.Request, seg: list[str], caller: Caller) -> web.StreamResponse:
-        method = request.method
+        method = "GET" if request.method == "HEAD" else request.method  # aiohttp drops HEAD bodies
         if method == "PUT" and request.headers.get("X-HTTP-Method-Override", "").upper() == "PATCH":
             method = "PATCH"
         if seg in ([], [""]) and method == "GET":

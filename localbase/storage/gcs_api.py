@@ -89,7 +89,7 @@ class GcsApi:
             return gcs_error(413, f"Payload too large: {exc}", "uploadTooLarge")
 
     async def _route(self, request: web.Request, seg: list[str]) -> web.StreamResponse:
-        method = request.method
+        method = "GET" if request.method == "HEAD" else request.method  # aiohttp drops HEAD bodies
         if seg[:1] == ["upload"] and seg[1:4] == ["storage", "v1", "b"] and len(seg) == 6 and seg[5] == "o":
             return await self.upload(request, seg[4])
         if seg[:1] == ["download"]:
