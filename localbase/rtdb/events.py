@@ -1,7 +1,7 @@
 """Server-sent event listeners: who listens where, and which frames a committed write sends them.
 
-Dispatch runs synchronously right after a commit, in the event loop, so every listener receives
-frames in commit order. A listener is registered in the same loop step that takes its initial
+Frames are computed when a write is applied in memory and delivered, in the same order, once it is
+committed, so every listener receives frames in commit order. A listener is registered in the same loop step that takes its initial
 snapshot, so no write can fall between the snapshot and the first change.
 """
 
@@ -97,20 +97,27 @@ class Hub:
             return []
         return [lp for lp in paths if any(len(lp) > len(w) and lp[: len(w)] == w for w, _ in ops)]
 
-    def dispatch(
+    def frames(
         self, ns: str, ops: list[tuple[Path, Any]], patch_base: Path | None,
         get_new: Callable[[Path], Any], old_values: dict[Path, Any],
-    ) -> None:
-        """Send the frames of one committed write. ``patch_base`` is the PATCH location (its ops are
-        the update's keys), or None for a set/delete (exactly one op)."""
+    ) -> list[tuple[list[Listener], bytes]]:
+        """The frames one write sends, computed right after it is applied in memory (so later
+        writes cannot leak into them) and delivered once it is committed. ``patch_base`` is the
+        PATCH location (its ops are the update's keys), or None for a set/delete (exactly one op)."""
         paths = self._by_ns.get(ns)
         if not paths:
-            return
-        for lp, group in list(paths.items()):
+            return []
+        out = []
+        for lp, group in paths.items():
             data = self._frame_for(lp, ops, patch_base, get_new, old_values)
-            if data is None:
-                continue
-            for listener in list(group):
+            if data is not None:
+                out.append((list(group), data))
+        return out
+
+    @staticmethod
+    def deliver(frames: list[tuple[list[Listener], bytes]]) -> None:
+        for group, data in frames:
+            for listener in group:
                 listener.send(data)
 
     @staticmethod

@@ -1,7 +1,8 @@
 """The Realtime Database REST + SSE endpoint: parses requests, applies rules, writes, notifies.
 
-Everything from the moment a request body is in memory to the dispatch of its events runs without
-an ``await``, so each write is atomic with respect to every other request and listener.
+Everything from the moment a request body is in memory to the staging of its write (rules, ETag
+check, in-memory apply, event frames) runs without an ``await``, so each write is atomic with
+respect to every other request and listener; the answer and the events wait for the group commit.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from localbase import tokens
 from localbase.rtdb import events
 from localbase.rtdb.query import QUERY_PARAMS, Query, parse_query, run_query
 from localbase.rtdb.rules import LOCKED, Rules, auth_variable, load_rules
-from localbase.rtdb.store import Namespace, Store
+from localbase.rtdb.store import Committer, Namespace, Store
 from localbase.rtdb.values import (
     INVALID_JSON,
     MAX_WRITE_BYTES,
@@ -161,7 +162,7 @@ class Database:
             return self._get(request, ns, path, caller)
         if method in ("PUT", "PATCH", "POST", "DELETE"):
             body = b"" if method == "DELETE" else await self._read_body(request)
-            return self._write(request, method, ns, path, caller, body)
+            return await self._write(request, method, ns, path, caller, body)
         raise FirebaseError(405, f"Method {method} is not supported.")
 
     @staticmethod
@@ -248,8 +249,10 @@ class Database:
 
     # --------------------------------------------------------------------------------------- write
 
-    def _write(self, request: web.Request, method: str, ns: Namespace, path: Path, caller: Caller,
-               body: bytes) -> web.Response:
+    async def _write(self, request: web.Request, method: str, ns: Namespace, path: Path, caller: Caller,
+                     body: bytes) -> web.Response:
+        if self.committer.failure is not None:
+            raise FirebaseError(503, "Service unavailable: localbase could not store data; restart it.")
         norm = Normaliser(old_root=ns.root)
         if method == "DELETE":
             raw: Any = None
@@ -284,13 +287,17 @@ class Database:
                 return _json_response(412, dumps(to_output(current)), {"ETag": current_tag})
             headers["ETag"] = etag(ops[0][1])
         old_values = {lp: ns.get(lp) for lp in self.hub.below(ns.name, ops)}
+        statements = self.store.stage(ns, ops, norm.priorities)
+        frames = self.hub.frames(ns.name, ops, patch_base, ns.get, old_values)
+
+        def committed() -> None:
+            self.hub.deliver(frames)
+            self._recheck_listeners(ns)
+
         try:
-            self.store.apply(ns, ops, norm.priorities)
+            await self.committer.submit(statements, committed)
         except Exception:
-            log.exception("write to %s failed", "/".join(path))
             raise FirebaseError(500, "Internal error: the write was not stored.") from None
-        self.hub.dispatch(ns.name, ops, patch_base, ns.get, old_values)
-        self._recheck_listeners(ns)
         if method == "POST":
             return self._body_response(request, 200, {"name": path[-1]}, headers)
         if method == "DELETE":
@@ -400,10 +407,21 @@ class Database:
             return _json_response(200, '{"status":"ok"}')
         raise FirebaseError(405, f"Method {method} is not supported on rules.")
 
+    async def on_startup(self, app: web.Application) -> None:
+        self.committer = Committer(self.store, asyncio.get_running_loop(), self._storage_failed)
+
+    def _storage_failed(self, error: BaseException) -> None:
+        """A commit failed (disk full, I/O error): memory may be ahead of disk. Go back to what is
+        on disk, drop every stream (clients reconnect to a true snapshot) and refuse writes."""
+        log.critical("RTDB storage failed (%s): writes are refused until localbase restarts", error)
+        self.store.reload()
+        self.hub.close_all()
+
     async def on_shutdown(self, app: web.Application) -> None:
         self.hub.close_all()
 
     async def on_cleanup(self, app: web.Application) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.committer.close)
         with contextlib.suppress(Exception):
             self.store.close()
 
@@ -413,6 +431,7 @@ def create_app(ctx) -> web.Application:
     app = web.Application(client_max_size=MAX_WRITE_BYTES + 1024)
     app["database"] = database
     app.router.add_route("*", "/{tail:.*}", database.handle)
+    app.on_startup.append(database.on_startup)
     app.on_shutdown.append(database.on_shutdown)
     app.on_cleanup.append(database.on_cleanup)
     return app

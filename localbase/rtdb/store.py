@@ -3,20 +3,27 @@
 Why this shape: rows keyed by ``ns`` + leaf path make a write touch only the leaves it changes (a
 subtree is a contiguous key range, so replacing it is one range DELETE plus INSERTs), while reads,
 queries, rules and listener snapshots are served from the in-memory mirror without touching disk.
-SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit is in the WAL before the client gets its
-answer, so an acknowledged write survives ``kill -9`` of the process (not a power cut, which would
-need ``synchronous=FULL``). All writes of one request are one SQLite transaction, so a multi-path
-PATCH is all or nothing on disk and in memory.
 
-The store is used only from the event loop thread: writes are serialised by the loop, which is also
-what gives listeners their commit order.
+Write path: the event loop *stages* a write (computes its SQL and applies it to the in-memory tree at
+once, so the next request, rule or transaction sees it: writes are serialised by the loop), then a
+single writer thread commits everything staged meanwhile in one SQLite transaction (group commit),
+and only then are clients answered and listeners notified, in staging order. SQLite runs in WAL
+mode with ``synchronous=NORMAL``: an answered write is in the WAL, so it survives ``kill -9`` of the
+process (not a power cut, which would need ``synchronous=FULL``). A request's statements always land
+in one transaction, so a multi-path PATCH is all or nothing. Trade-off: another client can read a
+staged write a few milliseconds before it is committed; if a commit ever fails, the service reloads
+the tree from disk and refuses further writes (see :class:`Committer`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import queue
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -103,6 +110,11 @@ class Namespace:
         return []
 
 
+Statement = tuple[str, Any, bool]  # (sql, params, executemany)
+
+log = logging.getLogger("localbase.rtdb")
+
+
 class Store:
     def __init__(self, db_file: FsPath):
         self.db_file = db_file
@@ -114,6 +126,7 @@ class Store:
         self._load()
 
     def _load(self) -> None:
+        self.namespaces = {}
         for ns_name, path_text, value_text in self.conn.execute("SELECT ns, path, value FROM leaves"):
             ns = self.namespace(ns_name)
             path = tuple(path_text.split("/")) if path_text else ()
@@ -123,60 +136,70 @@ class Store:
             else:
                 ns._set_memory(path, value)
 
+    def reload(self) -> None:
+        """Replace the in-memory tree by what is committed on disk."""
+        self._load()
+
     def namespace(self, name: str) -> Namespace:
         ns = self.namespaces.get(name)
         if ns is None:
             ns = self.namespaces[name] = Namespace(name)
         return ns
 
-    def apply(self, ns: Namespace, ops: list[tuple[Path, Any]], priorities: dict[Path, Any] | None = None) -> None:
-        """Write every (path, value) in order (None deletes) as one transaction; paths never overlap."""
+    def stage(self, ns: Namespace, ops: list[tuple[Path, Any]],
+              priorities: dict[Path, Any] | None = None) -> list[Statement]:
+        """Apply (path, value) ops (None deletes; paths never overlap) to memory and return the SQL
+        that makes them durable, to be committed as one transaction."""
+        sql: list[Statement] = []
+        name = ns.name
+        for path, value in ops:
+            text = "/".join(path)
+            # A primitive ancestor is replaced by an object: drop its leaf row.
+            if value is not None and path:
+                node = ns.root
+                for depth in range(len(path)):
+                    if node is None:
+                        break
+                    if not isinstance(node, dict):
+                        sql.append(("DELETE FROM leaves WHERE ns=? AND path=?", (name, "/".join(path[:depth])), False))
+                        break
+                    node = node.get(path[depth])
+            if text:
+                exact, lo, hi = _subtree_range(text)
+                sql.append(("DELETE FROM leaves WHERE ns=? AND (path=? OR (path>=? AND path<?))",
+                            (name, exact, lo, hi), False))
+            else:
+                sql.append(("DELETE FROM leaves WHERE ns=?", (name,), False))
+            if value is not None:
+                rows = [(name, p, v) for p, v in _flatten(value, text)]
+                sql.append(("INSERT INTO leaves (ns, path, value) VALUES (?, ?, ?)", rows, True))
+            elif path:
+                # Ancestors that become empty disappear; so does any priority they carried.
+                for p in self._would_prune(ns, path):
+                    if p in ns.priorities:
+                        sql.append(("DELETE FROM leaves WHERE ns=? AND path=?", (name, "/".join((*p, PRIORITY))), False))
+            ns._set_memory(path, value)
+        for path, prio in (priorities or {}).items():
+            sql.append(("INSERT OR REPLACE INTO leaves (ns, path, value) VALUES (?, ?, ?)",
+                        (name, "/".join((*path, PRIORITY)), json.dumps(prio)), False))
+        if priorities:
+            ns.priorities.update(priorities)
+        return sql
+
+    def commit_now(self, statements: list[Statement]) -> None:
+        """Commit one group of statements (used by the writer thread, and directly at start-up)."""
         cur = self.conn.cursor()
         cur.execute("BEGIN")
         try:
-            for path, value in ops:
-                text = "/".join(path)
-                # A primitive ancestor is replaced by an object: drop its leaf row.
-                if value is not None and path:
-                    node = ns.root
-                    for depth in range(len(path)):
-                        if node is None:
-                            break
-                        if not isinstance(node, dict):
-                            cur.execute("DELETE FROM leaves WHERE ns=? AND path=?", (ns.name, "/".join(path[:depth])))
-                            break
-                        node = node.get(path[depth])
-                if text:
-                    exact, lo, hi = _subtree_range(text)
-                    cur.execute(
-                        "DELETE FROM leaves WHERE ns=? AND (path=? OR (path>=? AND path<?))", (ns.name, exact, lo, hi)
-                    )
+            for sql, params, many in statements:
+                if many:
+                    cur.executemany(sql, params)
                 else:
-                    cur.execute("DELETE FROM leaves WHERE ns=?", (ns.name,))
-                if value is not None:
-                    cur.executemany(
-                        "INSERT INTO leaves (ns, path, value) VALUES (?, ?, ?)",
-                        ((ns.name, p, v) for p, v in _flatten(value, text)),
-                    )
-                elif path:
-                    # Ancestors that become empty disappear; so does any priority they carried.
-                    pruned = self._would_prune(ns, path)
-                    for p in pruned:
-                        if p in ns.priorities:
-                            cur.execute("DELETE FROM leaves WHERE ns=? AND path=?", (ns.name, "/".join((*p, PRIORITY))))
-            for path, prio in (priorities or {}).items():
-                cur.execute(
-                    "INSERT OR REPLACE INTO leaves (ns, path, value) VALUES (?, ?, ?)",
-                    (ns.name, "/".join((*path, PRIORITY)), json.dumps(prio)),
-                )
+                    cur.execute(sql, params)
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
             raise
-        for path, value in ops:
-            ns._set_memory(path, value)
-        if priorities:
-            ns.priorities.update(priorities)
 
     @staticmethod
     def _would_prune(ns: Namespace, path: Path) -> list[Path]:
@@ -193,3 +216,70 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class Committer:
+    """The single writer thread: commits whatever was staged while the previous commit ran in one
+    transaction (group commit), then runs each write's completion in staging order on the loop.
+
+    SQLite releases the GIL while it writes, so the loop keeps parsing requests meanwhile. After a
+    failed commit nothing more is written: ``failure`` is set and every later write fails, because
+    memory and disk may differ until the service reloads the tree."""
+
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, on_failure: Callable[[BaseException], None]):
+        self.store = store
+        self.loop = loop
+        self.on_failure = on_failure
+        self.failure: BaseException | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="rtdb-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, statements: list[Statement], on_commit: Callable[[], None]) -> asyncio.Future:
+        """Commit ``statements``; ``on_commit`` runs on the loop once they are durable, then the
+        returned future resolves (or fails with the commit error)."""
+        future = self.loop.create_future()
+        self._queue.put((statements, on_commit, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            error: BaseException | None = self.failure
+            if error is None:
+                try:
+                    self.store.commit_now([st for statements, _, _ in batch for st in statements])
+                except BaseException as exc:  # noqa: BLE001 - reported to every waiting writer
+                    log.exception("committing %d writes failed", len(batch))
+                    error = self.failure = exc
+            try:
+                self.loop.call_soon_threadsafe(self._finish, batch, error)
+            except RuntimeError:  # the loop is closed (shutdown)
+                return
+
+    def _finish(self, batch, error: BaseException | None) -> None:
+        if error is not None:
+            self.on_failure(error)
+        for _, on_commit, future in batch:
+            if error is None:
+                on_commit()
+                if not future.done():
+                    future.set_result(None)
+            elif not future.done():
+                future.set_exception(error)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)

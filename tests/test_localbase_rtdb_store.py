@@ -1,0 +1,66 @@
+"""The RTDB store on its own: what is staged in memory is exactly what a reload from SQLite gives
+back, and a failing commit is reported to every waiting writer (never silently dropped)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from localbase.rtdb.store import Committer, Store
+
+
+def write(store: Store, ns_name: str, ops, priorities=None) -> None:
+    ns = store.namespace(ns_name)
+    store.commit_now(store.stage(ns, ops, priorities))
+
+
+def test_staged_tree_equals_reloaded_tree(tmp_path):
+    store = Store(tmp_path / "db.sqlite3")
+    write(store, "a", [((), {"x": {"y": 1, "z": {"0": 1, "1": 2}}, "leaf": 5})])  # stored form (normalised)
+    write(store, "a", [(("leaf", "now"), "object")])             # primitive replaced by an object
+    write(store, "a", [(("x", "y"), None), (("x", "w"), True)])   # multi-path
+    write(store, "a", [(("p",), "v")], {("p",): 3})                # priority
+    write(store, "a", [(("gone", "only"), 1)], {("gone",): 1})
+    write(store, "a", [(("gone", "only"), None)])                  # prunes /gone and its priority
+    write(store, "b", [(("other",), 1)])
+    expected = {name: (ns.root, dict(ns.priorities)) for name, ns in store.namespaces.items()}
+    assert expected["a"] == ({"x": {"z": {"0": 1, "1": 2}, "w": True}, "leaf": {"now": "object"}, "p": "v"},
+                             {("p",): 3})
+    store.close()
+    reopened = Store(tmp_path / "db.sqlite3")
+    assert {name: (ns.root, dict(ns.priorities)) for name, ns in reopened.namespaces.items()} == expected
+    reopened.close()
+
+
+def test_a_failed_commit_fails_its_writers_and_every_later_one(tmp_path):
+    store = Store(tmp_path / "db.sqlite3")
+    failures: list[BaseException] = []
+
+    def broken_commit(statements):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def scenario():
+        committer = Committer(store, asyncio.get_running_loop(), failures.append)
+        ns = store.namespace("a")
+        delivered = []
+        ok = committer.submit(store.stage(ns, [(("k",), 1)]), lambda: delivered.append("k"))
+        await ok
+        store.commit_now = broken_commit
+        bad = committer.submit(store.stage(ns, [(("k",), 2)]), lambda: delivered.append("bad"))
+        with pytest.raises(sqlite3.OperationalError):
+            await bad
+        later = committer.submit([], lambda: delivered.append("later"))
+        with pytest.raises(sqlite3.OperationalError):
+            await later
+        await asyncio.get_running_loop().run_in_executor(None, committer.close)
+        return delivered, committer.failure
+
+    delivered, failure = asyncio.run(scenario())
+    assert delivered == ["k"]  # events of failed writes are never delivered
+    assert isinstance(failure, sqlite3.OperationalError) and failures
+    del store.commit_now
+    store.reload()
+    assert store.namespace("a").root == {"k": 1}  # back to what is on disk
+    store.close()
