@@ -93,8 +93,43 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--cache", default="var/cache/analysis/ham")
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--mid", action="store_true", help="add the 14x14 mid-level features to an existing cache")
     args = ap.parse_args()
-    build_cache(args.data, args.cache, limit=args.limit)
+    if args.mid:
+        build_mid_cache(args.data, args.cache)
+    else:
+        build_cache(args.data, args.cache, limit=args.limit)
+
+
+
+MID_LAYER = "block10_add"  # 14x14x112: finer spatial detail than the 7x7 head map
+
+
+def build_mid_cache(data_dir: str | Path, cache_dir: str | Path, batch: int = 64) -> Path:
+    """Add mid.npy (float16 N x 14 x 14 x 112) for the same items as maps.npy (same order)."""
+    import keras
+
+    cache_dir = Path(cache_dir)
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    records = {r.image_id: r for r in read_records(data_dir)}
+    trunk = build_trunk()
+    mid_model = keras.Model(trunk.inputs, trunk.get_layer(MID_LAYER).output)
+    n = len(meta["image_id"])
+    mid = np.lib.format.open_memmap(cache_dir / "mid.tmp.npy", mode="w+", dtype=np.float16, shape=(n, 14, 14, 112))
+    for start in tqdm(range(0, n, batch), desc="mid features", unit="batch"):
+        frames = []
+        for k in range(start, min(n, start + batch)):
+            rec = records[meta["image_id"][k]]
+            with Image.open(rec.path) as im:
+                img = im.convert("RGB")
+            if meta["scale"][k] < 1.0:
+                img, _ = degrade.zoom_out(img, rec.box, meta["scale"][k])
+            frames.append(frame_input(img))
+        mid[start:start + len(frames)] = np.asarray(mid_model(np.stack(frames), training=False), np.float16)
+    mid.flush()
+    del mid
+    (cache_dir / "mid.tmp.npy").replace(cache_dir / "mid.npy")
+    return cache_dir
 
 
 if __name__ == "__main__":
