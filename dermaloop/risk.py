@@ -1,0 +1,128 @@
+"""From class probabilities to a patient-facing risk tier, with calibrated numbers.
+
+Raw network probabilities are over-confident. ``fit_temperature`` learns one temperature on a
+held-out calibration split (it changes confidence, never the ranking or top-1). The malignancy
+probability is the sum over malignant/pre-malignant classes; two thresholds chosen on the same
+calibration split turn it into tiers:
+
+* ``low``      p_malignant <  moderate_threshold (chosen for a target sensitivity, e.g. 0.90: few
+               cancers fall below it);
+* ``high``     p_malignant >= high_threshold (chosen for a target specificity, e.g. 0.95);
+* ``moderate`` in between.
+
+A ``RiskPolicy`` is stored in the model card so the device, the cloud worker and reports agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["RiskPolicy", "softmax", "fit_temperature", "threshold_for_sensitivity",
+           "threshold_for_specificity", "fit_policy", "policy_from_probabilities", "RISK_TIERS"]
+
+RISK_TIERS = ("low", "moderate", "high")
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    p = softmax(logits, temperature)
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1.0))))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising negative log-likelihood on held-out data (Guo et al. 2017)."""
+    from scipy.optimize import minimize_scalar
+
+    logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.int64)
+    if len(labels) == 0:
+        raise ValueError("cannot calibrate on an empty set")
+    res = minimize_scalar(lambda t: _nll(logits, labels, np.exp(t)), bounds=(np.log(0.05), np.log(20.0)),
+                          method="bounded")
+    return float(np.exp(res.x))
+
+
+def threshold_for_sensitivity(scores: np.ndarray, positive: np.ndarray, target: float) -> float:
+    """Largest threshold t with sensitivity (scores >= t among positives) >= target."""
+    pos = np.sort(np.asarray(scores, np.float64)[np.asarray(positive, bool)])
+    if len(pos) == 0:
+        raise ValueError("no positive examples to choose a sensitivity threshold from")
+    k = int(np.floor((1.0 - target) * len(pos) + 1e-9))  # positives allowed below the threshold
+    return float(pos[min(k, len(pos) - 1)])
+
+
+def threshold_for_specificity(scores: np.ndarray, positive: np.ndarray, target: float) -> float:
+    """Smallest threshold t with specificity (scores < t among negatives) >= target."""
+    neg = np.sort(np.asarray(scores, np.float64)[~np.asarray(positive, bool)])
+    if len(neg) == 0:
+        raise ValueError("no negative examples to choose a specificity threshold from")
+    k = int(np.ceil(target * len(neg) - 1e-9))  # negatives that must lie below the threshold
+    return float(np.nextafter(neg[k - 1], np.inf)) if k >= 1 else float(neg[0])
+
+
+@dataclass(frozen=True)
+class RiskPolicy:
+    temperature: float
+    malignant_mask: tuple[bool, ...]
+    moderate_threshold: float
+    high_threshold: float
+    target_sensitivity: float = 0.90
+    target_specificity: float = 0.95
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return softmax(logits, self.temperature)
+
+    def malignant_probability(self, probs: np.ndarray) -> np.ndarray:
+        return np.asarray(probs)[..., np.array(self.malignant_mask, bool)].sum(axis=-1)
+
+    def tier(self, p_malignant: float) -> str:
+        if not np.isfinite(p_malignant):
+            raise ValueError("malignancy probability is not a number")
+        if p_malignant >= self.high_threshold:
+            return "high"
+        return "moderate" if p_malignant >= self.moderate_threshold else "low"
+
+    def assess(self, probs: np.ndarray) -> dict[str, Any]:
+        """Tier and malignancy probability of one image's calibrated class probabilities."""
+        p = float(self.malignant_probability(np.asarray(probs, np.float64)))
+        return {"risk": self.tier(p), "malignantP": p}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["malignant_mask"] = list(self.malignant_mask)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RiskPolicy:
+        return cls(float(data["temperature"]), tuple(bool(v) for v in data["malignant_mask"]),
+                   float(data["moderate_threshold"]), float(data["high_threshold"]),
+                   float(data.get("target_sensitivity", 0.9)), float(data.get("target_specificity", 0.95)))
+
+
+def policy_from_probabilities(temperature: float, probs: np.ndarray, labels: np.ndarray,
+                              malignant_mask: list[bool] | tuple[bool, ...], target_sensitivity: float = 0.90,
+                              target_specificity: float = 0.95) -> RiskPolicy:
+    """Thresholds from calibrated probabilities exactly as the runtime produces them (e.g. TTA means)."""
+    mask = np.array(malignant_mask, bool)
+    p_mal = np.asarray(probs)[:, mask].sum(axis=1)
+    positive = mask[np.asarray(labels)]
+    moderate = threshold_for_sensitivity(p_mal, positive, target_sensitivity)
+    high = max(threshold_for_specificity(p_mal, positive, target_specificity), moderate)
+    return RiskPolicy(float(temperature), tuple(bool(v) for v in mask), moderate, high, target_sensitivity,
+                      target_specificity)
+
+
+def fit_policy(logits: np.ndarray, labels: np.ndarray, malignant_mask: list[bool] | tuple[bool, ...],
+               target_sensitivity: float = 0.90, target_specificity: float = 0.95) -> RiskPolicy:
+    """Temperature and both thresholds from one held-out calibration split (never the report split)."""
+    t = fit_temperature(logits, labels)
+    return policy_from_probabilities(t, softmax(logits, t), labels, malignant_mask, target_sensitivity,
+                                     target_specificity)

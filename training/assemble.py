@@ -1,0 +1,38 @@
+"""Assemble a deployable classifier: raw pixels -> backbone -> logits -> /temperature -> softmax.
+
+The trained parts (fine-tuned top blocks and the ``logits`` layer, or a linear head) are copied by
+layer name into a full backbone, so the exported model needs nothing but pixels from
+``dermaloop.preprocess`` and outputs calibrated probabilities.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dermaloop import backbones
+
+LOGITS_LAYER = "logits"
+PROBS_LAYER = "probabilities"
+
+
+def full_classifier(name: str, n_classes: int, temperature: float = 1.0, tail_model=None,
+                    head: tuple[np.ndarray, np.ndarray] | None = None, with_probabilities: bool = True):
+    """``tail_model``: fine-tuned tail (see training.finetune); else ``head``: (kernel, bias) of a linear head."""
+    import keras
+
+    base = backbones.build_backbone(name, weights="imagenet", pooling="avg")
+    logits = keras.layers.Dense(n_classes, name=LOGITS_LAYER)(base.output)
+    outputs = logits
+    if with_probabilities:
+        scaled = keras.layers.Rescaling(1.0 / float(temperature), name="temperature")(logits)
+        outputs = keras.layers.Softmax(name=PROBS_LAYER)(scaled)
+    model = keras.Model(base.input, outputs, name=f"dermaloop_{name}")
+    if tail_model is not None:
+        copied = backbones.copy_weights_by_name(tail_model, model)
+        if copied < 3:
+            raise ValueError("the fine-tuned tail shares no layers with the backbone")
+    elif head is not None:
+        model.get_layer(LOGITS_LAYER).set_weights([np.asarray(head[0]), np.asarray(head[1])])
+    else:
+        raise ValueError("need a fine-tuned tail or a linear head")
+    return model

@@ -1,0 +1,129 @@
+"""Frozen-backbone features, computed once per (backbone, preprocessing, view, dataset) and cached.
+
+The fast path trains heads on pooled 1280-d embeddings; fine-tuning the top blocks trains on the
+cached output of the last block of stage 5 (14x14x112 for Lite0), so each fine-tuning epoch costs
+only the top blocks. The cache lives outside git (``var/cache`` by default) as .npy files plus a
+JSON manifest saying exactly what they contain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from dermaloop import backbones
+from dermaloop.datasets import Dataset, Sample
+from dermaloop.preprocess import PreprocessConfig, load_image, to_model_input
+
+CACHE_VERSION = 1
+VIEWS = ("orig", "rot90", "flip", "rot270")  # label-preserving transforms of a dermoscopic image
+TAIL_STAGE = 4  # the maps after stage 5 (0-based 4) are cached for fine-tuning stages 6-7
+
+
+@dataclass
+class Features:
+    pooled: np.ndarray  # (N, 1280) float32
+    maps: np.ndarray | None  # (N, h, w, c) float16 memmap, or None
+    ids: list[str]
+    images_per_second: float
+    cached: bool
+
+
+def _view(img: Image.Image, view: str) -> Image.Image:
+    if view == "orig":
+        return img
+    if view == "rot90":
+        return img.transpose(Image.Transpose.ROTATE_90)
+    if view == "rot270":
+        return img.transpose(Image.Transpose.ROTATE_270)
+    if view == "flip":
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    raise ValueError(f"unknown view {view!r}; choose from {VIEWS}")
+
+
+def model_input(sample: Sample, config: PreprocessConfig, view: str = "orig") -> np.ndarray:
+    """The shared preprocessing (dermaloop.preprocess) of one sample, in one of the label-preserving views."""
+    return to_model_input(_view(load_image(sample.path), view), config=config)
+
+
+def extractor(name: str, with_maps: bool):
+    """Backbone returning the pooled embedding (and the stage-5 feature map when asked)."""
+    import keras
+
+    model = backbones.build_backbone(name, pooling="avg")
+    if not with_maps:
+        return model
+    k = backbones.stage_end_block(name, TAIL_STAGE)
+    return keras.Model(model.input, [model.get_layer(f"block{k}_add").output, model.output])
+
+
+def _key(name: str, config: PreprocessConfig, view: str, dataset: Dataset) -> str:
+    seeded = backbones.BACKBONES[name].wheel_module is None
+    ckpt = "seeded-init" if seeded else backbones.checkpoint_path(name).name
+    blob = json.dumps({"v": CACHE_VERSION, "backbone": name, "ckpt": ckpt,
+                       "pre": config.to_dict(), "view": view, "data": dataset.fingerprint(),
+                       "source": dataset.source}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def extract_features(dataset: Dataset, name: str, config: PreprocessConfig, cache_dir: str | Path | None,
+                     view: str = "orig", with_maps: bool = False, batch_size: int = 32,
+                     progress: bool = True) -> Features:
+    """Pooled embeddings (and optionally stage-5 maps) for every sample, from cache when possible."""
+    cache = Path(cache_dir) / f"{name}-{view}-{_key(name, config, view, dataset)}" if cache_dir else None
+    ids = [s.id for s in dataset.samples]
+    if cache and (cache / "manifest.json").is_file():
+        manifest = json.loads((cache / "manifest.json").read_text())
+        if manifest.get("complete") and (manifest.get("has_maps") or not with_maps):
+            maps = np.load(cache / "maps.npy", mmap_mode="r") if with_maps else None
+            return Features(np.load(cache / "pooled.npy"), maps, manifest["ids"],
+                            manifest["images_per_second"], True)
+    model = extractor(name, with_maps)
+    n = len(dataset)
+    pooled = np.zeros((n, 1280), np.float32)
+    maps = None
+    if with_maps:
+        shape = tuple(int(d) for d in model.outputs[0].shape[1:])
+        if cache:
+            cache.mkdir(parents=True, exist_ok=True)
+            maps = np.lib.format.open_memmap(cache / "maps.npy", mode="w+", dtype=np.float16, shape=(n, *shape))
+        else:
+            maps = np.zeros((n, *shape), np.float16)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2) as pool, \
+            tqdm(total=n, desc=f"{name} features ({view})", unit="img", disable=not progress) as bar:
+        batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+        def load(r: range) -> np.ndarray:
+            return np.stack([model_input(dataset.samples[j], config, view) for j in r])
+
+        # Decode the next batch while the model runs on this one; never more than one batch ahead.
+        ahead = pool.submit(load, batches[0]) if batches else None
+        for b, rng in enumerate(batches):
+            x = ahead.result()
+            ahead = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
+            out = model.predict_on_batch(x)
+            if with_maps:
+                maps[rng.start:rng.stop] = np.asarray(out[0], np.float16)
+                out = out[1]
+            pooled[rng.start:rng.stop] = np.asarray(out)
+            bar.update(len(rng))
+    rate = n / max(1e-9, time.perf_counter() - started)
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+        np.save(cache / "pooled.npy", pooled)
+        if maps is not None and hasattr(maps, "flush"):
+            maps.flush()
+        (cache / "manifest.json").write_text(json.dumps({
+            "complete": True, "has_maps": with_maps, "backbone": name, "view": view,
+            "preprocess": config.to_dict(), "dataset": dataset.describe(), "ids": ids,
+            "images_per_second": rate}, indent=1))
+    return Features(pooled, maps, ids, rate, False)

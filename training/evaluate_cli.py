@@ -1,0 +1,43 @@
+"""``dermaloop evaluate``: run a model directory's device or cloud model over a dataset; write a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="model directory (from dermaloop train)")
+    parser.add_argument("--kind", choices=("device", "cloud"), default="device")
+    parser.add_argument("--variant", choices=("int8", "fp32"), default="int8", help="device model variant")
+    parser.add_argument("--data", required=True, type=Path, help="dataset in any supported layout")
+    parser.add_argument("--split", default=None, choices=("train", "calib", "val"),
+                        help="evaluate only this part of the model's own split (default: every image)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for report.md, PNGs and metrics.json")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dermaloop.datasets import open_dataset
+    from dermaloop.model_dir import ModelDir, ModelError
+    from training.evaluate import evaluate, load_runtime
+
+    try:
+        md = ModelDir.open(args.model)
+        dataset = open_dataset(args.data, md.taxonomy)
+        split_name = "all images"
+        if args.split:
+            wanted = set(json.loads((args.model / "split.json").read_text())[args.split])
+            dataset = dataset.subset([i for i, s in enumerate(dataset.samples) if s.id in wanted])
+            split_name = f"{args.split} split of the model's training run"
+            if not dataset.samples:
+                raise ValueError(f"none of the model's {args.split} images are in {args.data}")
+        model = load_runtime(args.model, args.kind, args.variant)
+        metrics = evaluate(model, dataset, args.out, split_name, progress=not args.quiet)
+    except (ModelError, ValueError, FileNotFoundError) as exc:
+        print(f"dermaloop evaluate: {exc}")
+        return 2
+    print(f"balanced accuracy {metrics['balanced_accuracy']:.4f} on {metrics['n']} images; "
+          f"report: {args.out / 'report.md'}")
+    return 0

@@ -1,0 +1,161 @@
+"""Fine-tuning the top blocks of a backbone on cached stage-5 feature maps.
+
+Why on cached maps: on 2 CPU cores a full forward/backward pass through EfficientNet per image per
+epoch is hours; the lower blocks (stem .. stage 5) stay frozen, so their output is computed once per
+augmented view (``training/embeddings.py``) and each epoch only runs stages 6-7, the 1280-d head
+convolution and the classifier. Augmentation = picking one of the cached views (original, flipped,
+rotated) per image per epoch.
+
+Recipe: BatchNorm statistics frozen (small batches, small data), differential learning rates (the
+new classifier learns faster than the pretrained blocks), cosine schedule with warm restarts,
+class-weighted cross-entropy with label smoothing, fixed seeds, model selection on the calibration
+split's balanced accuracy, and a checkpoint after every epoch so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dermaloop import backbones
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 9
+    batch_size: int = 64
+    lr_head: float = 3e-3
+    lr_body: float = 3e-4
+    cycle_epochs: int = 3  # first cosine cycle; each restart doubles it (3, 6, 12 ...)
+    weight_decay: float = 1e-4
+    dropout: float = 0.3
+    label_smoothing: float = 0.1
+    class_weight_power: float = 1.0  # 1.0 = fully balanced, 0 = none
+    seed: int = 0
+
+
+def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> np.ndarray:
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, (len(labels) / (n_classes * np.maximum(counts, 1))) ** power, 0.0)
+    return (w / (w[counts > 0].mean() if (counts > 0).any() else 1.0)).astype(np.float32)
+
+
+def build_tail_classifier(name: str, start_block: int, feature_shape: tuple[int, int, int], n_classes: int,
+                          dropout: float, imagenet: bool = True):
+    """Stages from ``start_block`` on + pooled 1280-d features + dropout + a Dense ``logits`` layer."""
+    import keras
+
+    tail = backbones.build_tail(name, start_block, feature_shape, pooling="avg")
+    if imagenet:
+        backbones.copy_weights_by_name(backbones.build_backbone(name, weights="imagenet"), tail)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(tail.output)
+    logits = keras.layers.Dense(n_classes, name="logits")(x)
+    model = keras.Model(tail.input, logits, name=f"{name}_tail_classifier")
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False  # frozen statistics: runs in inference mode even when training
+    return model
+
+
+def predict_logits(model, maps: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    out = [np.asarray(model(np.asarray(maps[i:i + batch_size], np.float32), training=False))
+           for i in range(0, len(maps), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
+
+
+def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: np.ndarray,
+             calib_idx: np.ndarray, n_classes: int, config: FinetuneConfig, checkpoint_dir: str | Path,
+             progress: bool = True, imagenet: bool = True):
+    """Train; returns (model with the best calibration-split weights, history list)."""
+    import keras
+    import tensorflow as tf
+    from sklearn.metrics import balanced_accuracy_score
+
+    ckpt = Path(checkpoint_dir)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    start_block = backbones.stage_end_block(name, 4) + 1
+    feature_shape = tuple(int(d) for d in views[0].shape[1:])
+    model = build_tail_classifier(name, start_block, feature_shape, n_classes, config.dropout, imagenet)
+    head_vars = model.get_layer("logits").trainable_variables
+    head_ids = {id(v) for v in head_vars}
+    body_vars = [v for v in model.trainable_variables if id(v) not in head_ids]
+    steps = int(np.ceil(len(train_idx) / config.batch_size))
+
+    def schedule(lr: float):
+        return keras.optimizers.schedules.CosineDecayRestarts(lr, steps * config.cycle_epochs, t_mul=2.0,
+                                                              m_mul=1.0, alpha=0.01)
+
+    opt_head = keras.optimizers.AdamW(schedule(config.lr_head), weight_decay=config.weight_decay)
+    opt_body = keras.optimizers.AdamW(schedule(config.lr_body), weight_decay=config.weight_decay)
+    opt_head.build(head_vars)
+    opt_body.build(body_vars)
+    cw = tf.constant(class_weights(labels[train_idx], n_classes, config.class_weight_power))
+    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing,
+                                                   reduction="none")
+
+    @tf.function(reduce_retracing=True)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            per = loss_fn(tf.one_hot(y, n_classes), logits) * tf.gather(cw, y)
+            loss = tf.reduce_mean(per)
+        grads = tape.gradient(loss, head_vars + body_vars)
+        opt_head.apply_gradients(zip(grads[:len(head_vars)], head_vars, strict=True))
+        opt_body.apply_gradients(zip(grads[len(head_vars):], body_vars, strict=True))
+        return loss
+
+    state_file = ckpt / "state.json"
+    history: list[dict] = []
+    best = -1.0
+    first_epoch = 0
+    if state_file.is_file():  # resume at the last finished epoch (optimizer moments restart)
+        state = json.loads(state_file.read_text())
+        if state.get("config") == asdict(config) and (ckpt / "last.weights.h5").is_file():
+            model.load_weights(ckpt / "last.weights.h5")
+            history, best, first_epoch = state["history"], state["best"], state["epoch"] + 1
+            opt_head.iterations.assign(first_epoch * steps)
+            opt_body.iterations.assign(first_epoch * steps)
+            rng = np.random.default_rng(config.seed + first_epoch)
+    for epoch in range(first_epoch, config.epochs):
+        started = time.perf_counter()
+        order = rng.permutation(train_idx)
+        view_of = rng.integers(0, len(views), size=len(order))
+        losses = []
+        with tqdm(total=steps, desc=f"{name} fine-tune epoch {epoch + 1}/{config.epochs}", unit="batch",
+                  disable=not progress) as bar:
+            for s in range(steps):
+                sel = slice(s * config.batch_size, (s + 1) * config.batch_size)
+                rows, vsel = order[sel], view_of[sel]
+                x = np.empty((len(rows), *feature_shape), np.float32)
+                for v in range(len(views)):
+                    pick = vsel == v
+                    if pick.any():
+                        src = rows[pick]
+                        srt = np.argsort(src)  # sorted reads are much faster on memmaps
+                        block = np.asarray(views[v][src[srt]], np.float32)
+                        x[np.flatnonzero(pick)[srt]] = block
+                losses.append(float(step(tf.constant(x), tf.constant(labels[rows]))))
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        calib_logits = predict_logits(model, views[0][np.sort(calib_idx)])
+        bacc = float(balanced_accuracy_score(labels[np.sort(calib_idx)], calib_logits.argmax(1)))
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "calib_balanced_accuracy": bacc,
+                        "seconds": time.perf_counter() - started})
+        if bacc > best:
+            best = bacc
+            model.save_weights(ckpt / "best.weights.h5")
+        model.save_weights(ckpt / "last.weights.h5")
+        state_file.write_text(json.dumps({"epoch": epoch, "best": best, "history": history,
+                                          "config": asdict(config)}, indent=1))
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}, calib balanced accuracy {bacc:.4f}")
+    if (ckpt / "best.weights.h5").is_file():
+        model.load_weights(ckpt / "best.weights.h5")
+    return model, history

@@ -1,0 +1,218 @@
+"""``dermaloop train``: one run from a dataset to a complete model directory.
+
+Steps: read the dataset -> lesion-grouped train / calib / val split -> frozen-backbone features
+(cached) -> either the fast path (linear head on pooled embeddings) or fine-tuning of the top blocks
+(``epochs > 0``) -> temperature and risk thresholds on the calib split -> full Keras models ->
+device TFLite int8 (calibrated on training images) and fp32, cloud Keras -> evaluation of the
+exported runtimes on the untouched val split -> model card.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from dermaloop import backbones
+from dermaloop.datasets import Dataset, grouped_split, open_dataset
+from dermaloop.model_dir import (
+    CARD,
+    CLOUD_KERAS,
+    DEVICE_FP32,
+    DEVICE_INT8,
+    DEVICE_KERAS,
+    LABELS,
+    DeviceModel,
+    ModelDir,
+    sha256_file,
+)
+from dermaloop.preprocess import PreprocessConfig
+from dermaloop.risk import RiskPolicy, fit_policy, policy_from_probabilities, softmax
+from dermaloop.taxonomy import load_taxonomy
+from training.assemble import full_classifier
+from training.embeddings import extract_features, model_input
+from training.finetune import FinetuneConfig, finetune, predict_logits
+from training.heads import fit_linear_head
+
+
+@dataclass
+class TrainOptions:
+    data: Path
+    out: Path
+    taxonomy: str = "ham10000"
+    device_backbone: str = "lite0"
+    cloud_backbone: str = "lite2"
+    epochs: int = 0  # 0: fast path (linear head); > 0: fine-tune the top blocks this many epochs
+    views: tuple[str, ...] = ("orig",)  # cached augmented views used by fine-tuning and cloud TTA
+    colour_constancy: bool = False
+    cache_dir: Path | None = None
+    val_fraction: float = 0.2
+    calib_fraction: float = 0.1
+    seed: int = 0
+    target_sensitivity: float = 0.90
+    calibration_images: int = 200
+    limit: int | None = None
+    head_c: float = 0.01
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    progress: bool = True
+    skip_cloud: bool = False
+
+
+def _log(opts: TrainOptions, msg: str) -> None:
+    if opts.progress:
+        tqdm.write(msg)
+
+
+def _subsample(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+    if not limit or limit >= len(ds):
+        return ds
+    # keep whole groups, so a limited run still splits honestly
+    rng = np.random.default_rng(seed)
+    groups = rng.permutation(sorted(set(ds.groups.tolist())))
+    keep, n = set(), 0
+    for g in groups:
+        keep.add(g)
+        n += int((ds.groups == g).sum())
+        if n >= limit:
+            break
+    return ds.subset([i for i, s in enumerate(ds.samples) if s.group in keep])
+
+
+def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions) -> dict[str, Any]:
+    """Train one model (device or cloud); returns the Keras model, policy, calib/val logits and timings."""
+    t0 = time.perf_counter()
+    cfg = PreprocessConfig(size=backbones.input_size(backbone), colour_constancy=opts.colour_constancy)
+    fine = opts.epochs > 0
+    views = list(opts.views if fine or kind == "cloud" else ("orig",))
+    feats = [extract_features(ds, backbone, cfg, opts.cache_dir, view=v, with_maps=fine, progress=opts.progress)
+             for v in views]
+    t_features = time.perf_counter() - t0
+    y = ds.labels
+    k = len(ds.taxonomy)
+    history: list[dict] = []
+    if fine:
+        ckpt = (opts.cache_dir or opts.out / "checkpoints") / f"finetune-{backbone}-{ds.fingerprint()}"
+        tail, history = finetune(backbone, [f.maps for f in feats], y, split["train"], split["calib"], k,
+                                 opts.finetune, ckpt, progress=opts.progress)
+        logits_views = [predict_logits(tail, f.maps) for f in feats]
+        head = None
+    else:
+        tail = None
+        head = fit_linear_head(feats[0].pooled[split["train"]], y[split["train"]], k, c=opts.head_c, seed=opts.seed)
+        logits_views = [f.pooled @ head[0] + head[1] for f in feats]
+    t_train = time.perf_counter() - t0 - t_features
+    calib = split["calib"]
+    policy = fit_policy(logits_views[0][calib], y[calib], ds.taxonomy.malignant_mask, opts.target_sensitivity)
+    tta = [v for v in views[1:] if v in ("flip", "rot90", "rot270")] if kind == "cloud" else []
+    if tta:  # thresholds must be chosen on the probabilities the runtime produces (mean over views)
+        probs_c = np.mean([softmax(lv[calib], policy.temperature) for lv in logits_views[:1 + len(tta)]], axis=0)
+        policy = policy_from_probabilities(policy.temperature, probs_c, y[calib], ds.taxonomy.malignant_mask,
+                                           opts.target_sensitivity)
+    model = full_classifier(backbone, k, policy.temperature, tail_model=tail, head=head)
+    return {"model": model, "policy": policy, "preprocess": cfg, "tta": tta, "history": history,
+            "float_val_probs": softmax(logits_views[0][split["val"]], policy.temperature),
+            "features_seconds": t_features, "train_seconds": t_train,
+            "images_per_second": feats[0].images_per_second, "features_cached": feats[0].cached}
+
+
+def _section(kind: str, backbone: str, r: dict[str, Any]) -> dict[str, Any]:
+    policy: RiskPolicy = r["policy"]
+    return {"backbone": backbone, "input": {"shape": [r["preprocess"].size, r["preprocess"].size, 3],
+                                            "dtype": "uint8 (int8 model) / float32 pixel values 0..255"},
+            "output": "calibrated class probabilities (temperature folded into the model)",
+            "preprocess": r["preprocess"].to_dict(), "risk": {**policy.to_dict(), "temperature_in_model": True},
+            "tta": r["tta"], "training": {"fine_tuned_epochs": len(r["history"]), "history": r["history"],
+                                          "features_seconds": round(r["features_seconds"], 1),
+                                          "train_seconds": round(r["train_seconds"], 1),
+                                          "embedding_images_per_second": round(r["images_per_second"], 1)}}
+
+
+def train(opts: TrainOptions) -> Path:
+    """Write a complete model directory to ``opts.out``; returns it."""
+    import keras
+
+    started = time.perf_counter()
+    keras.utils.set_random_seed(opts.seed)
+    taxonomy = load_taxonomy(opts.taxonomy)
+    ds = _subsample(open_dataset(opts.data, taxonomy), opts.limit, opts.seed)
+    split = grouped_split(ds, opts.val_fraction, opts.calib_fraction, opts.seed)
+    _log(opts, f"data: {len(ds)} images, {len(set(ds.groups.tolist()))} groups; split "
+               + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
+    out = Path(opts.out)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "device").mkdir(parents=True)
+    (tmp / "cloud").mkdir(parents=True)
+    taxonomy.save(tmp / LABELS)
+    (tmp / "split.json").write_text(json.dumps(
+        {k: [ds.samples[i].id for i in v] for k, v in split.items()}, indent=0))
+
+    device = _train_kind("device", opts.device_backbone, ds, split, opts)
+    device["model"].save(tmp / DEVICE_KERAS)
+    rng = np.random.default_rng(opts.seed)
+    calib_rows = rng.choice(split["train"], size=min(opts.calibration_images, len(split["train"])), replace=False)
+    images = [model_input(ds.samples[i], device["preprocess"]) for i in calib_rows]
+    _log(opts, "exporting device model to TFLite (fp32 and int8)")
+    from training.export import export_fp32, export_int8
+
+    export_fp32(device["model"], tmp / DEVICE_FP32)
+    export_int8(device["model"], tmp / DEVICE_INT8, images)
+    card: dict[str, Any] = {
+        "format": 1, "version": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + f"-{ds.fingerprint()[:6]}",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"), "taxonomy": taxonomy.name,
+        "labels": taxonomy.ids, "disclaimer": "Decision support for triage only; not a diagnosis.",
+        "data": {**ds.describe(), "split": {k: len(v) for k, v in split.items()},
+                 "split_method": f"StratifiedGroupKFold by group (lesion), seed {opts.seed}",
+                 "int8_calibration": f"{len(images)} random training-split images"},
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "device": _section("device", opts.device_backbone, device),
+    }
+    if not opts.skip_cloud:
+        cloud = _train_kind("cloud", opts.cloud_backbone, ds, split, opts)
+        cloud["model"].save(tmp / CLOUD_KERAS)
+        card["cloud"] = _section("cloud", opts.cloud_backbone, cloud)
+    card["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+                     and p.name not in (CARD,)}
+    card["file_bytes"] = {rel: (tmp / rel).stat().st_size for rel in card["files"]}
+    (tmp / CARD).write_text(json.dumps(card, indent=2))
+
+    # Evaluate the exported runtimes on the untouched validation split (real files, real preprocessing).
+    from training.evaluate import evaluate
+
+    val = ds.subset(split["val"])
+    md = ModelDir.open(tmp)
+    fp32 = evaluate(DeviceModel(md, "fp32"), val, tmp / "reports" / "device_fp32", "val", opts.progress)
+    int8 = evaluate(DeviceModel(md, "int8"), val, tmp / "reports" / "device", "val", opts.progress)
+    agreement = float((int8["_probs"].argmax(1) == fp32["_probs"].argmax(1)).mean())
+    card["device"]["metrics"] = _summary(int8)
+    card["device"]["metrics_fp32"] = _summary(fp32)
+    card["device"]["int8_parity"] = {
+        "top1_agreement_with_float": agreement,
+        "balanced_accuracy_drop_points": 100 * (fp32["balanced_accuracy"] - int8["balanced_accuracy"]),
+        "measured_on": f"val split, {len(int8['_labels'])} images"}
+    if not opts.skip_cloud:
+        from dermaloop.model_dir import CloudModel
+
+        cl = evaluate(CloudModel(md), val, tmp / "reports" / "cloud", "val", opts.progress)
+        card["cloud"]["metrics"] = _summary(cl)
+    card["train_seconds_total"] = round(time.perf_counter() - started, 1)
+    (tmp / CARD).write_text(json.dumps(card, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    _log(opts, f"model directory {out} written in {card['train_seconds_total']:.0f} s")
+    return out
+
+
+def _summary(m: dict[str, Any]) -> dict[str, Any]:
+    keys = ("n", "balanced_accuracy", "accuracy", "macro_f1", "auc_ovr", "malignant_auc", "malignant_threshold",
+            "malignant_sensitivity", "malignant_specificity", "ece", "per_class_recall")
+    return {k: m.get(k) for k in keys}

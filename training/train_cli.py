@@ -1,0 +1,66 @@
+"""``dermaloop train --data DIR --out MODEL_DIR``: train the device and cloud models into a model directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dermaloop import backbones
+from dermaloop.taxonomy import available_taxonomies
+from training.embeddings import VIEWS
+
+
+def default_cache_dir() -> Path:
+    from dermaloop.settings import load_settings
+
+    return Path(load_settings().data_dir) / "cache" / "embeddings"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, type=Path,
+                        help="dataset folder: HAM10000 layout, ISIC 2019 GroundTruth CSV, or folder per class")
+    parser.add_argument("--out", required=True, type=Path, help="model directory to write (replaced if present)")
+    parser.add_argument("--taxonomy", default="ham10000",
+                        help=f"bundled taxonomy ({', '.join(available_taxonomies())}) or a labels JSON file")
+    parser.add_argument("--device-backbone", default="lite0", choices=sorted(backbones.BACKBONES))
+    parser.add_argument("--cloud-backbone", default="lite2", choices=sorted(backbones.BACKBONES))
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="fine-tune the top blocks this many epochs (0 = fast path: linear head only)")
+    parser.add_argument("--views", default="orig",
+                        help=f"comma-separated cached views for fine-tuning augmentation and cloud TTA ({', '.join(VIEWS)})")
+    parser.add_argument("--lr-head", type=float, default=3e-3)
+    parser.add_argument("--lr-body", type=float, default=3e-4)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--colour-constancy", action="store_true", help="shades-of-grey white balance")
+    parser.add_argument("--target-sensitivity", type=float, default=0.90,
+                        help="malignant sensitivity the malignancy threshold is chosen for (on the calib split)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default: DATA_DIR/cache/embeddings)")
+    parser.add_argument("--limit", type=int, default=None, help="use about this many images (whole lesions)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-cloud", action="store_true", help="train only the device model")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.finetune import FinetuneConfig
+    from training.pipeline import TrainOptions, train
+
+    views = tuple(v.strip() for v in args.views.split(",") if v.strip())
+    bad = [v for v in views if v not in VIEWS]
+    if bad or not views or views[0] != "orig":
+        raise SystemExit(f"--views must start with 'orig' and use only {', '.join(VIEWS)}; got {args.views!r}")
+    opts = TrainOptions(
+        data=args.data, out=args.out, taxonomy=args.taxonomy, device_backbone=args.device_backbone,
+        cloud_backbone=args.cloud_backbone, epochs=args.epochs, views=views,
+        colour_constancy=args.colour_constancy, cache_dir=args.cache_dir or default_cache_dir(),
+        seed=args.seed, target_sensitivity=args.target_sensitivity, limit=args.limit, skip_cloud=args.skip_cloud,
+        finetune=FinetuneConfig(epochs=max(args.epochs, 1), batch_size=args.batch_size, lr_head=args.lr_head,
+                                lr_body=args.lr_body, seed=args.seed),
+        progress=not args.quiet)
+    try:
+        out = train(opts)
+    except ValueError as exc:
+        print(f"dermaloop train: {exc}")
+        return 2
+    print(f"wrote {out}")
+    return 0
