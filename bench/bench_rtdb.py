@@ -19,6 +19,7 @@ import json
 import os
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,6 +70,43 @@ def bench_sqlite(n: int, tmp: Path) -> float:
     elapsed = time.perf_counter() - start
     conn.close()
     return n / elapsed
+
+
+_NOOP_SERVER = """
+import asyncio, socket, sys
+from aiohttp import web
+async def handle(request):
+    await request.read()
+    return web.Response(status=204)
+async def main():
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    print(runner.addresses[0][1], flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def bench_noop_server(n: int, clients: int) -> tuple[float, float]:
+    """Baseline: the same concurrent PUT load against an aiohttp app that stores nothing."""
+    proc = subprocess.Popen([sys.executable, "-c", _NOOP_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        base = f"http://127.0.0.1:{port}"
+
+        def make(c: int, i: int):
+            return ("PUT", f"{base}/bench/c{c}/k{i}.json", {"print": "silent"}, json.dumps({"n": i}), ADMIN)
+
+        before = server_cpu_s(proc.pid)
+        rate, n_ops = asyncio.run(_rest_writers(base, "", n, clients, make))
+        return rate, (server_cpu_s(proc.pid) - before) / n_ops * 1e6
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def bench_http_get(base: str, ns: str, n: int) -> float:
@@ -190,6 +228,9 @@ def main() -> int:
             rows = []
             rows.append(("baseline: SQLite commit of one small row (WAL, synchronous=NORMAL), 1 thread",
                          f"{bench_sqlite(args.writes, tmp):,.0f} commits/s", ""))
+            rate, cpu_us = bench_noop_server(args.writes, args.clients)
+            rows.append((f"baseline: PUT to a no-op aiohttp app, {args.clients} concurrent clients (aiohttp)",
+                         f"{rate:,.0f} req/s", f"{cpu_us:,.0f} us"))
             runs = [
                 ("baseline: HTTP GET of a tiny value, 1 client (requests)", "req/s",
                  bench_http_get, (base, ns, args.writes // 2)),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -120,7 +121,10 @@ class Store:
         self.db_file = db_file
         self.conn = sqlite3.connect(str(db_file), isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
+        # NORMAL: a commit survives the process being killed (the WAL is in the OS page cache).
+        # LOCALBASE_RTDB_SYNC=full also survives power loss, at one fsync per group commit.
+        mode = "FULL" if os.environ.get("LOCALBASE_RTDB_SYNC", "").lower() == "full" else "NORMAL"
+        self.conn.execute(f"PRAGMA synchronous={mode}")
         self.conn.executescript(_SCHEMA)
         self.namespaces: dict[str, Namespace] = {}
         self._load()
