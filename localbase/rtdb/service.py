@@ -90,6 +90,10 @@ class Database:
             log.warning("no %s: every end-user read and write is denied", self.rules_file)
             self.rules_text = '{"rules": {".read": false, ".write": false}}'
             self.rules = Rules(LOCKED)
+        if ctx.host not in ("127.0.0.1", "localhost", "::1"):
+            # Emulator convention, which firebase-admin relies on: any Bearer token is admin.
+            log.warning("RTDB on %s: any client that can reach it and sends 'Authorization: Bearer ...' "
+                        "is admin and bypasses database.rules.json; keep it on a trusted network", ctx.host)
         self.hub = events.Hub()
         self.push_ids = PushIds()
         # Production sends a keep-alive about every 30 s; tests shorten it with this variable.
@@ -143,8 +147,8 @@ class Database:
             method = request.headers["X-HTTP-Method-Override"].upper()
             if method not in ("GET", "PUT", "PATCH", "DELETE", "POST"):
                 raise bad_request(f"Unsupported X-HTTP-Method-Override: {method[:20]}")
-        unknown = sorted(set(request.query) - KNOWN_PARAMS)
-        if unknown:
+        if not KNOWN_PARAMS.issuperset(request.query):
+            unknown = sorted(set(request.query) - KNOWN_PARAMS)
             raise bad_request(f"Invalid parameter: {unknown[0][:100]!r} is not a Realtime Database REST parameter.")
         raw_path = request.path
         if raw_path.startswith("/.settings/rules"):
