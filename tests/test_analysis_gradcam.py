@@ -50,7 +50,7 @@ def test_nested_model_heatmap_shape_range_and_class(nested_classifier, photo):
     cam = gradcam.grad_cam(nested_classifier, x)
     assert cam.heatmap.shape == (7, 7)
     assert cam.heatmap.dtype == np.float32
-    assert 0.0 <= cam.heatmap.min() and cam.heatmap.max() <= 1.0
+    assert cam.heatmap.min() >= 0.0 and cam.heatmap.max() <= 1.0
     assert cam.probabilities.shape == (7,)
     assert cam.class_index == int(np.argmax(nested_classifier(x[None]).numpy()[0]))
     # Any class on request, and a different class gives a different map.

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from dermaloop.analysis.localiser import average_precision, build_head, iou
+from dermaloop.analysis.localiser import average_precision, build_head, iou, save_head_weights
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "dermaloop" / "analysis" / "weights"
-HEAD_WEIGHTS = WEIGHTS_DIR / "localiser_head.weights.h5"
+HEAD_WEIGHTS = WEIGHTS_DIR / "localiser_head.npz"
 METRICS_FILE = WEIGHTS_DIR / "localiser_metrics.json"
 DEFAULT_CACHE = Path("var/cache/analysis/ham")
 
@@ -86,7 +86,7 @@ def train_head(cache_dir: Path = DEFAULT_CACHE, epochs: int = 40, seed: int = 0,
         const = np.concatenate([np.tile(base_box, (int(sel.sum()), 1)), np.ones((int(sel.sum()), 1))], 1)
         results[name + "_baseline_median_box"] = box_metrics(const, boxes[va][sel])
     out.parent.mkdir(parents=True, exist_ok=True)
-    head.save_weights(out)
+    save_head_weights(head, out)
     METRICS_FILE.write_text(json.dumps(results, indent=1) + "\n")
     return results
 

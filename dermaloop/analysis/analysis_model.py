@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
-HEAD_WEIGHTS = WEIGHTS_DIR / "localiser_head.weights.h5"
+HEAD_WEIGHTS = WEIGHTS_DIR / "localiser_head.npz"
 OUTPUTS = ("x0", "y0", "x1", "y1", "box_confidence", "p_lesion")
 
 
@@ -21,7 +21,7 @@ def build_analysis_model(head_weights: str | Path = HEAD_WEIGHTS, ood_file: str 
     import keras
 
     from dermaloop.analysis.features import FRAME_SIZE, build_trunk
-    from dermaloop.analysis.localiser import build_head
+    from dermaloop.analysis.localiser import build_head, load_head_weights
     from dermaloop.analysis.ood import load_head
 
     head_weights = Path(head_weights)
@@ -29,7 +29,7 @@ def build_analysis_model(head_weights: str | Path = HEAD_WEIGHTS, ood_file: str 
         raise FileNotFoundError(f"{head_weights} missing: run `python -m training.localiser_train --data DIR`")
     trunk = build_trunk()
     head = build_head()
-    head.load_weights(head_weights)
+    load_head_weights(head, head_weights)
     ood = load_head(str(ood_file) if ood_file else None)
     inputs = keras.Input((FRAME_SIZE, FRAME_SIZE, 3), name="frame")
     fmap = trunk(inputs)

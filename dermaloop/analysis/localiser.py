@@ -107,3 +107,19 @@ def adjust_box(box: Sequence[float], dx: float = 0.0, dy: float = 0.0, scale: fl
     cx = min(max(cx, min(hw, 0.5)), max(1 - hw, 0.5))
     cy = min(max(cy, min(hh, 0.5)), max(1 - hh, 0.5))
     return clip_box((cx - hw, cy - hh, cx + hw, cy + hh))
+
+
+def save_head_weights(head, path) -> None:
+    """Head weights as a small float16 .npz (kept in the package; about 0.6 MB)."""
+    arrays = {w.path.replace("/", "__"): np.asarray(w.numpy(), np.float16) for w in head.weights}
+    np.savez_compressed(path, **arrays)
+
+
+def load_head_weights(head, path) -> None:
+    with np.load(path) as data:
+        stored = {k.replace("__", "/"): data[k] for k in data.files}
+    missing = [w.path for w in head.weights if w.path not in stored]
+    if missing:
+        raise ValueError(f"{path}: weights do not match the head (missing {missing[:3]})")
+    for w in head.weights:
+        w.assign(stored[w.path].astype(np.float32))
