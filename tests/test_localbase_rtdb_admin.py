@@ -223,10 +223,13 @@ def test_listener_below_a_write_gets_its_new_value(app, root):
         assert wait_for(lambda: len(stream_seen) >= 1)
         root.update({"other": 2})  # does not touch /x: no event
         root.set({"x": {"y": 2}})
-        assert wait_for(lambda: len(stream_seen) >= 2)
+        root.update({"x/y": 3, "x/z/w": 4, "other": 3})  # keys reaching below the listener
+        root.update({"x": {"q": 5}})  # a key equal to the listened path replaces it
+        assert wait_for(lambda: len(stream_seen) >= 4)
     finally:
         registration.close()
-    assert stream_seen == [("put", "/", {"y": 1}), ("put", "/", {"y": 2})]
+    assert stream_seen == [("put", "/", {"y": 1}), ("put", "/", {"y": 2}), ("patch", "/", {"y": 3, "z/w": 4}),
+                           ("put", "/", {"q": 5})]
 
 
 def test_auth_variable_override_runs_rules(lb, app):

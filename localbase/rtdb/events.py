@@ -131,6 +131,9 @@ class Hub:
         if touched_below and patch_base is None:
             w, v = touched_below[0]
             return frame("put", w[n:], to_output(v))
+        if touched_below and all(len(w) > n for w, _ in touched_below):
+            # A PATCH above this listener whose keys reach below it: the same update, re-rooted.
+            return frame("patch", (), {"/".join(w[n:]): to_output(v) for w, v in touched_below})
         if touched_below or any(lp[: len(w)] == w for w, _ in ops):
             new = get_new(lp)
             if not touched_below and lp in old_values and old_values[lp] == new:
