@@ -26,7 +26,8 @@ APP_NAME = "test_database_rules"
 
 @pytest.fixture(scope="module")
 def settings(localbase):
-    yield localbase.settings()
+    # A namespace of its own: the cases and jobs made here must not reach other tests' workers.
+    yield localbase.settings(database_url="https://rules-tests-default-rtdb.firebaseio.com")
     delete_app(APP_NAME)
 
 

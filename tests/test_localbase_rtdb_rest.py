@@ -22,8 +22,9 @@ def base(localbase) -> str:
 
 
 @pytest.fixture(scope="module")
-def ns(localbase) -> str:
-    return localbase.settings().database_namespace
+def ns() -> str:
+    """A namespace of its own, so nothing written here shows up in other tests' data."""
+    return "rtdb-rest-tests"
 
 
 @pytest.fixture
@@ -179,7 +180,7 @@ def test_invalid_paths(base, ns):
 
 
 def test_multi_path_update_is_all_or_nothing_under_rules(localbase, base, ns):
-    settings = localbase.settings()
+    settings = localbase.settings(database_url=f"https://{ns}.firebaseio.com")
     uid = "atomic-" + uuid.uuid4().hex[:8]
     token = mint_id_token(settings.project_id, uid)
     # One of the two paths is someone else's: the whole update is refused, nothing is written.

@@ -127,7 +127,13 @@ class Database:
         try:
             claims = self.ctx.verify_id_token(token)
         except tokens.InvalidToken as exc:
-            msg = "Auth token is expired" if "expired" in str(exc) else "Could not parse auth token."
+            reason = str(exc)
+            if "expired" in reason:
+                msg = "Auth token is expired"
+            elif "revoked" in reason:
+                msg = "Auth token is revoked"
+            else:
+                msg = "Could not parse auth token."
             raise FirebaseError(401, msg) from None
         return Caller(admin=False, auth=auth_variable(claims), token=token, expires_at=float(claims["exp"]))
 
