@@ -261,6 +261,27 @@ def test_bad_and_expired_tokens_are_refused(settings, alice):
         other_project.get(f"cases/{a}")
 
 
+def test_tokens_of_disabled_users_are_refused(settings):
+    """The RTDB asks localbase Auth whether a token was revoked (user disabled/deleted, revoke)."""
+    from firebase_admin import auth
+
+    from dermaloop.admin_app import get_app
+
+    app = get_app(settings, name=APP_NAME)
+    uid = "revoked-" + uuid.uuid4().hex[:8]
+    auth.create_user(uid=uid, app=app)
+    token = mint_id_token(settings.project_id, uid)  # issued after the user was created
+    client = UserDatabase(token, settings)
+    client.set(f"users/{uid}/displayName", "Before")
+    auth.update_user(uid, disabled=True, app=app)
+    with pytest.raises(PermissionDenied, match="revoked"):
+        client.get(f"users/{uid}")
+    auth.delete_user(uid, app=app)
+    with pytest.raises(PermissionDenied, match="revoked"):
+        client.set(f"users/{uid}/displayName", "After")
+    assert admin(settings, f"users/{uid}/displayName").get() == "Before"
+
+
 def test_user_listener_sees_worker_updates(settings, alice):
     a = uid_of(alice)
     case_id = create_case(alice)
