@@ -293,6 +293,32 @@ def test_stream_of_an_expiring_token_ends_with_auth_revoked(lb):
     assert stream.frames[-1] == ("auth_revoked", "credential is no longer valid")  # unquoted, as the SDK needs
 
 
+def test_user_client_reconnects_with_a_fresh_token_after_auth_revoked(lb, app):
+    from dermaloop.database import UserDatabase
+
+    settings = lb.settings()
+    issued: list[str] = []
+
+    def token_source() -> str:
+        # The first token expires two seconds from now; later ones are fresh.
+        now = time.time() - 3600 + 2 if not issued else None
+        issued.append(mint_id_token(settings.project_id, "reader", now=now))
+        return issued[-1]
+
+    path = f"/open/{uuid.uuid4().hex}"
+    db.reference(path, app=app).set({"v": 0})
+    seen = []
+    listener = UserDatabase(token_source, settings).listen(path, lambda e: seen.append((e.event_type, e.path, e.data)))
+    try:
+        assert wait_for(lambda: len(issued) >= 2 and len(seen) >= 2)  # expired, reconnected, new snapshot
+        db.reference(path, app=app).child("v").set(1)
+        assert wait_for(lambda: ("put", "/v", 1) in seen)
+    finally:
+        listener.close()
+    assert seen[:2] == [("put", "/", {"v": 0}), ("put", "/", {"v": 0})]
+    assert seen[-1] == ("put", "/v", 1)
+
+
 def test_many_listeners_all_get_each_event(lb, app, root):
     root.set({"v": 0})
     url = f"{lb.database_url}{root.path}.json"
