@@ -7,14 +7,16 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test install system-deps lint clean
+FIREBASE_TOOLS = .tools/node_modules/.bin/firebase
+
+.PHONY: run test install system-deps firebase-tools lint clean
 
 run: install
 	$(VENV)/bin/dermaloop run
 
-test: install system-deps
+test: install system-deps firebase-tools
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	FIREBASE_TOOLS_BIN=$(if $(wildcard $(FIREBASE_TOOLS)),$(CURDIR)/$(FIREBASE_TOOLS),) $(PY) -m pytest
 
 install: $(STAMP)
 
@@ -32,8 +34,17 @@ system-deps:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; \
 	fi
 
+# firebase-tools from npm, so the Auth tests also run against Google's official Auth emulator
+# (pure Node, works offline). Without Node those tests skip and say why.
+firebase-tools:
+	@if [ ! -x $(FIREBASE_TOOLS) ] && command -v npm >/dev/null; then \
+		echo "installing firebase-tools (npm) for the compatibility tests"; \
+		npm install --prefix .tools firebase-tools@15 --no-audit --no-fund --loglevel=error \
+			|| echo "firebase-tools did not install: the official-emulator tests will skip"; \
+	fi
+
 lint: install
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .tools .pytest_cache .ruff_cache
