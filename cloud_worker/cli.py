@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     model = load_model(model_dir)
     models = ModelProvider(model, load_model)
-    analysis = _analysis(args.no_analysis)
+    analysis = _analysis(args.no_analysis, Path(settings.models_dir))
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
     jobs = JobQueue(app, worker_id, lease_ms=int(args.lease_s * 1000), max_attempts=args.max_attempts)
     config = WorkerConfig(
@@ -141,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
         lease_ms=int(args.lease_s * 1000), max_attempts=args.max_attempts, backoff_ms=int(args.backoff_s * 1000),
         sweep_interval_s=args.sweep_s, heartbeat_s=args.heartbeat_s, shutdown_grace_s=args.grace_s,
         heatmaps=not args.no_heatmaps,
+        # Fault injection for the crash-recovery tests; never set in production.
+        fault_hold_s=float(os.environ.get("DERMALOOP_WORKER_FAULT_HOLD_S") or 0),
     )
     worker = Worker(app, bucket, jobs, models, analysis, config)
     stop = threading.Event()
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("worker ready", extra={"fields": {"workerId": worker_id, "model": model.version,
                                                 "modelDir": str(model_dir), "following": follow,
                                                 "concurrency": config.concurrency, "batchSize": config.batch_size,
-                                                "analysis": type(analysis).__name__}})
+                                                "analysis": getattr(analysis, "description", "not checked")}})
     while not stop.wait(0.5):
         pass
     models.stop()
@@ -160,14 +162,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analysis(disabled: bool):
+def _analysis(disabled: bool, models_dir: Path):
     from cloud_worker.pipeline import NoAnalysis
 
     if disabled:
         return NoAnalysis()
     try:
-        from cloud_worker.checks import ImageChecks
-    except ImportError as exc:
+        from cloud_worker.checks import load_checks
+
+        return load_checks(models_dir)
+    except (ImportError, FileNotFoundError, ValueError, OSError) as exc:
         log.warning("image checks unavailable; records will say null (not checked)", extra={"fields": {"error": str(exc)}})
         return NoAnalysis()
-    return ImageChecks()

@@ -223,8 +223,18 @@ class JobQueue:
         })
 
     def set_processing(self, claim: Claim) -> None:
-        """Show the patient that the cloud has the case (only while it is still queued or processing)."""
-        self.ref("/").update({f"{self._case(claim)}/status": "processing"})
+        """Show the patient that the cloud has the case. A transaction, so that a worker that stalled
+        past its lease can never move a case that another worker already diagnosed back."""
+
+        def update(status: Any) -> Any:
+            if status not in (None, QUEUED, "processing"):
+                raise _Abort(f"case is {status}")
+            return "processing"
+
+        try:
+            self.ref(f"{self._case(claim)}/status").transaction(update)
+        except _Abort as exc:
+            raise LeaseLost(f"job {claim.case_id}: {exc.why}") from None
 
     def retry_later(self, claim: Claim, delay_ms: int, error: str) -> None:
         """Put the job back with a backoff; the attempt stays counted."""

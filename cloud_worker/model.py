@@ -1,17 +1,18 @@
-"""What the worker needs from a cloud model, and the loader for model directories.
+"""What the worker needs from a cloud model, and the adapter over a trained model directory.
 
 The worker's machinery (claiming, batching, retries) only sees the small ``CloudModel`` protocol,
-so it is tested with a tiny real Keras model and runs the production model unchanged.
+so it is tested with a tiny real Keras model and runs the production model unchanged. The model
+directory layout, preprocessing, test-time augmentation and risk policy are ``dermaloop.model_dir``'s
+(the training pipeline writes them); this module adds batched Grad-CAM.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -40,84 +41,70 @@ class CloudModel(Protocol):
         """(risk tier, malignant probability) for one image's probabilities."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
-
-
 class ModelLoadError(RuntimeError):
     """A model directory is missing, incomplete or unreadable."""
 
 
-def _labels(card: dict[str, Any], model_dir: Path) -> list[Label]:
-    raw = card.get("labels")
-    if raw is None and (model_dir / "labels.json").is_file():
-        raw = _read_json(model_dir / "labels.json")
-    if isinstance(raw, dict):
-        raw = raw.get("classes") or raw.get("labels")
-    if not isinstance(raw, list) or not raw:
-        raise ModelLoadError(f"{model_dir}: no labels")
-    labels = []
-    for item in raw:
-        if isinstance(item, str):
-            labels.append(Label(item, item, False))
-        else:
-            labels.append(Label(str(item["id"]), str(item.get("name", item["id"])), bool(item.get("malignant", False))))
-    return labels
-
-
 class KerasCloudModel:
-    """A Keras classifier from a model directory: ``card.json`` (version, labels, preprocessing,
-    thresholds) and the Keras file it names. Test-time augmentation (horizontal and vertical flips)
-    averages the probabilities of the flipped copies in the same batched call."""
+    """The cloud model of a model directory (``dermaloop.model_dir``): calibrated probabilities with
+    the card's test-time augmentation, the card's risk policy, and Grad-CAM on the feature layer."""
 
-    def __init__(self, model_dir: Path, tta: bool = True) -> None:
-        import keras
+    def __init__(self, model_dir: Path) -> None:
+        from dermaloop.model_dir import ModelError, load_cloud_model
 
+        try:
+            self.inner = load_cloud_model(model_dir)
+        except (ModelError, ValueError, KeyError, OSError) as exc:
+            raise ModelLoadError(f"{model_dir}: {exc}") from exc
         self.model_dir = Path(model_dir)
-        card_path = self.model_dir / "card.json"
-        if not card_path.is_file():
-            raise ModelLoadError(f"{self.model_dir}: no card.json (not a model directory)")
-        card = _read_json(card_path)
-        cloud = card.get("cloud") or {}
-        self.version = str(cloud.get("version") or card.get("version") or self.model_dir.name)
-        self.labels = _labels(card, self.model_dir)
-        self.preprocess = PreprocessConfig.from_dict(cloud.get("preprocess") or card.get("preprocess") or {})
-        self.thresholds = cloud.get("risk") or card.get("risk") or {"moderate": 0.15, "high": 0.5}
-        keras_file = self.model_dir / (cloud.get("file") or "cloud.keras")
-        if not keras_file.is_file():
-            raise ModelLoadError(f"{self.model_dir}: missing {keras_file.name}")
-        self.tta = tta
-        self.keras_model = keras.models.load_model(keras_file, compile=False)
-        self.feature_layer = cloud.get("feature_layer")
-        self._lock = threading.Lock()  # Keras calls from one thread at a time
-
-    def _views(self, batch: np.ndarray) -> np.ndarray:
-        if not self.tta:
-            return batch
-        return np.concatenate([batch, batch[:, :, ::-1], batch[:, ::-1]], axis=0)
+        self.version = self.inner.version
+        self.labels = [Label(c.id, c.name, bool(c.malignant)) for c in self.inner.taxonomy.classes]
+        self.preprocess = self.inner.preprocess
+        self._lock = threading.Lock()  # one Keras call at a time; the batch is the parallelism
+        self._cam = None
+        self._cam_error: str | None = None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        n = len(batch)
-        views = self._views(np.asarray(batch, dtype=np.float32))
         with self._lock:
-            out = np.asarray(self.keras_model(views, training=False))
-        out = out.reshape(-1, n, out.shape[-1]).mean(axis=0)
-        total = out.sum(axis=1, keepdims=True)
-        return out / np.where(total > 0, total, 1.0)
+            return np.asarray(self.inner.predict(np.asarray(batch, np.float32), batch_size=max(1, len(batch))))
+
+    def _cam_model(self):
+        if self._cam is None and self._cam_error is None:
+            from dermaloop.analysis.gradcam import DEFAULT_LAYER, _split_model
+
+            try:
+                self._cam = _split_model(self.inner.model, DEFAULT_LAYER)
+            except ValueError as exc:  # the network has no such layer: no heatmaps, said once
+                self._cam_error = str(exc)
+        return self._cam
 
     def explain(self, batch: np.ndarray, classes: Sequence[int]) -> np.ndarray | None:
-        return None
+        """Grad-CAM for a whole batch in one forward/backward pass (images are independent in
+        inference mode, so the gradient of the sum of each image's class log-probability gives
+        each image's own gradients)."""
+        import tensorflow as tf
+
+        run = self._cam_model()
+        if run is None:
+            return None
+        x = tf.convert_to_tensor(np.asarray(batch, np.float32))
+        idx = tf.constant(np.asarray(classes, np.int32))
+        with self._lock, tf.GradientTape() as tape:
+            fmap, out = run(x)
+            tape.watch(fmap)
+            picked = tf.gather(out, idx, axis=1, batch_dims=1)
+            target = tf.reduce_sum(tf.math.log(picked + 1e-12))
+        grads = tape.gradient(target, fmap)
+        if grads is None:
+            return None
+        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+        cams = tf.nn.relu(tf.reduce_sum(fmap * weights, axis=-1)).numpy().astype(np.float32)
+        top = cams.reshape(len(cams), -1).max(axis=1)
+        return cams / np.where(top > 0, top, 1.0)[:, None, None]
 
     def risk(self, probs: np.ndarray) -> tuple[str | None, float]:
-        malignant = float(sum(p for p, label in zip(probs, self.labels, strict=True) if label.malignant))
-        if malignant >= float(self.thresholds.get("high", 0.5)):
-            return "high", malignant
-        if malignant >= float(self.thresholds.get("moderate", 0.15)):
-            return "moderate", malignant
-        return "low", malignant
+        assessed = self.inner.policy.assess(np.asarray(probs))
+        return assessed["risk"], float(assessed["malignantP"])
 
 
 def load_model(model_dir: Path) -> CloudModel:

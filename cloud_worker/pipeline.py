@@ -7,7 +7,6 @@ when the model supports it) and ``record`` (the JSON written to the case).
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,45 +17,53 @@ from PIL import Image
 
 from cloud_worker.errors import permanent
 from cloud_worker.model import CloudModel
-from dermaloop.preprocess import ImageError, load_image, to_model_input
+from dermaloop.preprocess import ImageError, crop_box, load_image, to_model_input
+
+
+@dataclass
+class Checked:
+    """What the image checks decided about one photo."""
+
+    image: Image.Image  # possibly exposure-corrected
+    quality: dict[str, Any] | None  # {ok, issues, messages}; None = not checked
+    lesion: dict[str, Any] | None  # {is_lesion, score}; None = not checked
+    box: list[float] | None  # lesion box (fractions) the classifier crops around; None = centre square
+    classify: bool = True  # False: not a skin lesion or unusable; the model is not asked
+    message: str | None = None  # what the patient should do, when there is something to say
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 class Analysis(Protocol):
     """The image checks around the classifier (quality gate, not-skin check, lesion localiser)."""
 
-    def quality(self, img: Image.Image) -> dict[str, Any] | None: ...
-
-    def lesion(self, img: Image.Image) -> dict[str, Any] | None: ...
-
-    def box(self, img: Image.Image) -> list[float] | None: ...
+    def check(self, img: Image.Image) -> Checked: ...
 
 
 class NoAnalysis:
-    """Used where the analysis module is unavailable: records say ``null`` (not checked), never ``ok``."""
+    """Used where the checks are switched off: records say ``null`` (not checked), never ``ok``."""
 
-    def quality(self, img: Image.Image) -> dict[str, Any] | None:
-        return None
-
-    def lesion(self, img: Image.Image) -> dict[str, Any] | None:
-        return None
-
-    def box(self, img: Image.Image) -> list[float] | None:
-        return None
+    def check(self, img: Image.Image) -> Checked:
+        return Checked(img, None, None, None)
 
 
 @dataclass
 class Prepared:
-    image: Image.Image
-    quality: dict[str, Any] | None
-    lesion: dict[str, Any] | None
-    box: list[float] | None
+    checked: Checked
     timings_ms: dict[str, float] = field(default_factory=dict)
     pixels: np.ndarray | None = None  # set per model (the input size follows the current model)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.checked.image
+
+    @property
+    def box(self) -> list[float] | None:
+        return self.checked.box
 
 
 @dataclass
 class Inferred:
-    probs: np.ndarray
+    probs: np.ndarray | None  # None: not classified (declined by the checks)
     heatmap: np.ndarray | None
     model: CloudModel
 
@@ -79,19 +86,21 @@ def prepare(data: bytes, analysis: Analysis) -> Prepared:
         raise permanent("not_an_image", text) from None
     timings = {"decode": _ms(t)}
     t = time.perf_counter()
-    quality = analysis.quality(img)
-    timings["quality"] = _ms(t)
-    t = time.perf_counter()
-    lesion = analysis.lesion(img)
-    timings["lesion"] = _ms(t)
-    t = time.perf_counter()
-    box = analysis.box(img)
-    timings["localise"] = _ms(t)
-    return Prepared(img, quality, lesion, box, timings)
+    checked = analysis.check(img)
+    timings.update(checked.timings_ms)
+    timings["checks"] = _ms(t)
+    return Prepared(checked, timings)
 
 
 def infer(model: CloudModel, items: Sequence[Prepared]) -> list[Inferred]:
-    """One batched model call (with the model's test-time augmentation) for several cases."""
+    """One batched model call (with the model's test-time augmentation) for several cases; photos
+    the checks declined are not classified (their result says why)."""
+    todo = [item for item in items if item.checked.classify]
+    classified = iter(_classify(model, todo) if todo else [])
+    return [next(classified) if item.checked.classify else Inferred(None, None, model) for item in items]
+
+
+def _classify(model: CloudModel, items: Sequence[Prepared]) -> list[Inferred]:
     t = time.perf_counter()
     for item in items:
         item.pixels = to_model_input(item.image, box=item.box, config=model.preprocess)
@@ -113,36 +122,42 @@ def infer(model: CloudModel, items: Sequence[Prepared]) -> list[Inferred]:
     return out
 
 
-def heatmap_png(item: Prepared, heatmap: np.ndarray, alpha: float = 0.45) -> bytes:
-    """The Grad-CAM map as a colour overlay on the model's input crop, for the reviewer portal."""
-    from matplotlib import colormaps
+def heatmap_png(item: Prepared, result: Inferred, max_side: int = 768) -> bytes:
+    """The Grad-CAM map over the whole photo (zero outside the square the model saw), for the portal."""
+    from dermaloop.analysis.gradcam import overlay_png, place_in_frame
 
-    base = np.asarray(item.pixels if item.pixels is not None else item.image, dtype=np.float32)
-    h, w = base.shape[:2]
-    cam = np.asarray(Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR))
-    colour = colormaps["jet"](cam / 255.0)[..., :3] * 255.0
-    overlay = np.clip((1 - alpha) * base + alpha * colour, 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(overlay).save(buf, format="PNG")
-    return buf.getvalue()
+    assert result.heatmap is not None
+    photo = item.image.copy()
+    photo.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    sx, sy = photo.width / item.image.width, photo.height / item.image.height
+    left, top, right, bottom = crop_box(item.image.width, item.image.height, item.box, result.model.preprocess)
+    region = (left * sx, top * sy, right * sx, bottom * sy)
+    return overlay_png(photo, place_in_frame(result.heatmap, photo.size, region))
 
 
 def record(item: Prepared, result: Inferred, heatmap_path: str | None, now_ms: int) -> dict[str, Any]:
     """The ``cloud`` field of a case (docs/ARCHITECTURE.md)."""
     model = result.model
+    checked = item.checked
+    base: dict[str, Any] = {
+        "modelVersion": model.version,
+        "quality": checked.quality,
+        "lesion": checked.lesion,
+        "box": checked.box,
+        "heatmapPath": heatmap_path,
+        "timingsMs": item.timings_ms,
+        "message": checked.message,
+        "at": now_ms,
+    }
+    if result.probs is None:  # declined: no classification to show, only why
+        return {**base, "probs": None, "top": [], "risk": None, "malignantP": None}
     probs = result.probs
     order = np.argsort(-probs)[:3]
     risk, malignant_p = model.risk(probs)
     return {
-        "modelVersion": model.version,
+        **base,
         "probs": {label.id: round(float(p), 6) for label, p in zip(model.labels, probs, strict=True)},
         "top": [{"label": model.labels[i].id, "name": model.labels[i].name, "p": round(float(probs[i]), 6)} for i in order],
         "risk": risk,
         "malignantP": round(malignant_p, 6),
-        "quality": item.quality,
-        "lesion": item.lesion,
-        "box": item.box,
-        "heatmapPath": heatmap_path,
-        "timingsMs": item.timings_ms,
-        "at": now_ms,
     }

@@ -49,6 +49,7 @@ class WorkerConfig:
     heartbeat_s: float = 5.0
     shutdown_grace_s: float = 10.0
     heatmaps: bool = True
+    fault_hold_s: float = 0.0  # fault injection for crash tests: hold each job mid-way (after download)
 
 
 @dataclass
@@ -261,6 +262,10 @@ class Worker:
             download_ms = round((time.perf_counter() - t0) * 1000.0, 1)
             prepared = prepare(upload.data, self.analysis)
             prepared.timings_ms["download"] = download_ms
+            if self.config.fault_hold_s:
+                self._halt.wait(self.config.fault_hold_s)
+                if self._halt.is_set():  # shut down meanwhile: the lease was released
+                    return
             self._ready.put(_Work(claim, case, prepared, t0))
             handed_over = True
         except JobError as err:
@@ -346,14 +351,16 @@ class Worker:
                 t = time.perf_counter()
                 heatmap_path = f"cases/{claim.uid}/{claim.case_id}/heatmap.png"
                 blob = self.bucket.blob(heatmap_path)
-                blob.upload_from_string(heatmap_png(work.prepared, result.heatmap), content_type="image/png")
+                blob.upload_from_string(heatmap_png(work.prepared, result), content_type="image/png")
                 work.prepared.timings_ms["heatmapUpload"] = round((time.perf_counter() - t) * 1000.0, 1)
             now = now_ms()
             work.prepared.timings_ms["total"] = round((time.perf_counter() - work.started) * 1000.0, 1)
             cloud = record(work.prepared, result, heatmap_path, now)
-            top = cloud["top"][0]["label"]
-            disagreement = triage.disagrees(work.case.get("device"), top, cloud["risk"])
-            points = triage.urgency(cloud["risk"], cloud["malignantP"], np.asarray(result.probs), disagreement)
+            if result.probs is None:  # declined by the checks: a person should look at the photo
+                points = triage.RISK_POINTS[None]
+            else:
+                disagreement = triage.disagrees(work.case.get("device"), cloud["top"][0]["label"], cloud["risk"])
+                points = triage.urgency(cloud["risk"], cloud["malignantP"], np.asarray(result.probs), disagreement)
             created = work.case.get("createdAt")
             entry = {
                 "uid": claim.uid,

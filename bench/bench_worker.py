@@ -1,0 +1,171 @@
+"""Cloud-worker throughput (micro-batched vs one at a time) and upload-to-result latency.
+
+A fresh localbase on free ports. Throughput: N cases are uploaded and queued first, then one
+``dermaloop worker`` starts; jobs/s = N / (time from the first claim to the last result, taken from
+the worker's own log). The baseline is the same worker with one job in flight and batch size 1,
+measured in the same run. Latency: with a batched worker running, a patient (the real
+``dermaloop submit`` code path: Auth REST, Storage /v0, rules-checked multi-path write) submits at
+a steady offered rate; latency is from the moment the case and job write returned to the moment the
+patient's own RTDB listener saw the result.
+
+    nice -n 10 .venv/bin/python bench/bench_worker.py [--model MODEL_DIR] [--jobs 60] [--rate 2 --seconds 30]
+
+Without ``--model`` it uses the newest model under $DERMALOOP_MODELS_DIR if there is one, else a tiny
+Keras model (then the figures measure the machinery, not the production network). Images are
+HAM10000 photos when the folder is present, else synthetic ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.localbase_process import LocalbaseProcess  # noqa: E402
+from tests.worker_support import WorkerProcess, lesion_jpeg, seed_case, tiny_model_dir, wait_until  # noqa: E402
+
+HAM = Path(os.environ.get("DERMALOOP_HAM10000", ROOT.parent / "shared/data/ham10000"))
+
+
+def photos(n: int) -> tuple[list[bytes], str]:
+    images = sorted((HAM / "images").glob("*.jpg"))[:n] if (HAM / "images").is_dir() else []
+    if len(images) >= n:
+        return [p.read_bytes() for p in images], f"HAM10000 photos ({len(images)}, 600x450 JPEG)"
+    return [lesion_jpeg(i, (600, 450)) for i in range(n)], "synthetic 600x450 JPEGs"
+
+
+def _ts(line: str) -> float | None:
+    try:
+        return datetime.strptime(json.loads(line)["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+    except (ValueError, KeyError):
+        return None
+
+
+def throughput(lb, app, bucket, model_dir, data: list[bytes], flags: list[str], label: str) -> dict:
+    uid = f"bench-{uuid.uuid4().hex[:6]}"
+    ids = [f"{label}-{i:04d}-{uuid.uuid4().hex[:6]}" for i in range(len(data))]
+    for case_id, photo in zip(ids, data, strict=True):
+        seed_case(app, bucket, uid, case_id, photo)
+    from firebase_admin import db
+
+    worker = WorkerProcess(lb.settings(), model_dir, f"bench-{label}", ["--sweep-s", "1", *flags]).start()
+    try:
+        wait_until(lambda: all(c.get("status") in ("diagnosed", "failed")
+                               for c in (db.reference(f"cases/{uid}", app=app).get() or {}).values())
+                   and len(db.reference(f"cases/{uid}", app=app).get() or {}) == len(ids), "all cases", timeout=3600)
+    finally:
+        worker.terminate()
+    claimed = [_ts(line) for line in worker.lines if '"event": "claimed"' in line]
+    done = [_ts(line) for line in worker.lines if '"event": "diagnosed"' in line]
+    batches = [json.loads(line).get("batch") for line in worker.lines if '"event": "diagnosed"' in line]
+    elapsed = max(done) - min(claimed)
+    return {"label": label, "jobs": len(done), "seconds": round(elapsed, 2), "jobs_per_s": round(len(done) / elapsed, 2),
+            "mean_batch": round(float(np.mean(batches)), 1)}
+
+
+def latency(lb, app, model_dir, data: list[bytes], rate: float, seconds: float, flags: list[str]) -> dict:
+    from dermaloop.auth import create_user
+    from dermaloop.submit_cli import Patient, describe_image
+
+    settings = lb.settings()
+    email, password = f"bench-{uuid.uuid4().hex[:6]}@dermaloop.test", "bench-pass-1"
+    create_user(email, password, "patient", settings=settings)
+    patient = Patient(email, password, settings)
+    worker = WorkerProcess(settings, model_dir, "bench-latency", flags).start()
+    sent: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def on_event(event) -> None:
+        now = time.time()
+        path = event.path.strip("/").split("/")
+        if path == [""]:
+            changes = event.data if isinstance(event.data, dict) else {}
+        elif len(path) == 1:
+            changes = {path[0]: event.data}
+        else:
+            changes = {path[0]: {path[1]: event.data}} if path[1] == "status" else {}
+        hits = [k for k, v in changes.items() if isinstance(v, dict) and v.get("status") == "diagnosed"]
+        with lock:
+            for case_id in hits:
+                seen.setdefault(case_id, now)
+
+    listener = patient.db.listen(f"cases/{patient.uid}", on_event)
+    described = [describe_image(d) for d in data]
+    try:
+        n = int(rate * seconds)
+        start = time.monotonic()
+        for i in range(n):
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
+            photo, (ctype, w, h) = data[i % len(data)], described[i % len(data)]
+            submitted = patient.submit(photo, content_type=ctype, width=w, height=h)
+            with lock:
+                sent[submitted.case_id] = submitted.submitted_at
+        wait_until(lambda: set(sent) <= set(seen), "every result to reach the patient", timeout=600)
+        achieved = n / (time.monotonic() - start)
+    finally:
+        listener.close()
+        worker.terminate()
+    lat = np.array([seen[c] - sent[c] for c in sent]) * 1000.0
+    return {"offered_per_s": rate, "submitted": len(sent), "achieved_submit_per_s": round(achieved, 2),
+            "p50_ms": round(float(np.percentile(lat, 50))), "p95_ms": round(float(np.percentile(lat, 95))),
+            "max_ms": round(float(lat.max()))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="model directory (default: local models, else a tiny model)")
+    parser.add_argument("--jobs", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rate", type=float, default=2.0, help="offered load for the latency run, jobs/s")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--no-analysis", action="store_true", help="skip the image checks in the worker")
+    args = parser.parse_args()
+
+    from firebase_admin import storage
+
+    from dermaloop.admin_app import get_app
+    from dermaloop.settings import load_settings
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-worker-"))
+    model_dir = Path(args.model) if args.model else None
+    if model_dir is None:
+        local = Path(load_settings().models_dir)
+        cards = sorted(local.glob("*/card.json"), key=lambda p: p.stat().st_mtime)
+        model_dir = cards[-1].parent if cards else tiny_model_dir(tmp / "tiny")
+    lb = LocalbaseProcess(data_dir=tmp / "localbase").start()
+    try:
+        app = get_app(lb.settings(), name="bench")
+        bucket = storage.bucket(app=app)
+        data, source = photos(args.jobs)
+        common = ["--no-analysis"] if args.no_analysis else []
+        print(f"model {model_dir}; images: {source}", flush=True)
+        one = throughput(lb, app, bucket, model_dir, data,
+                         [*common, "--workers", "1", "--batch-size", "1"], "one-at-a-time")
+        print(one, flush=True)
+        many = throughput(lb, app, bucket, model_dir, data,
+                          [*common, "--workers", str(args.batch), "--batch-size", str(args.batch)], "batched")
+        print(many, flush=True)
+        print(f"speed-up: {many['jobs_per_s'] / one['jobs_per_s']:.2f}x", flush=True)
+        lat = latency(lb, app, model_dir, data, args.rate, args.seconds,
+                      [*common, "--workers", str(args.batch), "--batch-size", str(args.batch)])
+        print(lat, flush=True)
+    finally:
+        lb.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

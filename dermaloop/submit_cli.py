@@ -1,0 +1,237 @@
+"""``dermaloop submit IMAGE... --email E --password P [--wait] [--json]``: a scriptable patient.
+
+It does exactly what the patient app does after a photo is taken, with the patient's own rights
+(the security rules apply): sign in through Auth REST, upload the photo through the Storage ``/v0``
+API with the ID token to ``cases/{uid}/{caseId}/image.jpg``, then create the case and its job in
+one multi-path write. With ``--wait`` it listens to the patient's cases and prints each cloud result
+as it arrives. Tests and benchmarks drive the system through it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dermaloop import DISCLAIMER
+
+SETTLED = ("diagnosed", "failed", "reviewed", "labelled")
+_CONTENT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+                  "BMP": "image/bmp", "TIFF": "image/tiff"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="photo files to submit, one case each")
+    parser.add_argument("--email", required=True, help="the patient's sign-in email")
+    parser.add_argument("--password", required=True, help="the patient's password")
+    parser.add_argument("--wait", action="store_true", help="wait for and print each case's cloud result")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--timeout", type=float, default=600.0, help="with --wait: give up after this many seconds")
+    parser.add_argument("--site", default=None, help="body site, stored in the case note")
+    parser.add_argument("--note", default=None, help="what the patient reports, stored in the case note")
+    parser.add_argument("--research-consent", action="store_true",
+                        help="allow the case to be used for retraining once a dermatologist labelled it")
+
+
+class SubmitError(Exception):
+    """A photo could not be submitted (unreadable, refused by the rules, network)."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    case_id: str
+    source: str
+    sha256: str
+    submitted_at: float  # client clock, right after the case and job were written
+
+
+def describe_image(data: bytes) -> tuple[str, int, int]:
+    """Content type and size as the app records them; refuses what is not a photo, as the app does."""
+    import io
+
+    from PIL import Image
+
+    from dermaloop.preprocess import ImageError, load_image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format or ""
+        width, height = load_image(data).size
+    except (ImageError, OSError, SyntaxError, ValueError) as exc:
+        raise SubmitError(f"not a usable photo: {exc}") from exc
+    if fmt not in _CONTENT_TYPES:
+        raise SubmitError(f"unsupported image format {fmt!r}")
+    return _CONTENT_TYPES[fmt], width, height
+
+
+class Patient:
+    """A signed-in patient who submits photos and follows the cloud results."""
+
+    def __init__(self, email: str, password: str, settings=None) -> None:
+        from dermaloop.auth import AuthClient
+        from dermaloop.database import UserDatabase
+        from dermaloop.settings import load_settings
+        from dermaloop.storage import UserStorage
+
+        self.settings = settings or load_settings()
+        self.session = AuthClient(self.settings).sign_in(email, password)
+        self.uid = self.session.uid
+        self.db = UserDatabase(self.session, self.settings)
+        self.storage = UserStorage(self.session, self.settings)
+
+    def submit(self, data: bytes, source: str = "<bytes>", content_type: str | None = None,
+               width: int | None = None, height: int | None = None, site: str | None = None,
+               note: str | None = None, research: bool = False, device: dict[str, Any] | None = None) -> Submitted:
+        from dermaloop.database import new_push_id
+
+        if content_type is None or width is None or height is None:
+            content_type, width, height = describe_image(data)
+        case_id = new_push_id()
+        path = f"cases/{self.uid}/{case_id}/image.jpg"
+        digest = hashlib.sha256(data).hexdigest()
+        self.storage.upload(path, data, content_type)
+        now = {".sv": "timestamp"}
+        case: dict[str, Any] = {
+            "caseId": case_id, "patientUid": self.uid, "createdAt": now, "status": "queued",
+            "consent": {"research": bool(research), "at": now},
+            "image": {"path": path, "sha256": digest, "contentType": content_type, "bytes": len(data),
+                      "width": int(width), "height": int(height)},
+        }
+        if site or note:
+            case["note"] = {k: v for k, v in (("site", site), ("text", note)) if v}
+        if device:
+            case["device"] = device
+        # One multi-path write: the case and its job appear together or not at all.
+        self.db.update("/", {f"cases/{self.uid}/{case_id}": case,
+                             f"jobs/{case_id}": {"uid": self.uid, "caseId": case_id, "createdAt": now}})
+        return Submitted(case_id, source, digest, time.time())
+
+    def wait(self, case_ids: list[str], on_result: Callable[[str, dict[str, Any]], None],
+             timeout: float = 600.0) -> set[str]:
+        """Call ``on_result(caseId, case)`` once per case as it settles; returns the ids still open."""
+        remaining = set(case_ids)
+        lock = threading.Lock()
+        changed = threading.Event()
+
+        def check(case_id: str) -> None:
+            case = self.db.get(f"cases/{self.uid}/{case_id}")
+            if isinstance(case, dict) and case.get("status") in SETTLED:
+                with lock:
+                    if case_id not in remaining:
+                        return
+                    remaining.discard(case_id)
+                on_result(case_id, case)
+                changed.set()
+
+        def on_event(event) -> None:
+            path = event.path.strip("/")
+            if not path:
+                touched = set(event.data) if isinstance(event.data, dict) else set(remaining)
+            else:
+                touched = {path.split("/")[0]}
+            for case_id in touched & remaining:
+                if _settled_in(event, case_id):
+                    check(case_id)
+
+        listener = self.db.listen(f"cases/{self.uid}", on_event)
+        try:
+            for case_id in list(remaining):  # anything that settled before the listener connected
+                check(case_id)
+            deadline = time.monotonic() + timeout
+            while remaining and time.monotonic() < deadline:
+                changed.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+                changed.clear()
+            return set(remaining)
+        finally:
+            listener.close()
+
+
+def _settled_in(event, case_id: str) -> bool:
+    """Whether an event may carry a settled status for the case (cheap filter before a read)."""
+    path = event.path.strip("/").split("/")
+    data = event.data
+    if path == [""]:
+        data = data.get(case_id) if isinstance(data, dict) else None
+        return isinstance(data, dict) and data.get("status") in SETTLED
+    if len(path) == 1:
+        return isinstance(data, dict) and (data.get("status") in SETTLED or "status" in data)
+    return path[1] == "status" and data in SETTLED
+
+
+def _summary(source: str, case_id: str, case: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"image": source, "caseId": case_id, "status": case.get("status")}
+    if case.get("cloud"):
+        cloud = case["cloud"]
+        out.update(risk=cloud.get("risk"), top=cloud.get("top"), modelVersion=cloud.get("modelVersion"),
+                   quality=cloud.get("quality"), lesion=cloud.get("lesion"), heatmapPath=cloud.get("heatmapPath"))
+    if case.get("failure"):
+        from cloud_worker.errors import REASONS
+
+        failure = case["failure"]
+        out["failure"] = dict(failure, message=REASONS.get(failure.get("reason"), failure.get("reason")))
+    return out
+
+
+def _print(record: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(record, sort_keys=True), flush=True)
+        return
+    line = f"{record['image']}: case {record['caseId']} {record['status']}"
+    if record.get("top"):
+        top = ", ".join(f"{t['name']} {t['p']:.0%}" for t in record["top"])
+        line += f"; risk {record.get('risk')}; {top} (model {record.get('modelVersion')})"
+    if record.get("failure"):
+        line += f"; {record['failure']['message']}"
+    print(line, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dermaloop.auth import AuthError
+
+    photos = []
+    for name in args.images:
+        try:
+            data = Path(name).read_bytes()
+            photos.append((name, data, *describe_image(data)))
+        except (OSError, SubmitError) as exc:
+            print(f"dermaloop submit: {name}: {exc}", file=sys.stderr)
+            return 2
+    try:
+        patient = Patient(args.email, args.password)
+    except AuthError as exc:
+        print(f"dermaloop submit: sign-in failed: {exc}", file=sys.stderr)
+        return 2
+    submitted: dict[str, Submitted] = {}
+    for name, data, content_type, width, height in photos:
+        try:
+            s = patient.submit(data, name, content_type, width, height, site=args.site, note=args.note,
+                               research=args.research_consent)
+        except Exception as exc:  # the rules refused, the network failed: say which photo
+            print(f"dermaloop submit: {name}: upload failed: {exc}", file=sys.stderr)
+            return 1
+        submitted[s.case_id] = s
+        _print({"image": name, "caseId": s.case_id, "status": "queued"}, args.json)
+    if not args.wait:
+        return 0
+    outcome = {"failed": 0}
+
+    def on_result(case_id: str, case: dict[str, Any]) -> None:
+        record = _summary(submitted[case_id].source, case_id, case)
+        record["latencyS"] = round(time.time() - submitted[case_id].submitted_at, 3)
+        if record["status"] == "failed":
+            outcome["failed"] += 1
+        _print(record, args.json)
+
+    open_ids = patient.wait(list(submitted), on_result, timeout=args.timeout)
+    for case_id in sorted(open_ids):
+        print(f"dermaloop submit: no cloud result for case {case_id} after {args.timeout:.0f} s", file=sys.stderr)
+    if not args.json:
+        print(DISCLAIMER)
+    return 1 if open_ids or outcome["failed"] else 0

@@ -1,0 +1,239 @@
+"""The cloud worker end to end on a real localbase, through the real ``dermaloop worker`` command:
+uploaded photos become cloud results exactly once, across several workers and a ``kill -9``; poison
+uploads fail with reasons while good jobs go on; SIGTERM hands work back; published models swap in."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+from collections import Counter
+
+import numpy as np
+import pytest
+from firebase_admin import db, storage
+from PIL import Image
+
+from cloud_worker.errors import REASONS
+from dermaloop.admin_app import get_app
+from dermaloop.database import new_push_id
+from dermaloop.taxonomy import load_taxonomy
+from tests.worker_support import (
+    WorkerProcess,
+    lesion_jpeg,
+    png_header_only,
+    seed_case,
+    tiny_model_dir,
+    wait_until,
+)
+
+FAST = ["--sweep-s", "0.5", "--heartbeat-s", "0.5", "--backoff-s", "0.2", "--lease-s", "3", "--no-analysis"]
+
+
+@pytest.fixture(scope="module")
+def app(localbase):
+    return get_app(localbase.settings(), name=f"worker-{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture(scope="module")
+def bucket(app):
+    return storage.bucket(app=app)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny-1")
+
+
+@pytest.fixture
+def workers(localbase, model_dir):
+    started: list[WorkerProcess] = []
+
+    def start(worker_id: str, *extra: str, model=model_dir, env: dict[str, str] | None = None,
+              wait: bool = True) -> WorkerProcess:
+        w = WorkerProcess(localbase.settings(), model, worker_id, [*FAST, *extra], env or {}).launch()
+        started.append(w)
+        return w.wait_ready() if wait else w
+
+    yield start
+    for w in started:
+        w.kill9()
+
+
+def _case(app, uid: str, case_id: str) -> dict:
+    return db.reference(f"cases/{uid}/{case_id}", app=app).get() or {}
+
+
+def _settled(app, uid: str, case_ids: list[str]):
+    cases = db.reference(f"cases/{uid}", app=app).get() or {}
+    statuses = [cases.get(c, {}).get("status") for c in case_ids]
+    return cases if all(s in ("diagnosed", "failed") for s in statuses) else None
+
+
+def test_an_uploaded_photo_becomes_a_cloud_result(app, bucket, workers):
+    uid, case_id = "patient-e2e", new_push_id()
+    device = {"modelVersion": "device-x", "top": [{"label": "nv", "name": "Mole", "p": 0.9}], "risk": "low", "at": 1}
+    seed_case(app, bucket, uid, case_id, lesion_jpeg(1), device=device)
+    worker = workers("w-e2e")
+    wait_until(lambda: _case(app, uid, case_id).get("status") == "diagnosed", "the case to be diagnosed")
+
+    case = _case(app, uid, case_id)
+    cloud = case["cloud"]
+    taxonomy = load_taxonomy("ham10000")
+    assert cloud["modelVersion"] == "tiny-1"
+    assert set(cloud["probs"]) == set(taxonomy.ids)
+    assert sum(cloud["probs"].values()) == pytest.approx(1.0, abs=1e-4)
+    top = cloud["top"]
+    assert len(top) == 3 and [t["p"] for t in top] == sorted((t["p"] for t in top), reverse=True)
+    assert top[0]["p"] == max(cloud["probs"].values())
+    assert all(t["name"] == next(c.name for c in taxonomy.classes if c.id == t["label"]) for t in top)
+    assert cloud["malignantP"] == pytest.approx(sum(cloud["probs"][i] for i in taxonomy.malignant_ids), abs=1e-4)
+    assert cloud["risk"] in ("low", "moderate", "high")
+    assert {"download", "decode", "infer", "gradcam", "total"} <= set(cloud["timingsMs"])
+    assert cloud["heatmapPath"] == f"cases/{uid}/{case_id}/heatmap.png"
+    heatmap = Image.open(io.BytesIO(bucket.blob(cloud["heatmapPath"]).download_as_bytes()))
+    assert heatmap.format == "PNG" and heatmap.size == (320, 240)  # over the whole photo
+    job = db.reference(f"jobs/{case_id}", app=app).get()
+    assert job["state"] == "done" and job["attempts"] == 1 and "lease" not in job
+    entry = db.reference(f"queue/{case_id}", app=app).get()
+    assert entry["uid"] == uid and entry["status"] == "diagnosed" and entry["risk"] == cloud["risk"]
+    assert isinstance(entry["score"], float)
+    beat = wait_until(lambda: (db.reference("workers/w-e2e", app=app).get() or {}).get("done"), "a heartbeat")
+    assert beat == 1
+    assert worker.terminate() == 0
+    assert worker.diagnosed().count(case_id) == 1
+
+
+def test_three_workers_process_fifty_jobs_exactly_once(app, bucket, workers):
+    uid = "patient-many"
+    case_ids = [new_push_id() for _ in range(50)]
+    pool = [workers(f"w-many-{i}", "--workers", "8", "--batch-size", "8", wait=False) for i in range(3)]
+    for w in pool:
+        w.wait_ready()
+    for i, case_id in enumerate(case_ids):
+        seed_case(app, bucket, uid, case_id, lesion_jpeg(100 + i % 10))
+    cases = wait_until(lambda: _settled(app, uid, case_ids), "all 50 cases to settle")
+
+    assert all(cases[c]["status"] == "diagnosed" for c in case_ids)
+    assert all(w.terminate() == 0 for w in pool)
+    by_worker = [Counter(c for c in w.diagnosed() if c in case_ids) for w in pool]
+    total = sum(by_worker, Counter())
+    assert set(total) == set(case_ids) and max(total.values()) == 1  # each case written by one worker, once
+    jobs = db.reference("jobs", app=app).get()
+    assert all(jobs[c]["attempts"] == 1 and jobs[c]["state"] == "done" for c in case_ids)
+    assert sum(1 for counts in by_worker if counts) >= 2  # the work really was shared
+
+
+def test_kill_9_mid_job_the_case_still_completes_once(app, bucket, workers):
+    uid, case_id = "patient-crash", new_push_id()
+    doomed = workers("w-doomed", "--lease-s", "2", env={"DERMALOOP_WORKER_FAULT_HOLD_S": "600"})
+    seed_case(app, bucket, uid, case_id, lesion_jpeg(7))
+    wait_until(lambda: (db.reference(f"jobs/{case_id}/lease/worker", app=app).get() == "w-doomed"),
+               "the doomed worker to claim the job")
+    doomed.kill9()
+    assert _case(app, uid, case_id)["status"] == "processing"  # killed mid-job, nothing written
+
+    rescuer = workers("w-rescuer", "--lease-s", "2")
+    wait_until(lambda: _case(app, uid, case_id).get("status") == "diagnosed", "the rescuer to finish the case")
+    job = db.reference(f"jobs/{case_id}", app=app).get()
+    assert job["state"] == "done" and job["attempts"] == 2
+    assert rescuer.terminate() == 0
+    assert rescuer.diagnosed().count(case_id) == 1 and case_id not in doomed.diagnosed()
+
+
+def test_poison_uploads_fail_with_reasons_while_good_jobs_go_on(app, bucket, workers):
+    uid = "patient-poison"
+    good = lesion_jpeg(3)
+    poison = {
+        "zero bytes": (b"", None, "not_an_image"),
+        "text file": (b"this is not a photo\n" * 20, None, "not_an_image"),
+        "truncated jpeg": (good[: len(good) // 2], None, "corrupt_image"),
+        "20000x20000 png header": (png_header_only(20000, 20000), None, "image_too_large"),
+        "wrong hash": (good, hashlib.sha256(b"another photo").hexdigest(), "hash_mismatch"),
+    }
+    ids = {}
+    for name, (data, digest, _) in poison.items():
+        ids[name] = new_push_id()
+        seed_case(app, bucket, uid, ids[name], data, sha256=digest)
+    good_ids = []
+    for i in range(6):
+        good_ids.append(new_push_id())
+        seed_case(app, bucket, uid, good_ids[-1], lesion_jpeg(200 + i))
+    worker = workers("w-poison", "--max-attempts", "2")
+    cases = wait_until(lambda: _settled(app, uid, [*ids.values(), *good_ids]), "every case to settle")
+
+    for name, (_, _, reason) in poison.items():
+        case = cases[ids[name]]
+        assert case["status"] == "failed", name
+        assert case["failure"]["reason"] == reason, (name, case["failure"])
+        assert reason in REASONS and case["failure"]["detail"]
+        assert "cloud" not in case
+    assert cases[ids["wrong hash"]]["failure"]["attempts"] == 2  # transient: retried once, then failed
+    assert cases[ids["text file"]]["failure"]["attempts"] == 1  # permanent: no pointless retries
+    assert all(cases[c]["status"] == "diagnosed" for c in good_ids)
+    assert worker.proc.poll() is None  # still serving
+    assert worker.terminate() == 0
+
+
+def test_sigterm_hands_in_flight_jobs_back(app, bucket, workers):
+    uid, case_id = "patient-term", new_push_id()
+    worker = workers("w-term", "--grace-s", "0.5", env={"DERMALOOP_WORKER_FAULT_HOLD_S": "600"})
+    seed_case(app, bucket, uid, case_id, lesion_jpeg(9))
+    wait_until(lambda: db.reference(f"jobs/{case_id}/lease/worker", app=app).get() == "w-term", "the claim")
+    assert worker.terminate() == 0
+    job = db.reference(f"jobs/{case_id}", app=app).get()
+    assert job["state"] == "queued" and "lease" not in job and job["attempts"] == 0
+    assert _case(app, uid, case_id)["status"] == "queued"
+    assert any('"event": "lease released"' in line for line in worker.lines)
+    assert (db.reference("workers/w-term", app=app).get() or {}).get("state") == "stopped"
+
+    other = workers("w-after-term")  # the handed-back job is picked up normally
+    wait_until(lambda: _case(app, uid, case_id).get("status") == "diagnosed", "another worker to finish it")
+    assert other.terminate() == 0
+    assert other.diagnosed().count(case_id) == 1
+
+
+def test_worker_follows_the_published_model(app, bucket, localbase, tmp_path):
+    uid = "patient-swap"
+    models_dir = tmp_path / "models"
+    tiny_model_dir(models_dir / "local-1", version="local-1", seed=1)
+    v2 = tiny_model_dir(tmp_path / "v2", version="cloud-v2", seed=2)
+    worker = WorkerProcess(localbase.settings(), None, "w-swap", [*FAST], {"DERMALOOP_MODELS_DIR": str(models_dir)})
+    try:
+        worker.start()
+        ready = json.loads(next(line for line in worker.lines if "worker ready" in line))
+        assert ready["following"] is True and ready["model"] == "local-1"
+        first = new_push_id()
+        seed_case(app, bucket, uid, first, lesion_jpeg(11))
+        wait_until(lambda: _case(app, uid, first).get("status") == "diagnosed", "a result from the local model")
+        assert _case(app, uid, first)["cloud"]["modelVersion"] == "local-1"
+
+        for f in v2.rglob("*"):
+            if f.is_file():
+                bucket.blob(f"models/cloud/cloud-v2/{f.relative_to(v2).as_posix()}").upload_from_filename(str(f))
+        db.reference("models/cloud", app=app).update({
+            "versions/cloud-v2": {"storagePath": "models/cloud/cloud-v2", "createdAt": 1},
+            "current": "cloud-v2",
+        })
+        wait_until(lambda: any('"event": "model swapped"' in line for line in worker.lines), "the model swap")
+        second = new_push_id()
+        seed_case(app, bucket, uid, second, lesion_jpeg(12))
+        wait_until(lambda: _case(app, uid, second).get("status") == "diagnosed", "a result from the new model")
+        assert _case(app, uid, second)["cloud"]["modelVersion"] == "cloud-v2"
+        assert (models_dir / "cache" / "cloud" / "cloud-v2" / "card.json").is_file()
+    finally:
+        worker.kill9()
+        db.reference("models/cloud", app=app).delete()
+
+
+def test_probabilities_are_finite(model_dir):
+    """The tiny model really is a model: different images, different but valid probabilities."""
+    from cloud_worker.model import load_model
+    from cloud_worker.pipeline import NoAnalysis, infer, prepare
+
+    model = load_model(model_dir)
+    items = [prepare(lesion_jpeg(s), NoAnalysis()) for s in (1, 2)]
+    results = infer(model, items)
+    assert all(np.isclose(r.probs.sum(), 1.0) for r in results)
+    assert not np.allclose(results[0].probs, results[1].probs)
