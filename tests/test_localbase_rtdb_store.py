@@ -34,6 +34,24 @@ def test_staged_tree_equals_reloaded_tree(tmp_path):
     reopened.close()
 
 
+def test_writes_submitted_together_commit_in_order(tmp_path):
+    store = Store(tmp_path / "db.sqlite3")
+
+    async def scenario():
+        committer = Committer(store, asyncio.get_running_loop(), lambda exc: None)
+        ns = store.namespace("a")
+        delivered: list[int] = []
+        # Submitted in one loop step: the first commits inline, the rest go to the writer thread.
+        futures = [committer.submit(store.stage(ns, [(("n",), i)]), lambda i=i: delivered.append(i)) for i in range(50)]
+        await asyncio.gather(*futures)
+        await asyncio.get_running_loop().run_in_executor(None, committer.close)
+        return delivered
+
+    assert asyncio.run(scenario()) == list(range(50))
+    store.close()
+    assert Store(tmp_path / "db.sqlite3").namespace("a").root == {"n": 49}
+
+
 def test_a_failed_commit_fails_its_writers_and_every_later_one(tmp_path):
     store = Store(tmp_path / "db.sqlite3")
     failures: list[BaseException] = []

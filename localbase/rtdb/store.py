@@ -223,7 +223,7 @@ class Store:
 
 
 class Committer:
-    """The single writer thread: commits whatever was staged while the previous commit ran in one
+    """The writer thread: commits whatever was staged while the previous commit ran in one
     transaction (group commit), then runs each write's completion in staging order on the loop.
 
     SQLite releases the GIL while it writes, so the loop keeps parsing requests meanwhile. After a
@@ -235,16 +235,41 @@ class Committer:
         self.loop = loop
         self.on_failure = on_failure
         self.failure: BaseException | None = None
+        self._outstanding = 0  # submitted to the thread and not finished yet (touched on the loop only)
+        self._inline_recent = False  # a write was committed inline in this loop iteration
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="rtdb-writer", daemon=True)
         self._thread.start()
 
     def submit(self, statements: list[Statement], on_commit: Callable[[], None]) -> asyncio.Future:
         """Commit ``statements``; ``on_commit`` runs on the loop once they are durable, then the
-        returned future resolves (or fails with the commit error)."""
+        returned future resolves (or fails with the commit error).
+
+        The first write of a loop iteration with nothing outstanding (a lone writer, e.g. the cloud
+        worker) is committed right here: handing it to the thread would cost two context switches
+        and gain no batching. Writes arriving together, or while commits are outstanding, queue for
+        the thread (group commit), which keeps commits and events in staging order."""
         future = self.loop.create_future()
+        if self._outstanding == 0 and not self._inline_recent and self.failure is None:
+            self._inline_recent = True
+            self.loop.call_soon(self._clear_inline_recent)
+            try:
+                self.store.commit_now(statements)
+            except BaseException as exc:  # noqa: BLE001 - reported to the writer
+                log.exception("committing a write failed")
+                self.failure = exc
+                self.on_failure(exc)
+                future.set_exception(exc)
+                return future
+            on_commit()
+            future.set_result(None)
+            return future
+        self._outstanding += 1
         self._queue.put((statements, on_commit, future))
         return future
+
+    def _clear_inline_recent(self) -> None:
+        self._inline_recent = False
 
     def _run(self) -> None:
         while True:
@@ -274,6 +299,7 @@ class Committer:
                 return
 
     def _finish(self, batch, error: BaseException | None) -> None:
+        self._outstanding -= len(batch)
         if error is not None:
             self.on_failure(error)
         for _, on_commit, future in batch:
