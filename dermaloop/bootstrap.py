@@ -14,10 +14,10 @@ DEMO_ACCOUNTS = (
 
 
 def demo_accounts(settings: Settings, options: dict[str, Any]) -> str:
-    from dermaloop import users_cli
+    from dermaloop import auth
 
     for account in DEMO_ACCOUNTS:
-        users_cli.ensure_user(settings, **account)
+        auth.create_user(settings=settings, **account)
     return "Demo sign-ins: " + "; ".join(f"{a['role']} {a['email']} / {a['password']}" for a in DEMO_ACCOUNTS)
 
 

@@ -109,6 +109,6 @@ SERVICES: list[Service] = [
 ]
 
 PREPARE: list[PrepareStep] = [
-    PrepareStep("demo accounts", "dermaloop.bootstrap:demo_accounts", requires="dermaloop.users_cli", embedded_only=True),
+    PrepareStep("demo accounts", "dermaloop.bootstrap:demo_accounts", requires="dermaloop.auth", embedded_only=True),
     PrepareStep("starter models", "dermaloop.bootstrap:starter_models", requires="training.starter"),
 ]
