@@ -117,7 +117,9 @@ def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: 
     first_epoch = 0
     if state_file.is_file():  # resume at the last finished epoch (optimizer moments restart)
         state = json.loads(state_file.read_text())
-        if state.get("config") == asdict(config) and (ckpt / "last.weights.h5").is_file():
+        same = {k: v for k, v in state.get("config", {}).items() if k != "epochs"} == \
+            {k: v for k, v in asdict(config).items() if k != "epochs"}
+        if same and state["epoch"] + 1 <= config.epochs and (ckpt / "last.weights.h5").is_file():
             model.load_weights(ckpt / "last.weights.h5")
             history, best, first_epoch = state["history"], state["best"], state["epoch"] + 1
             opt_head.iterations.assign(first_epoch * steps)

@@ -51,6 +51,7 @@ class TrainOptions:
     cloud_backbone: str = "lite2"
     epochs: int = 0  # 0: fast path (linear head); > 0: fine-tune the top blocks this many epochs
     views: tuple[str, ...] = ("orig",)  # cached augmented views used by fine-tuning and cloud TTA
+    cloud_views: tuple[str, ...] | None = None  # None: same as views
     colour_constancy: bool = False
     cache_dir: Path | None = None
     val_fraction: float = 0.2
@@ -90,7 +91,8 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     t0 = time.perf_counter()
     cfg = PreprocessConfig(size=backbones.input_size(backbone), colour_constancy=opts.colour_constancy)
     fine = opts.epochs > 0
-    views = list(opts.views if fine or kind == "cloud" else ("orig",))
+    chosen = opts.cloud_views if kind == "cloud" and opts.cloud_views else opts.views
+    views = list(chosen if fine or kind == "cloud" else ("orig",))
     feats = [extract_features(ds, backbone, cfg, opts.cache_dir, view=v, with_maps=fine, progress=opts.progress)
              for v in views]
     t_features = time.perf_counter() - t0

@@ -28,9 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tune the top blocks this many epochs (0 = fast path: linear head only)")
     parser.add_argument("--views", default="orig",
                         help=f"comma-separated cached views for fine-tuning augmentation and cloud TTA ({', '.join(VIEWS)})")
+    parser.add_argument("--cloud-views", default=None, help="views for the cloud model if different from --views")
     parser.add_argument("--lr-head", type=float, default=3e-3)
     parser.add_argument("--lr-body", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--cycle-epochs", type=int, default=3,
+                        help="length of the first cosine cycle; each warm restart doubles it")
     parser.add_argument("--colour-constancy", action="store_true", help="shades-of-grey white balance")
     parser.add_argument("--target-sensitivity", type=float, default=0.90,
                         help="malignant sensitivity the malignancy threshold is chosen for (on the calib split)")
@@ -45,17 +48,22 @@ def run(args: argparse.Namespace) -> int:
     from training.finetune import FinetuneConfig
     from training.pipeline import TrainOptions, train
 
-    views = tuple(v.strip() for v in args.views.split(",") if v.strip())
-    bad = [v for v in views if v not in VIEWS]
-    if bad or not views or views[0] != "orig":
-        raise SystemExit(f"--views must start with 'orig' and use only {', '.join(VIEWS)}; got {args.views!r}")
+    def parse_views(text: str) -> tuple[str, ...]:
+        views = tuple(v.strip() for v in text.split(",") if v.strip())
+        if any(v not in VIEWS for v in views) or not views or views[0] != "orig":
+            raise SystemExit(f"views must start with 'orig' and use only {', '.join(VIEWS)}; got {text!r}")
+        return views
+
+    views = parse_views(args.views)
+    cloud_views = parse_views(args.cloud_views) if args.cloud_views else None
     opts = TrainOptions(
         data=args.data, out=args.out, taxonomy=args.taxonomy, device_backbone=args.device_backbone,
-        cloud_backbone=args.cloud_backbone, epochs=args.epochs, views=views,
+        cloud_backbone=args.cloud_backbone, epochs=args.epochs, views=views, cloud_views=cloud_views,
         colour_constancy=args.colour_constancy, cache_dir=args.cache_dir or default_cache_dir(),
         seed=args.seed, target_sensitivity=args.target_sensitivity, limit=args.limit, skip_cloud=args.skip_cloud,
         finetune=FinetuneConfig(epochs=max(args.epochs, 1), batch_size=args.batch_size, lr_head=args.lr_head,
-                                lr_body=args.lr_body, seed=args.seed),
+                                lr_body=args.lr_body, cycle_epochs=args.cycle_epochs,
+                                seed=args.seed),
         progress=not args.quiet)
     try:
         out = train(opts)

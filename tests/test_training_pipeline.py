@@ -1,0 +1,196 @@
+"""End-to-end plumbing of training on tiny synthetic data with the 64 px "tiny" backbone.
+
+Correctness of the real backbones is tested in test_backbones.py; here every step runs on real
+files: dataset -> cached features -> fine-tuning -> calibration -> TFLite export -> runtimes ->
+reports -> model card, plus the CLIs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from dermaloop.cli import main
+from dermaloop.datasets import open_dataset
+from dermaloop.model_dir import ModelDir, ModelError, load_cloud_model, load_device_model, sha256_file
+from dermaloop.preprocess import load_image, to_model_input
+from dermaloop.risk import RISK_TIERS
+from dermaloop.synthetic import generate
+from dermaloop.taxonomy import load_taxonomy
+from training.embeddings import extract_features, extractor, model_input
+
+HAM = load_taxonomy()
+METRIC_KEYS = {"balanced_accuracy", "accuracy", "per_class_recall", "macro_f1", "auc_ovr",
+               "malignant_sensitivity", "malignant_specificity", "malignant_auc", "ece"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("syn"), per_class=10, photos_per_lesion=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    code = main(["train", "--data", str(data), "--out", str(root / "model"), "--device-backbone", "tiny",
+                 "--cloud-backbone", "tiny", "--epochs", "1", "--views", "orig,flip",
+                 "--cache-dir", str(root / "cache"), "--quiet"])
+    assert code == 0
+    return root / "model"
+
+
+def test_model_directory_is_complete_and_hashed(trained):
+    card = json.loads((trained / "card.json").read_text())
+    for rel in ("device/model_int8.tflite", "device/model_fp32.tflite", "device/model.keras",
+                "cloud/model.keras", "labels.json", "split.json"):
+        assert card["files"][rel] == sha256_file(trained / rel)
+    assert card["labels"] == HAM.ids and card["taxonomy"] == "ham10000"
+    assert card["device"]["preprocess"]["size"] == 64 and card["cloud"]["tta"] == ["flip"]
+    assert card["device"]["training"]["fine_tuned_epochs"] == 1
+    assert card["data"]["split"] == {k: len(v) for k, v in json.loads((trained / "split.json").read_text()).items()}
+    parity = card["device"]["int8_parity"]
+    assert 0.0 <= parity["top1_agreement_with_float"] <= 1.0 and "val split" in parity["measured_on"]
+    for kind in ("device", "cloud"):
+        metrics = json.loads((trained / "reports" / kind / "metrics.json").read_text())
+        assert set(metrics) >= METRIC_KEYS and metrics["data"]["split"] == "val"
+        assert card[kind]["metrics"]["n"] == card["data"]["split"]["val"]
+        for png in ("confusion_matrix.png", "roc.png", "reliability.png"):
+            assert (trained / "reports" / kind / png).stat().st_size > 1000
+    split = json.loads((trained / "split.json").read_text())
+    assert not set(split["train"]) & set(split["val"])
+
+
+def test_runtimes_diagnose_an_image(trained, data):
+    image = sorted((data / "images").glob("*.jpg"))[0].read_bytes()
+    for model in (load_device_model(trained, "int8"), load_device_model(trained, "fp32"), load_cloud_model(trained)):
+        result = model.diagnose(image)
+        assert sum(result["probs"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert [t["label"] for t in result["top"]] == sorted(result["probs"], key=result["probs"].get, reverse=True)[:3]
+        assert result["risk"] in RISK_TIERS and 0.0 <= result["malignantP"] <= 1.0
+        assert result["modelVersion"] == ModelDir.open(trained).card["version"]
+
+
+def test_same_image_gives_the_same_tensor_and_output_on_every_path(trained, data):
+    import keras
+
+    ds = open_dataset(data, HAM)
+    sample = ds.samples[3]
+    device = load_device_model(trained, "fp32")
+    cloud = load_cloud_model(trained)
+    training_path = model_input(sample, device.preprocess)
+    runtime_path = to_model_input(load_image(sample.path.read_bytes()), config=device.preprocess)
+    cloud_path = to_model_input(load_image(sample.path), config=cloud.preprocess)
+    np.testing.assert_array_equal(training_path, runtime_path)
+    np.testing.assert_array_equal(training_path, cloud_path)
+    keras_model = keras.models.load_model(trained / "device" / "model.keras", compile=False)
+    expected = keras_model.predict(training_path[None], verbose=0)
+    np.testing.assert_allclose(device.predict(training_path[None]), expected, atol=1e-5)
+
+
+def test_assembled_model_equals_tail_on_cached_maps(data, tmp_path):
+    """The deployed full model must compute what fine-tuning trained (weights copied by layer name)."""
+    from dermaloop import backbones
+    from dermaloop.preprocess import PreprocessConfig
+    from training.assemble import full_classifier
+    from training.finetune import build_tail_classifier
+
+    ds = open_dataset(data, HAM).subset(range(6))
+    cfg = PreprocessConfig(size=64)
+    feats = extract_features(ds, "tiny", cfg, tmp_path, with_maps=True, progress=False)
+    start = backbones.stage_end_block("tiny", 4) + 1
+    tail = build_tail_classifier("tiny", start, tuple(feats.maps.shape[1:]), 7, 0.3)
+    dense = tail.get_layer("logits")
+    rng = np.random.default_rng(0)
+    dense.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in dense.get_weights()])
+    on_maps = np.asarray(tail(np.asarray(feats.maps, np.float32), training=False))
+    full = full_classifier("tiny", 7, tail_model=tail, with_probabilities=False)
+    pixels = np.stack([model_input(s, cfg) for s in ds.samples])
+    np.testing.assert_allclose(full.predict(pixels, verbose=0), on_maps, atol=2e-2)  # maps cached as float16
+    pooled = extractor("tiny", with_maps=False).predict(pixels, verbose=0)
+    np.testing.assert_allclose(feats.pooled, pooled, atol=1e-4)
+
+
+def test_features_come_from_cache_the_second_time(data, tmp_path):
+    from dermaloop.preprocess import PreprocessConfig
+
+    ds = open_dataset(data, HAM).subset(range(4))
+    first = extract_features(ds, "tiny", PreprocessConfig(size=64), tmp_path, progress=False)
+    second = extract_features(ds, "tiny", PreprocessConfig(size=64), tmp_path, progress=False)
+    assert not first.cached and second.cached
+    np.testing.assert_array_equal(first.pooled, second.pooled)
+
+
+def test_finetuning_resumes_from_its_checkpoint(tmp_path):
+    from training.finetune import FinetuneConfig, finetune
+
+    rng = np.random.default_rng(0)
+    maps = rng.normal(0, 1, (40, 4, 4, 32)).astype(np.float16)
+    labels = np.arange(40) % 3
+    idx = np.arange(40)
+    cfg = FinetuneConfig(epochs=1, batch_size=16)
+    _, first = finetune("tiny", [maps], labels, idx[:30], idx[30:], 3, cfg, tmp_path, progress=False)
+    cfg2 = FinetuneConfig(epochs=2, batch_size=16)
+    _, both = finetune("tiny", [maps], labels, idx[:30], idx[30:], 3, cfg2, tmp_path, progress=False)
+    assert len(first) == 1 and len(both) == 2 and both[0] == first[0]  # epoch 1 was not redone
+
+
+def test_linear_head_reproduces_logistic_regression():
+    from training.heads import fit_linear_head
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (3, 16))
+    y = np.repeat([0, 2, 3], 40)  # class 1 absent
+    x = centres[np.searchsorted([0, 2, 3], y)] + rng.normal(0, 1, (120, 16)) + 50.0
+    kernel, bias = fit_linear_head(x, y, n_classes=4)
+    pred = (x @ kernel + bias).argmax(1)
+    assert (pred == y).mean() > 0.95 and not (pred == 1).any()
+    assert bias[1] < -10
+
+
+def test_evaluate_and_export_cli(trained, data, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(trained), "--kind", "device", "--data", str(data),
+                 "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= METRIC_KEYS and metrics["data"]["images"] == 70
+    assert (out / "report.md").read_text().startswith("# device model")
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    assert main(["export", "--model", str(copy), "--data", str(data), "--calibration-images", "8", "--quiet"]) == 0
+    card = json.loads((copy / "card.json").read_text())
+    assert card["files"]["device/model_int8.tflite"] == sha256_file(copy / "device" / "model_int8.tflite")
+    load_device_model(copy, "int8")  # the updated hashes verify
+
+
+def test_tampered_model_file_is_refused(trained, tmp_path):
+    copy = tmp_path / "m"
+    shutil.copytree(trained, copy)
+    with open(copy / "device" / "model_int8.tflite", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(ModelError, match="sha256"):
+        load_device_model(copy, "int8")
+    with pytest.raises(ModelError, match="not a model directory"):
+        load_cloud_model(tmp_path / "nothing")
+
+
+def test_train_cli_rejects_bad_input(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--views", "flip"])
+
+
+def test_lr_range_test_suggests_a_rate_in_range():
+    from training.finetune import build_tail_classifier
+    from training.lr_find_cli import lr_range_test
+
+    rng = np.random.default_rng(0)
+    maps = rng.normal(0, 1, (64, 4, 4, 32)).astype(np.float16)
+    labels = np.arange(64) % 3
+    model = build_tail_classifier("tiny", 7, (4, 4, 32), 3, 0.0)
+    result = lr_range_test(model, maps, labels, np.arange(64), 3, 1e-5, 1.0, 15, 16, 0, progress=False)
+    assert 1e-5 <= result["suggested_lr_head"] <= 1.0 and len(result["loss"]) == len(result["lr"]) >= 3
