@@ -196,6 +196,8 @@ class _Parser:
                     items.append(self.expression())
             self.expect("]")
             return ("list", tuple(items))
+        if kind == "end":
+            raise RuleSyntaxError(f"unexpected end of expression in {self.source!r}")
         raise RuleSyntaxError(f"unexpected {value!r} in {self.source!r}")
 
     def postfix(self, node: tuple) -> tuple:

@@ -85,7 +85,10 @@ class Database:
         self.rules_file = ctx.rules_dir / "database.rules.json"
         if self.rules_file.is_file():
             self.rules_text = self.rules_file.read_text()
-            self.rules = Rules(load_rules(self.rules_text))  # a broken rules file stops start-up
+            try:
+                self.rules = Rules(load_rules(self.rules_text))
+            except RuleSyntaxError as exc:  # a broken rules file stops start-up, saying where
+                raise RuleSyntaxError(f"{self.rules_file}: {exc}") from None
         else:
             log.warning("no %s: every end-user read and write is denied", self.rules_file)
             self.rules_text = '{"rules": {".read": false, ".write": false}}'
