@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         path = _load(args)
-    except (FileNotFoundError, ValueError, OSError) as exc:
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
         print(f"dermaloop diagnose: cannot load the models: {exc}", file=sys.stderr)
         return 2
     failed = 0

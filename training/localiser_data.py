@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dermaloop.analysis import degrade
-from dermaloop.analysis.features import MAP_SHAPE, build_trunk, extract_maps, frame_input
+from dermaloop.analysis.features import MAP_SHAPE, MID_LAYER, build_trunk, extract_maps, frame_input
 from dermaloop.analysis.hamdata import lesion_split, read_records
 
 CACHE_VERSION = 1
@@ -100,9 +100,6 @@ def main() -> None:
     else:
         build_cache(args.data, args.cache, limit=args.limit)
 
-
-
-MID_LAYER = "block10_add"  # 14x14x112: finer spatial detail than the 7x7 head map
 
 
 def build_mid_cache(data_dir: str | Path, cache_dir: str | Path, batch: int = 64) -> Path:

@@ -54,8 +54,41 @@ def box_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
             "share_iou_ge_0.5": float((ious >= 0.5).mean())}
 
 
-def train_head(cache_dir: Path = DEFAULT_CACHE, epochs: int = 40, seed: int = 0,
+def _inputs(maps: np.ndarray, mid: np.ndarray | None, idx: np.ndarray) -> list[np.ndarray]:
+    idx = np.sort(idx)
+    out = [np.asarray(maps[idx], np.float32)]
+    if mid is not None:
+        out.append(np.asarray(mid[idx], np.float32))
+    return out
+
+
+def _batches(maps, mid, boxes: np.ndarray, idx: np.ndarray, batch: int, seed: int):
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rng = np.random.default_rng(seed)
+            self.order = self.rng.permutation(idx)
+
+        def __len__(self) -> int:
+            return int(np.ceil(len(idx) / batch))
+
+        def __getitem__(self, k: int):
+            sel = np.sort(self.order[k * batch:(k + 1) * batch])
+            x = _inputs(maps, mid, sel)
+            y = np.concatenate([boxes[sel], np.zeros((len(sel), 1), np.float32)], 1)
+            return (tuple(x) if len(x) > 1 else x[0]), y
+
+        def on_epoch_end(self) -> None:
+            self.order = self.rng.permutation(idx)
+
+    return Batches()
+
+
+def train_head(cache_dir: Path = DEFAULT_CACHE, epochs: int = 30, seed: int = 0, use_mid: bool = True,
                out: Path = HEAD_WEIGHTS) -> dict[str, Any]:
+    """Fit the head on the training lesions' cached features; measure on the held-out lesions."""
     import keras
 
     from training.localiser_data import load_cache
@@ -64,23 +97,30 @@ def train_head(cache_dir: Path = DEFAULT_CACHE, epochs: int = 40, seed: int = 0,
     if loaded is None:
         raise FileNotFoundError(f"no feature cache in {cache_dir}: run python -m training.localiser_data --data DIR")
     maps, boxes, meta = loaded
+    mid = None
+    if use_mid:
+        if not (Path(cache_dir) / "mid.npy").is_file():
+            raise FileNotFoundError(f"no mid-level cache in {cache_dir}: run python -m training.localiser_data --mid")
+        mid = np.load(Path(cache_dir) / "mid.npy", mmap_mode="r")
+    # Load the training part into memory once (float16), so batches do not hit the disk.
+    maps = np.asarray(maps)
+    mid = None if mid is None else np.asarray(mid)
     split = np.array(meta["split"])
     zoomed = np.array(meta["scale"]) < 1.0
     tr = np.flatnonzero(split == 0)
     va = np.flatnonzero(split == 1)
-    x_tr = np.asarray(maps[tr], np.float32)
     keras.utils.set_random_seed(seed)
-    head = build_head()
+    head = build_head(mid=use_mid)
     steps = epochs * int(np.ceil(len(tr) / 64))
     schedule = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=steps, alpha=0.02)
     head.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4), loss=box_loss)
-    head.fit(x_tr, np.concatenate([boxes[tr], np.zeros((len(tr), 1), np.float32)], 1), batch_size=64,
-             epochs=epochs, verbose=2, shuffle=True)
-    del x_tr
-    pred = head.predict(np.asarray(maps[va], np.float32), batch_size=256, verbose=0)
+    head.fit(_batches(maps, mid, boxes, tr, 64, seed), epochs=epochs, verbose=2)
+    x_va = _inputs(maps, mid, va)
+    pred = head.predict(x_va if use_mid else x_va[0], batch_size=256, verbose=0)
     base_box = np.median(boxes[tr][~zoomed[tr]], axis=0)  # baseline: the typical box, no model
     results: dict[str, Any] = {"split": "lesion-grouped StratifiedGroupKFold(5, shuffle, seed 0), fold 0 = validation",
-                               "train_items": int(len(tr)), "epochs": epochs}
+                               "train_items": int(len(tr)), "epochs": epochs,
+                               "features": "lite0 7x7x1280" + (" + block10_add 14x14x112" if use_mid else "")}
     for name, sel in (("val_original", ~zoomed[va]), ("val_zoomed_out", zoomed[va])):
         results[name] = box_metrics(pred[sel], boxes[va][sel])
         const = np.concatenate([np.tile(base_box, (int(sel.sum()), 1)), np.ones((int(sel.sum()), 1))], 1)
@@ -96,19 +136,24 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="HAM10000-layout folder (builds the feature cache if missing)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--no-mid", action="store_true", help="7x7 features only (no 14x14 mid-level map)")
     ap.add_argument("--export", type=Path, metavar="MODELS_DIR",
                     help="only build the device TFLite under MODELS_DIR/localiser (int8 if --data is given)")
     args = ap.parse_args()
     if args.export:
         print(ensure_localiser(args.export, args.data))
         return
-    from training.localiser_data import build_cache, load_cache
+    from training.localiser_data import build_cache, build_mid_cache, load_cache
 
     if load_cache(args.cache) is None:
         if not args.data:
             ap.error(f"no cache in {args.cache}; pass --data")
         build_cache(args.data, args.cache)
-    print(json.dumps(train_head(args.cache, args.epochs), indent=1))
+    if not args.no_mid and not (args.cache / "mid.npy").is_file():
+        if not args.data:
+            ap.error(f"no mid-level cache in {args.cache}; pass --data")
+        build_mid_cache(args.data, args.cache)
+    print(json.dumps(train_head(args.cache, args.epochs, use_mid=not args.no_mid), indent=1))
 
 
 def _analysis_version(quantised: bool) -> str:

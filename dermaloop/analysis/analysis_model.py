@@ -27,13 +27,19 @@ def build_analysis_model(head_weights: str | Path = HEAD_WEIGHTS, ood_file: str 
     head_weights = Path(head_weights)
     if not head_weights.is_file():
         raise FileNotFoundError(f"{head_weights} missing: run `python -m training.localiser_train --data DIR`")
-    trunk = build_trunk()
-    head = build_head()
+    with np.load(head_weights) as stored:
+        mid = any(k.startswith("loc_mid_reduce") for k in stored.files)
+    trunk = build_trunk(mid=mid)
+    head = build_head(mid=mid)
     load_head_weights(head, head_weights)
     ood = load_head(str(ood_file) if ood_file else None)
     inputs = keras.Input((FRAME_SIZE, FRAME_SIZE, 3), name="frame")
-    fmap = trunk(inputs)
-    box = head(fmap)
+    if mid:
+        fmap, fine = trunk(inputs)
+        box = head([fmap, fine])
+    else:
+        fmap = trunk(inputs)
+        box = head(fmap)
     pooled = keras.layers.GlobalAveragePooling2D(name="pooled")(fmap)
     dense = keras.layers.Dense(1, activation="sigmoid", name="not_skin")
     p_lesion = dense(pooled)

@@ -73,7 +73,7 @@ class DeviceResult:
     model_version: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        r = lambda v: None if v is None else round(float(v), 4)  # noqa: E731
+        r = lambda v: None if v is None or not np.isfinite(v) else round(float(v), 4)  # noqa: E731
         return {
             "quality": self.quality.to_json(),
             "lesion": {"is_lesion": self.is_lesion, "score": r(self.lesion_score)},
@@ -129,7 +129,9 @@ class DevicePath:
         if self.analyser is not None and not np.isfinite(score):
             is_lesion = False  # too small to analyse at all
             result.is_lesion = False
-        if not is_lesion and not force:
+        if "low_resolution" in report.issues:
+            result.message = " ".join(report.messages)  # nothing can be judged, even when forced
+        elif not is_lesion and not force:
             result.message = ood.MESSAGE
         elif set(report.issues) & BLOCKING_ISSUES and not force:
             result.message = " ".join(report.messages)

@@ -14,6 +14,8 @@ from PIL import Image
 TRUNK = "lite0"
 FRAME_SIZE = 224  # Lite0's input size
 MAP_SHAPE = (7, 7, 1280)
+MID_LAYER = "block10_add"  # 14x14x112: finer spatial detail for the localiser
+MID_SHAPE = (14, 14, 112)
 
 
 def frame_input(img: Image.Image, size: int = FRAME_SIZE) -> np.ndarray:
@@ -26,12 +28,18 @@ def frame_input(img: Image.Image, size: int = FRAME_SIZE) -> np.ndarray:
     return np.asarray(img, dtype=np.float32)
 
 
-def build_trunk():
-    """Keras model: raw pixels (224, 224, 3) in [0, 255] -> (7, 7, 1280) feature map, ImageNet weights."""
+def build_trunk(mid: bool = False):
+    """Keras model: raw pixels (224, 224, 3) in [0, 255] -> the (7, 7, 1280) feature map (and, with
+    ``mid``, also the (14, 14, 112) map of ``MID_LAYER``), ImageNet weights, frozen."""
+    import keras
+
     from dermaloop.backbones import build_backbone
 
     trunk = build_backbone(TRUNK, weights="imagenet", include_top=False, pooling=None)
     trunk.trainable = False
+    if mid:
+        trunk = keras.Model(trunk.inputs, [trunk.output, trunk.get_layer(MID_LAYER).output], name="trunk_with_mid")
+        trunk.trainable = False
     return trunk
 
 

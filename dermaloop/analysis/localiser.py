@@ -22,15 +22,28 @@ Box = tuple[float, float, float, float]
 MIN_CONFIDENCE = 0.35
 
 
-def build_head(dropout: float = 0.3):
-    """Keras head: (7, 7, 1280) trunk map -> [x0, y0, x1, y1, confidence] in [0, 1]."""
+def build_head(dropout: float = 0.3, mid: bool = True):
+    """Keras head: trunk maps -> [x0, y0, x1, y1, confidence] in [0, 1].
+
+    Inputs: the 7x7x1280 last map and (``mid=True``) the 14x14x112 map of ``MID_LAYER``, whose finer
+    grid places box edges better (mean IoU +N points on validation; see docs/MODEL_REPORT.md)."""
     import keras
     from keras import layers
 
-    inputs = keras.Input((7, 7, 1280), name="trunk_map")
-    x = layers.Conv2D(64, 1, activation="relu", name="loc_reduce")(inputs)
+    top = keras.Input((7, 7, 1280), name="trunk_map")
+    x = layers.Conv2D(64, 1, activation="relu", name="loc_reduce")(top)
     x = layers.Dropout(dropout, name="loc_drop0")(x)
-    x = layers.Conv2D(32, 3, padding="same", activation="relu", name="loc_conv")(x)
+    if mid:
+        fine = keras.Input((14, 14, 112), name="trunk_mid")
+        x = layers.UpSampling2D(2, name="loc_up")(x)
+        y = layers.Conv2D(32, 1, activation="relu", name="loc_mid_reduce")(fine)
+        x = layers.Concatenate(name="loc_concat")([x, y])
+        x = layers.Conv2D(32, 3, padding="same", activation="relu", name="loc_conv")(x)
+        x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="loc_conv2")(x)
+        inputs = [top, fine]
+    else:
+        x = layers.Conv2D(32, 3, padding="same", activation="relu", name="loc_conv")(x)
+        inputs = [top]
     x = layers.Flatten(name="loc_flat")(x)
     x = layers.Dense(128, activation="relu", name="loc_dense")(x)
     x = layers.Dropout(dropout, name="loc_drop1")(x)

@@ -1,5 +1,4 @@
-"""One place that imports a TFLite interpreter: ai-edge-litert on desktops and servers,
-tflite-runtime in phone builds (same API), TensorFlow's own as the last resort."""
+"""Running a single-input TFLite model (the analysis model) through the project's interpreter factory."""
 
 from __future__ import annotations
 
@@ -10,18 +9,10 @@ import numpy as np
 
 
 def interpreter(path: str | Path, threads: int = 1) -> Any:
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        try:
-            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
-        except ImportError:
-            import tensorflow as tf
+    """The project's one interpreter factory (``dermaloop.model_dir.make_interpreter``)."""
+    from dermaloop.model_dir import make_interpreter
 
-            Interpreter = tf.lite.Interpreter  # type: ignore[misc]  # noqa: N806
-    interp = Interpreter(model_path=str(path), num_threads=threads)
-    interp.allocate_tensors()
-    return interp
+    return make_interpreter(path, threads)
 
 
 class TfliteModel:
