@@ -156,6 +156,8 @@ BAD_INPUT = {
     "negative limit": dict(method="GET", params={"orderBy": '"$key"', "limitToFirst": "-1"}),
     "non-string $key bound": dict(method="GET", params={"orderBy": '"$key"', "startAt": "1"}),
     "bad print": dict(method="GET", params={"print": "loud"}),
+    "bad print on a write": dict(method="PUT", body={"x": 1}, params={"print": "loud"}),
+    "bad format on a write": dict(method="PATCH", body={"x": 1}, params={"format": "yaml"}),
     "huge body": dict(method="PUT", raw=b'"' + b"x" * (33 * 1024 * 1024) + b'"'),
 }
 

@@ -159,6 +159,7 @@ class Database:
         if not KNOWN_PARAMS.issuperset(request.query):
             unknown = sorted(set(request.query) - KNOWN_PARAMS)
             raise bad_request(f"Invalid parameter: {unknown[0][:100]!r} is not a Realtime Database REST parameter.")
+        self._check_output_params(request.query)
         raw_path = request.path
         if raw_path.startswith("/.settings/rules"):
             return await self._rules_endpoint(request, method)
@@ -177,6 +178,20 @@ class Database:
             body = b"" if method == "DELETE" else await self._read_body(request)
             return await self._write(request, method, ns, path, caller, body)
         raise FirebaseError(405, f"Method {method} is not supported.")
+
+    @staticmethod
+    def _check_output_params(params) -> None:
+        """Refuse bad output options before anything is written (a write must not be stored and
+        then answered with an error)."""
+        if params.get("print") not in (None, "pretty", "silent"):
+            raise bad_request("print must be pretty or silent.")
+        if params.get("format") not in (None, "export"):
+            raise bad_request("format must be export.")
+        if params.get("shallow") not in (None, "true"):
+            raise bad_request("shallow must be true.")
+        callback = params.get("callback")
+        if callback is not None and not re.fullmatch(r"[A-Za-z_$][\w$.]{0,100}", callback):
+            raise bad_request("Invalid callback name.")
 
     @staticmethod
     async def _read_body(request: web.Request) -> bytes:
