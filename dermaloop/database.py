@@ -188,7 +188,8 @@ class UserDatabase:
         if order_by is not None:
             params["orderBy"] = json.dumps(order_by)
         value = self._request("GET", path, params).json()
-        if order_by is not None and isinstance(value, dict):
+        # Priorities are not in the answer, so "$priority" keeps the server's order.
+        if order_by not in (None, "$priority") and isinstance(value, dict):
             value = dict(sorted(value.items(), key=lambda kv: _order_key(order_by, kv)))
         return value
 
