@@ -244,6 +244,8 @@ def test_user_client_conditional_writes(settings, alice):
     stale, current, current_etag = alice.set_if_match(name_path, "Second", "null_etag")  # create-only
     assert not stale and current == "First" and current_etag == etag
     assert alice.get_with_etag(name_path) == ("First", etag)
+    alice.delete(name_path)
+    assert alice.get(name_path) is None
     with pytest.raises(PermissionDenied):
         alice.set_if_match(f"users/{a}/role", "admin", "null_etag")
 
