@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,6 +79,9 @@ def build_parser(command: Command | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # TensorFlow's C++ start-up chatter (CPU features, oneDNN) buries what people need to read;
+    # warnings and errors still show. Children of ``dermaloop run`` inherit this.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = list(sys.argv[1:] if argv is None else argv)
     by_name = {c.name: c for c in COMMANDS}
     chosen = by_name.get(argv[0]) if argv else None
