@@ -143,8 +143,9 @@ def main() -> int:
     model_dir = Path(args.model) if args.model else None
     if model_dir is None:
         local = Path(load_settings().models_dir)
-        cards = sorted(local.glob("*/card.json"), key=lambda p: p.stat().st_mtime)
-        model_dir = cards[-1].parent if cards else tiny_model_dir(tmp / "tiny")
+        from cloud_worker.cli import local_model_dir
+
+        model_dir = local_model_dir(local) or tiny_model_dir(tmp / "tiny")
     lb = LocalbaseProcess(data_dir=tmp / "localbase").start()
     try:
         app = get_app(lb.settings(), name="bench")

@@ -91,11 +91,13 @@ def _status(app) -> int:
     return 0
 
 
-def _local_model_dir(models_dir: Path) -> Path | None:
+def local_model_dir(models_dir: Path) -> Path | None:
     """The newest model directory (one holding card.json) under the local models directory."""
     if (models_dir / "card.json").is_file():
         return models_dir
-    candidates = sorted((p.parent for p in models_dir.glob("*/card.json")), key=lambda p: p.stat().st_mtime)
+    candidates = sorted((p.parent for p in models_dir.glob("*/card.json")
+                         if not p.parent.name.endswith(".partial") and not p.parent.name.startswith(".")),
+                        key=lambda p: p.stat().st_mtime)
     return candidates[-1] if candidates else None
 
 
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         model_dir = Path(args.model)
     else:
         version = published_version(app)
-        model_dir = fetch_published(app, bucket, cache_dir, version) if version else _local_model_dir(Path(settings.models_dir))
+        model_dir = fetch_published(app, bucket, cache_dir, version) if version else local_model_dir(Path(settings.models_dir))
     if model_dir is None:
         print(f"dermaloop worker: no model: nothing published at /models/cloud/current and no model directory "
               f"under {settings.models_dir}; pass --model MODEL_DIR or run 'dermaloop run' to prepare one",

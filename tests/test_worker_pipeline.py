@@ -50,7 +50,7 @@ def test_batched_grad_cam_matches_the_analysis_module(model):
     for item, result in zip(items, results, strict=True):
         ref = grad_cam(model.inner.model, item.pixels, int(np.argmax(result.probs)))
         assert result.heatmap.shape == ref.heatmap.shape
-        assert 0.0 <= result.heatmap.min() and result.heatmap.max() <= 1.0
+        assert result.heatmap.min() >= 0.0 and result.heatmap.max() <= 1.0
         # The cloud model averages test-time flips for probabilities; Grad-CAM explains the plain view.
         np.testing.assert_allclose(result.heatmap, ref.heatmap, atol=1e-4)
 
@@ -95,3 +95,20 @@ def test_device_cloud_disagreement():
     assert triage.disagrees(device, "mel", "high")
     assert triage.disagrees(device, "nv", "moderate")
     assert not triage.disagrees(None, "mel", "high")
+
+
+def test_heatmap_overlay_matches_the_analysis_module(model):
+    """The worker's fast overlay (lookup tables) draws what ``gradcam.overlay`` draws."""
+    import io
+
+    from cloud_worker.pipeline import heatmap_png
+    from dermaloop.analysis.gradcam import overlay, place_in_frame
+    from dermaloop.preprocess import crop_box
+
+    item = prepare(lesion_jpeg(8), NoAnalysis())
+    result = infer(model, [item])[0]
+    fast = np.asarray(Image.open(io.BytesIO(heatmap_png(item, result))), np.float32)
+    region = crop_box(item.image.width, item.image.height, None, model.preprocess)
+    reference = np.asarray(overlay(item.image, place_in_frame(result.heatmap, item.image.size, region)), np.float32)
+    assert fast.shape == reference.shape
+    assert np.abs(fast - reference).max() <= 3.0  # 256 heat levels instead of continuous values
