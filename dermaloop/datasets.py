@@ -256,7 +256,7 @@ def grouped_split(dataset: Dataset, val_fraction: float = 0.2, calib_fraction: f
     ``val`` is only ever used for the final report; ``calib`` (carved from the non-validation groups)
     fits temperature, threshold and early stopping, so nothing reported was tuned on itself.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
     y, groups = dataset.labels, dataset.groups
     idx = np.arange(len(y))
@@ -267,8 +267,13 @@ def grouped_split(dataset: Dataset, val_fraction: float = 0.2, calib_fraction: f
         n_splits = max(2, round(1.0 / fraction))
         if len(set(groups[indices].tolist())) < n_splits:
             raise ValueError(f"only {len(set(groups[indices].tolist()))} groups: too few to split off {fraction:.0%}")
-        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed + salt)
-        keep, held = next(splitter.split(indices, y[indices], groups[indices]))
+        counts = np.bincount(y[indices])
+        if counts[counts > 0].min() >= n_splits:
+            splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed + salt)
+            keep, held = next(splitter.split(indices, y[indices], groups[indices]))
+        else:  # a class too rare to stratify (tiny datasets): still grouped, just not stratified
+            splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed + salt)
+            keep, held = next(splitter.split(indices, y[indices], groups[indices]))
         return indices[keep], indices[held]
 
     rest, val = carve(idx, val_fraction, 0)

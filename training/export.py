@@ -2,8 +2,8 @@
 
 Route that works with TF 2.21 / Keras 3: ``model.export(dir, format="tf_saved_model")``, then
 ``tf.lite.TFLiteConverter.from_saved_model``. Full-integer quantisation is calibrated on real
-training images (never validation images), run through the shared preprocessing; a pure black and
-a pure white image pin the input range to exactly 0..255 so the uint8 input is the pixel value itself.
+training images (never validation images), run through the shared preprocessing; one black and
+one white pixel pin the input range to exactly 0..255 so the uint8 input is the pixel value itself.
 """
 
 from __future__ import annotations
@@ -38,11 +38,14 @@ def export_int8(model, out_path: str | Path, calibration_images: Iterable[np.nda
     images = [np.asarray(x, np.float32) for x in calibration_images]
     if not images:
         raise ValueError("int8 export needs calibration images from the training data")
-    size = images[0].shape
-    pins = [np.zeros(size, np.float32), np.full(size, 255.0, np.float32)]
+    # Pin the input range to exactly 0..255 with two pixels of one real image (whole black/white
+    # images would also stretch every internal activation range and cost int8 precision).
+    pinned = images[0].copy()
+    pinned[0, 0, :] = 0.0
+    pinned[0, 1, :] = 255.0
 
     def representative():
-        for x in pins + images:
+        for x in [pinned, *images[1:]]:
             yield [x[None]]
 
     out_path = Path(out_path)

@@ -34,7 +34,7 @@ from dermaloop.model_dir import (
     sha256_file,
 )
 from dermaloop.preprocess import PreprocessConfig
-from dermaloop.risk import RiskPolicy, fit_policy, policy_from_probabilities, softmax
+from dermaloop.risk import RiskPolicy, fit_policy, fit_temperature, policy_from_probabilities, softmax
 from dermaloop.taxonomy import load_taxonomy
 from training.assemble import full_classifier
 from training.embeddings import extract_features, model_input
@@ -111,9 +111,17 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
         logits_views = [f.pooled @ head[0] + head[1] for f in feats]
     t_train = time.perf_counter() - t0 - t_features
     calib = split["calib"]
-    policy = fit_policy(logits_views[0][calib], y[calib], ds.taxonomy.malignant_mask, opts.target_sensitivity)
+    try:
+        policy = fit_policy(logits_views[0][calib], y[calib], ds.taxonomy.malignant_mask, opts.target_sensitivity)
+    except ValueError as exc:  # calib split lacks malignant or benign cases (tiny datasets): say so in the card
+        _log(opts, f"warning: risk thresholds not fitted ({exc}); using 0.3 / 0.6")
+        policy = RiskPolicy(fit_temperature(logits_views[0][calib], y[calib]), tuple(ds.taxonomy.malignant_mask),
+                            0.3, 0.6, opts.target_sensitivity)
+        tta_refit = False
+    else:
+        tta_refit = True
     tta = [v for v in views[1:] if v in ("flip", "rot90", "rot270")] if kind == "cloud" else []
-    if tta:  # thresholds must be chosen on the probabilities the runtime produces (mean over views)
+    if tta and tta_refit:  # thresholds must be chosen on the probabilities the runtime produces (mean over views)
         probs_c = np.mean([softmax(lv[calib], policy.temperature) for lv in logits_views[:1 + len(tta)]], axis=0)
         policy = policy_from_probabilities(policy.temperature, probs_c, y[calib], ds.taxonomy.malignant_mask,
                                            opts.target_sensitivity)
