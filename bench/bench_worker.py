@@ -88,21 +88,17 @@ def latency(lb, app, model_dir, data: list[bytes], rate: float, seconds: float, 
     seen: dict[str, float] = {}
     lock = threading.Lock()
 
-    def on_event(event) -> None:
+    def on_change(case_id: str) -> None:
         now = time.time()
-        path = event.path.strip("/").split("/")
-        if path == [""]:
-            changes = event.data if isinstance(event.data, dict) else {}
-        elif len(path) == 1:
-            changes = {path[0]: event.data}
-        else:
-            changes = {path[0]: {path[1]: event.data}} if path[1] == "status" else {}
-        hits = [k for k, v in changes.items() if isinstance(v, dict) and v.get("status") == "diagnosed"]
         with lock:
-            for case_id in hits:
+            if case_id in seen or case_id not in sent:
+                return
+        case = patient.case(case_id)
+        if case and case.get("status") == "diagnosed":
+            with lock:
                 seen.setdefault(case_id, now)
 
-    listener = patient.db.listen(f"cases/{patient.uid}", on_event)
+    listener = patient.follow(on_change)
     described = [describe_image(d) for d in data]
     try:
         n = int(rate * seconds)

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from firebase_admin import storage
 
     from cloud_worker.jobs import JobQueue
-    from cloud_worker.model import load_model
+    from cloud_worker.model import ModelLoadError, load_model
     from cloud_worker.registry import ModelProvider, fetch_published, published_version
     from cloud_worker.worker import Worker, WorkerConfig
     from dermaloop.admin_app import get_app
@@ -123,17 +123,35 @@ def run(args: argparse.Namespace) -> int:
     bucket = storage.bucket(app=app)
     cache_dir = Path(settings.models_dir) / "cache" / "cloud"
     follow = args.model is None
-    if args.model:
-        model_dir = Path(args.model)
-    else:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def find_model() -> Path | None:
+        if args.model:
+            return Path(args.model)
         version = published_version(app)
-        model_dir = fetch_published(app, bucket, cache_dir, version) if version else local_model_dir(Path(settings.models_dir))
+        return fetch_published(app, bucket, cache_dir, version) if version else local_model_dir(Path(settings.models_dir))
+
+    model_dir = find_model()
     if model_dir is None:
-        print(f"dermaloop worker: no model: nothing published at /models/cloud/current and no model directory "
-              f"under {settings.models_dir}; pass --model MODEL_DIR or run 'dermaloop run' to prepare one",
-              file=sys.stderr)
+        # Start anyway (``dermaloop run`` must come up on a fresh machine): jobs stay queued, safely,
+        # until a model is published or appears in the local models directory.
+        log.warning("worker ready, waiting for a model: nothing published at /models/cloud/current and no model "
+                    "directory under the models directory; jobs stay queued until one appears",
+                    extra={"fields": {"modelsDir": str(settings.models_dir)}})
+        while model_dir is None and not stop.wait(5.0):
+            try:
+                model_dir = find_model()
+            except Exception as exc:
+                log.warning("looking for a model failed", extra={"fields": {"error": str(exc)}})
+        if model_dir is None:
+            return 0
+    try:
+        model = load_model(model_dir)
+    except ModelLoadError as exc:
+        print(f"dermaloop worker: cannot load the model: {exc}", file=sys.stderr)
         return 2
-    model = load_model(model_dir)
     models = ModelProvider(model, load_model)
     analysis = _analysis(args.no_analysis, Path(settings.models_dir))
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
@@ -147,9 +165,6 @@ def run(args: argparse.Namespace) -> int:
         fault_hold_s=float(os.environ.get("DERMALOOP_WORKER_FAULT_HOLD_S") or 0),
     )
     worker = Worker(app, bucket, jobs, models, analysis, config)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     worker.start()
     if follow:
         models.follow(app, bucket, cache_dir)
@@ -161,6 +176,15 @@ def run(args: argparse.Namespace) -> int:
         pass
     models.stop()
     worker.stop()
+    deadline = time.monotonic() + 2.0
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    leftovers = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if leftovers:  # e.g. a listener thread of firebase-admin stuck on a dead connection: do not hang
+        log.warning("exiting with threads still blocked", extra={"fields": {"threads": [t.name for t in leftovers]}})
+        sys.stdout.flush()
+        os._exit(0)
     return 0
 
 

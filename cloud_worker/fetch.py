@@ -40,19 +40,16 @@ def download(bucket, path: str, expected_sha256: str, max_bytes: int = MAX_BYTES
     """Download and verify; a missing object or a hash mismatch is transient (an upload may be settling)."""
     blob = bucket.blob(path)
     try:
-        blob.reload()
+        # One request: a ranged read that stops one byte past the limit (no metadata round trip).
+        data = blob.download_as_bytes(start=0, end=max_bytes, checksum=None)
     except gexc.NotFound:
         raise transient("missing_upload", f"no object at {path}") from None
-    except gexc.GoogleAPIError as exc:
-        raise transient("internal_error", f"storage metadata for {path}: {exc}") from exc
-    if blob.size is not None and blob.size > max_bytes:
-        raise permanent("image_too_large", f"{path} is {blob.size} bytes; the limit is {max_bytes}")
-    try:
-        data = blob.download_as_bytes(checksum=None)
-    except gexc.NotFound:
-        raise transient("missing_upload", f"no object at {path}") from None
+    except gexc.RequestRangeNotSatisfiable:  # what GCS answers a range read of an empty object
+        data = b""
     except gexc.GoogleAPIError as exc:
         raise transient("internal_error", f"storage download of {path}: {exc}") from exc
+    if len(data) > max_bytes:
+        raise permanent("image_too_large", f"{path} is larger than the {max_bytes}-byte limit")
     digest = hashlib.sha256(data).hexdigest()
     if digest != expected_sha256:
         raise transient("hash_mismatch", f"{path}: sha256 {digest[:12]}... but the case says {expected_sha256[:12]}...")

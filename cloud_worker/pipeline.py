@@ -94,32 +94,30 @@ def prepare(data: bytes, analysis: Analysis) -> Prepared:
     return Prepared(checked, timings)
 
 
-def infer(model: CloudModel, items: Sequence[Prepared]) -> list[Inferred]:
+def infer(model: CloudModel, items: Sequence[Prepared], explain: bool = True) -> list[Inferred]:
     """One batched model call (with the model's test-time augmentation) for several cases; photos
     the checks declined are not classified (their result says why)."""
     todo = [item for item in items if item.checked.classify]
-    classified = iter(_classify(model, todo) if todo else [])
+    classified = iter(_classify(model, todo, explain) if todo else [])
     return [next(classified) if item.checked.classify else Inferred(None, None, model) for item in items]
 
 
-def _classify(model: CloudModel, items: Sequence[Prepared]) -> list[Inferred]:
+def _classify(model: CloudModel, items: Sequence[Prepared], explain: bool) -> list[Inferred]:
     t = time.perf_counter()
     for item in items:
         item.pixels = to_model_input(item.image, box=item.box, config=model.preprocess)
     batch = np.stack([item.pixels for item in items])
     crop_ms = _ms(t)
     t = time.perf_counter()
-    probs = model.predict(batch)
+    probs, maps = model.classify(batch, explain=explain)
     infer_ms = _ms(t)
     if probs.shape != (len(items), len(model.labels)) or not np.all(np.isfinite(probs)):
         raise RuntimeError(f"model {model.version} returned {probs.shape} / non-finite probabilities")
-    t = time.perf_counter()
-    maps = model.explain(batch, [int(np.argmax(p)) for p in probs])
-    cam_ms = _ms(t)
     out = []
     for i, item in enumerate(items):
-        # Batched steps are shared: each case records the time of the call it was part of.
-        item.timings_ms.update(crop=crop_ms, infer=infer_ms, gradcam=cam_ms, batch=len(items))
+        # Batched steps are shared: each case records the time of the call it was part of
+        # (``infer`` includes Grad-CAM, which shares the model's forward pass).
+        item.timings_ms.update(crop=crop_ms, infer=infer_ms, batch=len(items))
         out.append(Inferred(probs[i], None if maps is None else maps[i], model))
     return out
 

@@ -63,9 +63,10 @@ class ModelProvider:
         self._listener = db.reference("models/cloud/current", app=app).listen(on_event)
 
     def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        from cloud_worker.worker import close_listener
+
+        listener, self._listener = self._listener, None
+        close_listener(listener)
 
     def _load_published(self, app, bucket, cache_dir: Path, version: str) -> None:
         try:

@@ -64,6 +64,25 @@ def _fields(**kw: Any) -> dict[str, Any]:
     return {"fields": kw}
 
 
+def close_listener(listener, timeout: float = 3.0) -> None:
+    """Close a firebase-admin listener without hanging shutdown: its ``close()`` joins a reader
+    thread that can stay blocked (or keep reconnecting to a backend that is gone)."""
+    if listener is None:
+        return
+
+    def close() -> None:
+        try:
+            listener.close()
+        except Exception:
+            log.exception("closing a database listener failed")
+
+    closer = threading.Thread(target=close, name="close-listener", daemon=True)
+    closer.start()
+    closer.join(timeout)
+    if closer.is_alive():
+        log.warning("a database listener did not close in time; leaving it behind")
+
+
 class Worker:
     def __init__(self, app, bucket, jobs: JobQueue, models: ModelProvider, analysis: Analysis,
                  config: WorkerConfig | None = None) -> None:
@@ -142,23 +161,24 @@ class Worker:
         self._candidates.put(case_id)
 
     def _on_event(self, event) -> None:
+        """Offer jobs that an event shows as claimable. Events arrive as a ``put`` of the whole
+        queue (connect, reconnect), a ``put`` of one job or field, or a ``patch`` whose keys may be
+        deeper paths (multi-path writes: ``"{caseId}/state"``)."""
         try:
             now = now_ms()
-            path = (event.path or "/").strip("/")
-            data = event.data
-            if not path:
-                if isinstance(data, dict):  # full snapshot (first connect, reconnect) or a patch at /jobs
-                    for case_id, job in data.items():
-                        if not isinstance(job, dict) or claimable(job, now):
-                            self._offer(case_id)
-                return
-            parts = path.split("/")
-            case_id = parts[0]
-            if len(parts) == 1:
-                if isinstance(data, dict) and ("state" in data or "uid" in data) and claimable(data, now):
-                    self._offer(case_id)
-            elif parts[1] == "state" and data == "queued":
-                self._offer(case_id)
+            base = [p for p in (event.path or "/").split("/") if p]
+            changes = event.data if not base and isinstance(event.data, dict) else {"/".join(base): event.data}
+            if not base and event.event_type == "put" and not isinstance(event.data, dict):
+                return  # the whole queue is empty
+            for key, value in changes.items():
+                parts = [p for p in key.split("/") if p]
+                if not parts:
+                    continue
+                if len(parts) == 1:
+                    if isinstance(value, dict) and ("state" in value or "uid" in value) and claimable(value, now):
+                        self._offer(parts[0])
+                elif parts[1:] == ["state"] and value == "queued":
+                    self._offer(parts[0])
         except Exception:  # an exception would kill firebase-admin's listener thread
             log.exception("job event handling failed")
 
@@ -167,11 +187,7 @@ class Worker:
 
     def _close_listener(self) -> None:
         listener, self._listener = self._listener, None
-        if listener is not None:
-            try:
-                listener.close()
-            except Exception:
-                log.exception("closing the jobs listener failed")
+        close_listener(listener)
 
     def _sweeper(self) -> None:
         while not self._stop.wait(self.config.sweep_interval_s):
@@ -314,7 +330,7 @@ class Worker:
             model = self.models.current()
             self.metrics.batch(len(items))
             try:
-                results = infer(model, [w.prepared for w in items])
+                results = infer(model, [w.prepared for w in items], explain=self.config.heatmaps)
             except Exception as exc:
                 if len(items) == 1:
                     log.exception("model call failed", extra=_fields(caseId=items[0].claim.case_id))
@@ -335,7 +351,7 @@ class Worker:
             work = self._ready.get()
             model = self.models.current()
             try:
-                result = infer(model, [work.prepared])[0]
+                result = infer(model, [work.prepared], explain=self.config.heatmaps)[0]
             except Exception as exc:
                 log.exception("model call failed", extra=_fields(caseId=work.claim.case_id))
                 self._write_pool.submit(self._settle, work.claim, transient("model_error", f"{model.version}: {exc!r}"))

@@ -113,16 +113,34 @@ class Patient:
                              f"jobs/{case_id}": {"uid": self.uid, "caseId": case_id, "createdAt": now}})
         return Submitted(case_id, source, digest, time.time())
 
+    def follow(self, on_change: Callable[[str], None]):
+        """Listen to this patient's cases (as the app does) and call ``on_change(caseId)`` for every
+        case an event touched. Returns the listener; ``close()`` it."""
+
+        def on_event(event) -> None:
+            for case_id in touched_cases(event.path, event.data):
+                on_change(case_id)
+
+        return self.db.listen(f"cases/{self.uid}", on_event)
+
+    def case(self, case_id: str) -> dict[str, Any] | None:
+        case = self.db.get(f"cases/{self.uid}/{case_id}")
+        return case if isinstance(case, dict) else None
+
     def wait(self, case_ids: list[str], on_result: Callable[[str, dict[str, Any]], None],
-             timeout: float = 600.0) -> set[str]:
-        """Call ``on_result(caseId, case)`` once per case as it settles; returns the ids still open."""
+             timeout: float = 600.0, poll_s: float = 10.0) -> set[str]:
+        """Call ``on_result(caseId, case)`` once per case as it settles; returns the ids still open.
+        The listener brings results at once; a slow poll covers a stream that went quiet."""
         remaining = set(case_ids)
         lock = threading.Lock()
         changed = threading.Event()
 
         def check(case_id: str) -> None:
-            case = self.db.get(f"cases/{self.uid}/{case_id}")
-            if isinstance(case, dict) and case.get("status") in SETTLED:
+            with lock:
+                if case_id not in remaining:
+                    return
+            case = self.case(case_id)
+            if case is not None and case.get("status") in SETTLED:
                 with lock:
                     if case_id not in remaining:
                         return
@@ -130,22 +148,15 @@ class Patient:
                 on_result(case_id, case)
                 changed.set()
 
-        def on_event(event) -> None:
-            path = event.path.strip("/")
-            if not path:
-                touched = set(event.data) if isinstance(event.data, dict) else set(remaining)
-            else:
-                touched = {path.split("/")[0]}
-            for case_id in touched & remaining:
-                if _settled_in(event, case_id):
-                    check(case_id)
-
-        listener = self.db.listen(f"cases/{self.uid}", on_event)
+        listener = self.follow(check)
         try:
-            for case_id in list(remaining):  # anything that settled before the listener connected
-                check(case_id)
             deadline = time.monotonic() + timeout
+            next_poll = 0.0
             while remaining and time.monotonic() < deadline:
+                if time.monotonic() >= next_poll:  # also catches what settled before the listener connected
+                    for case_id in list(remaining):
+                        check(case_id)
+                    next_poll = time.monotonic() + poll_s
                 changed.wait(min(1.0, max(0.0, deadline - time.monotonic())))
                 changed.clear()
             return set(remaining)
@@ -153,16 +164,15 @@ class Patient:
             listener.close()
 
 
-def _settled_in(event, case_id: str) -> bool:
-    """Whether an event may carry a settled status for the case (cheap filter before a read)."""
-    path = event.path.strip("/").split("/")
-    data = event.data
-    if path == [""]:
-        data = data.get(case_id) if isinstance(data, dict) else None
-        return isinstance(data, dict) and data.get("status") in SETTLED
-    if len(path) == 1:
-        return isinstance(data, dict) and (data.get("status") in SETTLED or "status" in data)
-    return path[1] == "status" and data in SETTLED
+def touched_cases(path: str, data: Any) -> set[str]:
+    """Case ids an RTDB event on ``/cases/{uid}`` touched. Multi-path writes arrive as a ``patch``
+    at the listened path whose keys are deeper paths (``"{caseId}/status"``), so keys are split."""
+    parts = [p for p in path.split("/") if p]
+    if parts:
+        return {parts[0]}
+    if isinstance(data, dict):
+        return {key.split("/")[0] for key in data if key}
+    return set()
 
 
 def _summary(source: str, case_id: str, case: dict[str, Any]) -> dict[str, Any]:

@@ -133,3 +133,25 @@ def test_sweep_lists_exactly_the_claimable_jobs(app):
 ])
 def test_claimable(job, expected):
     assert claimable(job, now=1000) is expected
+
+
+def test_download_verifies_size_and_hash(app):
+    import hashlib
+
+    from firebase_admin import storage
+
+    from cloud_worker.errors import JobError
+    from cloud_worker.fetch import download
+
+    bucket = storage.bucket(app=app)
+    bucket.blob("fetch/zero").upload_from_string(b"", content_type="image/jpeg")
+    bucket.blob("fetch/ten").upload_from_string(b"0123456789", content_type="image/jpeg")
+    assert download(bucket, "fetch/zero", hashlib.sha256(b"").hexdigest()).data == b""
+    assert download(bucket, "fetch/ten", hashlib.sha256(b"0123456789").hexdigest()).data == b"0123456789"
+    cases = [("fetch/ten", hashlib.sha256(b"0123456789").hexdigest(), 5, "image_too_large", True),
+             ("fetch/ten", hashlib.sha256(b"other").hexdigest(), 100, "hash_mismatch", False),
+             ("fetch/missing", "0" * 64, 100, "missing_upload", False)]
+    for path, digest, limit, reason, is_permanent in cases:
+        with pytest.raises(JobError) as err:
+            download(bucket, path, digest, max_bytes=limit)
+        assert (err.value.reason, err.value.permanent) == (reason, is_permanent)

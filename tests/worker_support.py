@@ -159,7 +159,8 @@ class WorkerProcess:
 
     def wait_ready(self, timeout: float = 300.0) -> WorkerProcess:
         assert self.proc is not None
-        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+        ready = self._ready.wait(timeout) and any("worker ready" in line for line in self.lines)
+        if not ready or self.proc.poll() is not None:
             self.kill9()
             raise RuntimeError("worker did not start:\n" + "".join(self.lines))
         return self
