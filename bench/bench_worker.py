@@ -46,6 +46,12 @@ def photos(n: int) -> tuple[list[bytes], str]:
     return [lesion_jpeg(i, (600, 450)) for i in range(n)], "synthetic 600x450 JPEGs"
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), to show where the 2 cores go."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _ts(line: str) -> float | None:
     try:
         return datetime.strptime(json.loads(line)["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
@@ -61,18 +67,25 @@ def throughput(lb, app, bucket, model_dir, data: list[bytes], flags: list[str], 
     from firebase_admin import db
 
     worker = WorkerProcess(lb.settings(), model_dir, f"bench-{label}", ["--sweep-s", "1", *flags]).start()
+    cpu0 = (cpu_seconds(worker.proc.pid), cpu_seconds(lb.proc.pid))
     try:
         wait_until(lambda: all(c.get("status") in ("diagnosed", "failed")
                                for c in (db.reference(f"cases/{uid}", app=app).get() or {}).values())
                    and len(db.reference(f"cases/{uid}", app=app).get() or {}) == len(ids), "all cases", timeout=3600)
+        cpu1 = (cpu_seconds(worker.proc.pid), cpu_seconds(lb.proc.pid))
     finally:
         worker.terminate()
     claimed = [_ts(line) for line in worker.lines if '"event": "claimed"' in line]
     done = [_ts(line) for line in worker.lines if '"event": "diagnosed"' in line]
     batches = [json.loads(line).get("batch") for line in worker.lines if '"event": "diagnosed"' in line]
+    classified = [b for b in batches if b is not None]  # None: declined by the image checks, not classified
     elapsed = max(done) - min(claimed)
-    return {"label": label, "jobs": len(done), "seconds": round(elapsed, 2), "jobs_per_s": round(len(done) / elapsed, 2),
-            "mean_batch": round(float(np.mean(batches)), 1)}
+    return {"label": label, "jobs": len(done), "declined_by_checks": len(batches) - len(classified),
+            "seconds": round(elapsed, 2), "jobs_per_s": round(len(done) / elapsed, 2),
+            "mean_batch": round(float(np.mean(classified)), 1) if classified else None,
+            # CPU per job includes the worker's idle start-up wait (small) and everything localbase did.
+            "worker_cpu_ms_per_job": round((cpu1[0] - cpu0[0]) * 1000 / len(done)),
+            "localbase_cpu_ms_per_job": round((cpu1[1] - cpu0[1]) * 1000 / len(done))}
 
 
 def latency(lb, app, model_dir, data: list[bytes], rate: float, seconds: float, flags: list[str]) -> dict:
@@ -123,6 +136,7 @@ def latency(lb, app, model_dir, data: list[bytes], rate: float, seconds: float, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model directory (default: local models, else a tiny model)")
+    parser.add_argument("--tiny", action="store_true", help="use the tiny test model (measures the machinery alone)")
     parser.add_argument("--jobs", type=int, default=60)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rate", type=float, default=2.0, help="offered load for the latency run, jobs/s")
@@ -136,7 +150,7 @@ def main() -> int:
     from dermaloop.settings import load_settings
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-worker-"))
-    model_dir = Path(args.model) if args.model else None
+    model_dir = Path(args.model) if args.model else (tiny_model_dir(tmp / "tiny") if args.tiny else None)
     if model_dir is None:
         local = Path(load_settings().models_dir)
         from cloud_worker.cli import local_model_dir

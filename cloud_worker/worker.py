@@ -256,6 +256,9 @@ class Worker:
         handed_over = False
         try:
             t0 = time.perf_counter()
+            if not claim.uid or "/" in claim.uid:
+                self._settle(claim, permanent("case_missing", f"job has no valid uid: {claim.uid!r}"), case_exists=False)
+                return
             if claim.exhausted:
                 reason, _, detail = claim.last_error.partition(": ")
                 if reason not in REASONS:

@@ -11,6 +11,7 @@ import json
 import signal
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,3 +275,58 @@ def test_a_broken_model_directory_is_a_clear_error(localbase, tmp_path):
     worker = WorkerProcess(localbase.settings(), tmp_path, "w-broken", [])
     with pytest.raises(RuntimeError, match="cannot load the model"):
         worker.start()
+
+
+def _real_model_dir():
+    """The newest trained model directory (``dermaloop train`` / the run command), if this machine has one."""
+    import os
+
+    from cloud_worker.cli import local_model_dir
+    from dermaloop.settings import PROJECT_ROOT
+
+    for root in (os.environ.get("DERMALOOP_MODELS_DIR"), PROJECT_ROOT / "var" / "models"):
+        if root:
+            found = local_model_dir(Path(root))
+            if found is not None:
+                return found
+    return None
+
+
+def test_real_cloud_model_end_to_end_through_the_patient_path(localbase, app, main_worker, ham10000):
+    """The production path: a patient account, Storage /v0 upload and rules-checked case + job,
+    the trained cloud model with the image checks, Grad-CAM heatmap in Storage."""
+    model_dir = _real_model_dir()
+    if model_dir is None:
+        pytest.skip("no trained model directory on this machine (run `dermaloop train` or `dermaloop run`)")
+    from dermaloop.auth import create_user
+    from dermaloop.submit_cli import Patient
+
+    settings = localbase.settings()
+    email = f"real-{uuid.uuid4().hex[:6]}@dermaloop.test"
+    create_user(email, "real-pass-1", "patient", settings=settings)
+    patient = Patient(email, "real-pass-1", settings)
+    photo = sorted((ham10000 / "images").glob("*.jpg"))[0].read_bytes()
+    worker = WorkerProcess(settings, model_dir, "w-real", ["--sweep-s", "0.5"])
+    try:
+        main_worker.proc.send_signal(signal.SIGSTOP)  # the real model must answer this one
+        worker.start()
+        sent = patient.submit(photo, "ham.jpg")
+        results = {}
+        assert patient.wait([sent.case_id], lambda cid, case: results.update({cid: case}), timeout=300) == set()
+    finally:
+        main_worker.proc.send_signal(signal.SIGCONT)
+        worker.terminate()
+    case = results[sent.case_id]
+    assert case["status"] == "diagnosed", case.get("failure")
+    cloud = case["cloud"]
+    card = json.loads((model_dir / "card.json").read_text())
+    assert cloud["modelVersion"] == card["version"]
+    assert cloud["quality"] is not None and "ok" in cloud["quality"]  # the checks really ran
+    if cloud.get("top"):
+        assert len(cloud["top"]) == 3 and cloud["risk"] in ("low", "moderate", "high")
+        assert sum(cloud["probs"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert cloud["heatmapPath"] == f"cases/{patient.uid}/{sent.case_id}/heatmap.png"
+        heatmap = storage.bucket(app=app).blob(cloud["heatmapPath"]).download_as_bytes()
+        assert heatmap[:8] == b"\x89PNG\r\n\x1a\n"
+    else:  # declined by the checks: then it must say why
+        assert cloud["message"]
