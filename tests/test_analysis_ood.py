@@ -27,7 +27,7 @@ def analysis_model():
 def _p_lesion(model, img: Image.Image) -> float:
     from dermaloop.analysis.features import frame_input
 
-    return float(np.asarray(model(frame_input(img)[None], training=False))[0, 5])
+    return ood.untemper(float(np.asarray(model(frame_input(img)[None], training=False))[0, 5]))
 
 
 def test_head_file_is_consistent():
@@ -46,6 +46,10 @@ def test_probability_function_matches_logistic_formula():
     probs = ood.lesion_probability(np.ones((3, 1280)), head)
     assert probs.shape == (3,) and np.allclose(probs, 1 / (1 + np.exp(-0.5)))
     assert ood.is_lesion(0.5, head) and not ood.is_lesion(0.49, head)
+    # The device model's tempered output maps back to the same probability.
+    for z in (-6.0, 0.0, 3.0, 5.5):
+        tempered = 1 / (1 + np.exp(-z / ood.TEMPER))
+        assert ood.untemper(tempered) == pytest.approx(1 / (1 + np.exp(-z)), rel=1e-5)
 
 
 @pytest.mark.parametrize(("name", "img"), [

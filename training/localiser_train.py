@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "dermaloop" / "analysis" 
 HEAD_WEIGHTS = WEIGHTS_DIR / "localiser_head.npz"
 METRICS_FILE = WEIGHTS_DIR / "localiser_metrics.json"
 DEFAULT_CACHE = Path("var/cache/analysis/ham")
+DISTANT_CACHE = Path("var/cache/analysis/ham_distant")
 
 
 def box_loss(y_true, y_pred):
@@ -86,27 +88,37 @@ def _batches(maps, mid, boxes: np.ndarray, idx: np.ndarray, batch: int, seed: in
     return Batches()
 
 
-def train_head(cache_dir: Path = DEFAULT_CACHE, epochs: int = 30, seed: int = 0, use_mid: bool = True,
-               out: Path = HEAD_WEIGHTS) -> dict[str, Any]:
-    """Fit the head on the training lesions' cached features; measure on the held-out lesions."""
+def train_head(cache_dirs: Sequence[Path] = (DEFAULT_CACHE, DISTANT_CACHE), epochs: int = 30, seed: int = 0,
+               use_mid: bool = True, out: Path = HEAD_WEIGHTS) -> dict[str, Any]:
+    """Fit the head on the training lesions' cached features; measure on the held-out lesions.
+    Caches that do not exist are skipped (the distant-shot cache is optional)."""
     import keras
 
     from training.localiser_data import load_cache
 
-    loaded = load_cache(cache_dir)
-    if loaded is None:
-        raise FileNotFoundError(f"no feature cache in {cache_dir}: run python -m training.localiser_data --data DIR")
-    maps, boxes, meta = loaded
-    mid = None
-    if use_mid:
-        if not (Path(cache_dir) / "mid.npy").is_file():
-            raise FileNotFoundError(f"no mid-level cache in {cache_dir}: run python -m training.localiser_data --mid")
-        mid = np.load(Path(cache_dir) / "mid.npy", mmap_mode="r")
-    # Load the training part into memory once (float16), so batches do not hit the disk.
-    maps = np.asarray(maps)
-    mid = None if mid is None else np.asarray(mid)
-    split = np.array(meta["split"])
-    zoomed = np.array(meta["scale"]) < 1.0
+    parts = []
+    for cache_dir in cache_dirs:
+        loaded = load_cache(cache_dir)
+        if loaded is None:
+            continue
+        maps_i, boxes_i, meta_i = loaded
+        mid_i = None
+        if use_mid:
+            if not (Path(cache_dir) / "mid.npy").is_file():
+                raise FileNotFoundError(f"no mid-level cache in {cache_dir}: run python -m training.localiser_data --mid")
+            mid_i = np.load(Path(cache_dir) / "mid.npy", mmap_mode="r")
+        kind = np.full(len(boxes_i), meta_i.get("mode", "frames"), dtype="<U12")
+        kind[(kind == "frames") & (np.array(meta_i["scale"]) < 1.0)] = "zoomed_out"
+        kind[kind == "frames"] = "original"
+        parts.append((maps_i, mid_i, boxes_i, np.array(meta_i["split"]), kind))
+    if not parts:
+        raise FileNotFoundError(f"no feature cache in {list(cache_dirs)}: run python -m training.localiser_data --data DIR")
+    # Everything in memory once (float16), so batches do not hit the disk.
+    maps = np.concatenate([np.asarray(p[0]) for p in parts])
+    mid = np.concatenate([np.asarray(p[1]) for p in parts]) if use_mid else None
+    boxes = np.concatenate([p[2] for p in parts])
+    split = np.concatenate([p[3] for p in parts])
+    kind = np.concatenate([p[4] for p in parts])
     tr = np.flatnonzero(split == 0)
     va = np.flatnonzero(split == 1)
     keras.utils.set_random_seed(seed)
@@ -117,14 +129,17 @@ def train_head(cache_dir: Path = DEFAULT_CACHE, epochs: int = 30, seed: int = 0,
     head.fit(_batches(maps, mid, boxes, tr, 64, seed), epochs=epochs, verbose=2)
     x_va = _inputs(maps, mid, va)
     pred = head.predict(x_va if use_mid else x_va[0], batch_size=256, verbose=0)
-    base_box = np.median(boxes[tr][~zoomed[tr]], axis=0)  # baseline: the typical box, no model
+    base_box = np.median(boxes[tr][kind[tr] == "original"], axis=0)  # baseline: the typical box, no model
     results: dict[str, Any] = {"split": "lesion-grouped StratifiedGroupKFold(5, shuffle, seed 0), fold 0 = validation",
                                "train_items": int(len(tr)), "epochs": epochs,
                                "features": "lite0 7x7x1280" + (" + block10_add 14x14x112" if use_mid else "")}
-    for name, sel in (("val_original", ~zoomed[va]), ("val_zoomed_out", zoomed[va])):
-        results[name] = box_metrics(pred[sel], boxes[va][sel])
+    for name in ("original", "zoomed_out", "distant"):
+        sel = kind[va] == name
+        if not sel.any():
+            continue
+        results["val_" + name] = box_metrics(pred[sel], boxes[va][sel])
         const = np.concatenate([np.tile(base_box, (int(sel.sum()), 1)), np.ones((int(sel.sum()), 1))], 1)
-        results[name + "_baseline_median_box"] = box_metrics(const, boxes[va][sel])
+        results["val_" + name + "_baseline_median_box"] = box_metrics(const, boxes[va][sel])
     out.parent.mkdir(parents=True, exist_ok=True)
     save_head_weights(head, out)
     METRICS_FILE.write_text(json.dumps(results, indent=1) + "\n")
@@ -135,6 +150,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, help="HAM10000-layout folder (builds the feature cache if missing)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--distant-cache", type=Path, default=DISTANT_CACHE)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--no-mid", action="store_true", help="7x7 features only (no 14x14 mid-level map)")
     ap.add_argument("--export", type=Path, metavar="MODELS_DIR",
@@ -153,7 +169,9 @@ def main() -> None:
         if not args.data:
             ap.error(f"no mid-level cache in {args.cache}; pass --data")
         build_mid_cache(args.data, args.cache)
-    print(json.dumps(train_head(args.cache, args.epochs, use_mid=not args.no_mid), indent=1))
+    if not (args.distant_cache / "meta.json").is_file() and args.data:
+        build_cache(args.data, args.distant_cache, mode="distant")
+    print(json.dumps(train_head((args.cache, args.distant_cache), args.epochs, use_mid=not args.no_mid), indent=1))
 
 
 def _analysis_version(quantised: bool) -> str:

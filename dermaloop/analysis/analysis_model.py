@@ -2,8 +2,8 @@
 
 Keras assembly of the frozen ImageNet Lite0 trunk, the localiser head and the not-skin head, for
 export to a single TFLite file (``training/localiser_train.ensure_localiser``). Its single output is
-six numbers in [0, 1], ``[x0, y0, x1, y1, box_confidence, p_lesion]``, so the order cannot get lost
-in conversion.
+six numbers in [0, 1], ``[x0, y0, x1, y1, box_confidence, p_lesion_tempered]``, so the order cannot
+get lost in conversion (``ood.untemper`` turns the last one into P(lesion)).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 HEAD_WEIGHTS = WEIGHTS_DIR / "localiser_head.npz"
-OUTPUTS = ("x0", "y0", "x1", "y1", "box_confidence", "p_lesion")
+OUTPUTS = ("x0", "y0", "x1", "y1", "box_confidence", "p_lesion_tempered")
 
 
 def build_analysis_model(head_weights: str | Path = HEAD_WEIGHTS, ood_file: str | Path | None = None):
@@ -22,7 +22,7 @@ def build_analysis_model(head_weights: str | Path = HEAD_WEIGHTS, ood_file: str 
 
     from dermaloop.analysis.features import FRAME_SIZE, build_trunk
     from dermaloop.analysis.localiser import build_head, load_head_weights
-    from dermaloop.analysis.ood import load_head
+    from dermaloop.analysis.ood import TEMPER, load_head
 
     head_weights = Path(head_weights)
     if not head_weights.is_file():
@@ -43,6 +43,6 @@ def build_analysis_model(head_weights: str | Path = HEAD_WEIGHTS, ood_file: str 
     pooled = keras.layers.GlobalAveragePooling2D(name="pooled")(fmap)
     dense = keras.layers.Dense(1, activation="sigmoid", name="not_skin")
     p_lesion = dense(pooled)
-    dense.set_weights([np.asarray(ood["w"], np.float32)[:, None], np.array([ood["b"]], np.float32)])
+    dense.set_weights([np.asarray(ood["w"], np.float32)[:, None] / TEMPER, np.array([ood["b"] / TEMPER], np.float32)])
     outputs = keras.layers.Concatenate(name="analysis")([box, p_lesion])
     return keras.Model(inputs, outputs, name="dermaloop_analysis")

@@ -54,7 +54,7 @@ class Analyser:
 
     def __call__(self, img: Image.Image) -> tuple[Box, float, float]:
         out = next(iter(self.model(frame_input(img, self.model.input_size)).values()))
-        return clip_box(out[:4]), float(out[4]), float(out[5])
+        return clip_box(out[:4]), float(out[4]), ood.untemper(float(out[5]))
 
 
 @dataclass

@@ -19,6 +19,10 @@ import numpy as np
 
 OOD_FILE = Path(__file__).with_name("weights") / "ood_head.json"
 
+# The device model outputs sigmoid(logit / TEMPER): int8 outputs have 1/256 steps, and the decision
+# threshold sits near p = 0.99 where untempered steps would be too coarse to place it.
+TEMPER = 8.0
+
 MESSAGE = ("This does not look like a close-up photo of a skin spot. Photograph the spot itself, "
            "in focus and filling the middle of the picture.")
 
@@ -43,3 +47,9 @@ def lesion_probability(pooled: np.ndarray, head: dict[str, Any] | None = None) -
 
 def is_lesion(score: float, head: dict[str, Any] | None = None) -> bool:
     return bool(score >= (head or load_head())["threshold"])
+
+
+def untemper(p_tempered: float) -> float:
+    """P(lesion) from the device model's tempered output."""
+    q = float(np.clip(p_tempered, 1e-6, 1 - 1e-6))
+    return float(1.0 / (1.0 + np.exp(-TEMPER * np.log(q / (1 - q)))))

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
+from skimage.measure import blur_effect
 
 THUMB_SIDE = 150
 MIN_SIDE = 64  # below this there is nothing to judge
@@ -66,8 +68,6 @@ def thumbnail(img: Image.Image, side: int = THUMB_SIDE) -> Image.Image:
 def blur_features(grey: np.ndarray) -> np.ndarray:
     """Sharpness descriptors that survive rotation: sorted log directional gradient energies (motion
     blur removes energy along one direction only) and scikit-image's no-reference blur metric."""
-    from skimage.measure import blur_effect
-
     h, w = grey.shape
     c = grey[3:h - 3, 3:w - 3]
     energies = np.array([np.mean((grey[3 + dy:h - 3 + dy, 3 + dx:w - 3 + dx] - c) ** 2) for dy, dx in _OFFSETS])
@@ -93,8 +93,6 @@ def exposure_features(rgb: np.ndarray) -> np.ndarray:
 def glare_fraction(rgb: np.ndarray) -> float:
     """Share of the frame covered by specular blobs: nearly white, colourless patches that do not
     touch the frame's edge (flash reflections sit on the skin; white margins and vignettes do not)."""
-    from scipy import ndimage
-
     mx = rgb.max(axis=-1).astype(np.float32)
     mn = rgb.min(axis=-1).astype(np.float32)
     sat = (mx - mn) / np.maximum(mx, 1.0)
