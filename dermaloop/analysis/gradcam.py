@@ -40,8 +40,9 @@ def _find(model, layer_name: str):
     return None
 
 
-def _split_model(model, layer_name: str):
-    """A callable x -> (feature_map, output) differentiable end to end."""
+def split_model(model, layer_name: str = DEFAULT_LAYER):
+    """A callable x -> (feature_map, output) differentiable end to end (batched; the cloud worker
+    wraps it in its own tf.function for batched Grad-CAM)."""
     import keras
 
     found = _find(model, layer_name)
@@ -73,6 +74,9 @@ def _split_model(model, layer_name: str):
     return run
 
 
+_split_model = split_model  # earlier name, used by cloud_worker.model
+
+
 def _is_probabilities(out: np.ndarray) -> bool:
     return bool(np.all(out >= 0) and abs(float(out.sum()) - 1.0) < 1e-3)
 
@@ -85,7 +89,7 @@ def grad_cam(model, image: np.ndarray, class_index: int | None = None,
     x = np.asarray(image, np.float32)
     if x.ndim != 3 or x.shape[-1] != 3:
         raise ValueError(f"expected one (H, W, 3) image, got shape {x.shape}")
-    run = _split_model(model, layer_name)
+    run = split_model(model, layer_name)
     batch = tf.convert_to_tensor(x[None])
     with tf.GradientTape() as tape:
         fmap, out = run(batch)
