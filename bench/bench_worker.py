@@ -133,12 +133,44 @@ def latency(lb, app, model_dir, data: list[bytes], rate: float, seconds: float, 
             "max_ms": round(float(lat.max()))}
 
 
+def model_calls(model_dir: Path, data: list[bytes], repeats: int = 3) -> dict:
+    """Model time per image (probabilities + Grad-CAM): the eager per-image path a naive worker takes
+    (``model_dir`` predict, then ``gradcam.grad_cam``) vs the worker's compiled path, one image per
+    call and 16 per call. Best of ``repeats``, after a warm-up call."""
+    from cloud_worker.model import load_model
+    from cloud_worker.pipeline import NoAnalysis, prepare
+    from dermaloop.analysis.gradcam import grad_cam
+    from dermaloop.preprocess import to_model_input
+
+    model = load_model(model_dir)
+    pixels = np.stack([to_model_input(prepare(d, NoAnalysis()).image, config=model.preprocess) for d in data[:16]])
+
+    def best(fn, n: int) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return round(min(times) * 1000 / n, 1)
+
+    def eager_one() -> None:
+        probs = model.inner.predict(pixels[:1])
+        grad_cam(model.inner.model, pixels[0], int(np.argmax(probs[0])))
+
+    return {"eager_one_ms_per_image": best(eager_one, 1),
+            "compiled_one_ms_per_image": best(lambda: model.classify(pixels[:1]), 1),
+            "compiled_batch16_ms_per_image": best(lambda: model.classify(pixels), 16)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model directory (default: local models, else a tiny model)")
     parser.add_argument("--tiny", action="store_true", help="use the tiny test model (measures the machinery alone)")
     parser.add_argument("--jobs", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16],
+                        help="jobs in flight = batch size for the batched runs (compared with 1 = one at a time)")
+    parser.add_argument("--batch", type=int, default=8, help="jobs in flight = batch size for the latency run")
     parser.add_argument("--rate", type=float, default=2.0, help="offered load for the latency run, jobs/s")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--no-analysis", action="store_true", help="skip the image checks in the worker")
@@ -163,13 +195,14 @@ def main() -> int:
         data, source = photos(args.jobs)
         common = ["--no-analysis"] if args.no_analysis else []
         print(f"model {model_dir}; images: {source}", flush=True)
+        print(model_calls(model_dir, data), flush=True)
         one = throughput(lb, app, bucket, model_dir, data,
                          [*common, "--workers", "1", "--batch-size", "1"], "one-at-a-time")
         print(one, flush=True)
-        many = throughput(lb, app, bucket, model_dir, data,
-                          [*common, "--workers", str(args.batch), "--batch-size", str(args.batch)], "batched")
-        print(many, flush=True)
-        print(f"speed-up: {many['jobs_per_s'] / one['jobs_per_s']:.2f}x", flush=True)
+        for n in args.concurrency:
+            many = throughput(lb, app, bucket, model_dir, data,
+                              [*common, "--workers", str(n), "--batch-size", str(n)], f"batched-{n}")
+            print(many, f"speed-up {many['jobs_per_s'] / one['jobs_per_s']:.2f}x", flush=True)
         lat = latency(lb, app, model_dir, data, args.rate, args.seconds,
                       [*common, "--workers", str(args.batch), "--batch-size", str(args.batch)])
         print(lat, flush=True)

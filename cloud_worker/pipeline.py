@@ -148,7 +148,7 @@ def heatmap_png(item: Prepared, result: Inferred, max_side: int = 768, alpha: fl
     colours, weights = _lookup_tables(alpha)
     blended = np.asarray(photo, np.float32) * (1.0 - weights[level]) + colours[level] * weights[level]
     buf = io.BytesIO()
-    Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), "RGB").save(buf, format="PNG", compress_level=3)
+    Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), "RGB").save(buf, format="PNG", compress_level=1)  # 2x faster than 3, 4% bigger
     return buf.getvalue()
 
 

@@ -330,3 +330,22 @@ def test_real_cloud_model_end_to_end_through_the_patient_path(localbase, app, ma
         assert heatmap[:8] == b"\x89PNG\r\n\x1a\n"
     else:  # declined by the checks: then it must say why
         assert cloud["message"]
+
+
+def test_status_command_shows_each_workers_metrics(localbase, app, main_worker):
+    import os
+    import subprocess
+    import sys
+
+    from dermaloop.settings import PROJECT_ROOT
+
+    wait_until(lambda: (db.reference("workers/w-main", app=app).get() or {}).get("done"), "a heartbeat with work done")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FIREBASE_", "STORAGE_EMULATOR", "GOOGLE_APPLICATION"))}
+    env.update(localbase.settings().emulator_env())
+    done = subprocess.run([sys.executable, "-m", "dermaloop", "worker", "--status"], capture_output=True, text=True,
+                          env=env, cwd=PROJECT_ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)["w-main"]
+    assert status["state"] == "running" and status["modelVersion"] == "tiny-1"
+    assert status["done"] >= 1 and "queueDepth" in status and "latencyMs" in status
+    assert set(status["latencyMs"]) == {"p50", "p95", "n"}
