@@ -82,8 +82,8 @@ def main() -> None:
         rows.append(("crop + resize to classifier input",
                      *_median_ms(lambda: to_model_input(decoded, box=box, config=classifier.config), args.runs)))
         pixels = to_model_input(decoded, box=box, config=classifier.config)
-        rows.append((f"classifier {classifier.model.path.name} invoke",
-                     *_median_ms(lambda: classifier.model(pixels), args.runs)))
+        rows.append((f"classifier {classifier.path.name} invoke",
+                     *_median_ms(lambda: classifier.model.predict(pixels[None]), args.runs)))
     best = loaded.get("analysis_int8.tflite") or next(iter(loaded.values()))
     with_loc = DevicePath(best, classifier)
     without = DevicePath(None, classifier)
@@ -96,7 +96,7 @@ def main() -> None:
     print("|---|---|---|")
     for name, med, p90 in rows:
         print(f"| {name} | {med:.1f} | {p90:.1f} |")
-    print(json.dumps({"classifier": None if classifier is None else str(classifier.model.path)}))
+    print(json.dumps({"classifier": None if classifier is None else str(classifier.path)}))
 
 
 if __name__ == "__main__":

@@ -68,9 +68,14 @@ def evaluate(data_dir: str | Path, tflite: str | Path, n_quality: int = 500, see
             img = im.convert("RGB")
         for name, variant, _ in degraded_variants(img, rec.box, rng):
             box, conf, p = analyser(variant)
-            used = box if (p >= analyser.threshold and conf >= MIN_CONFIDENCE) else None
-            counts.setdefault(name, []).append(int(not quality.assess(variant, used).ok))
-    out["quality_with_model_boxes"] = {k: {"n": len(v), "flag_rate": float(np.mean(v))} for k, v in counts.items()}
+            lesion = p >= analyser.threshold
+            used = box if (lesion and conf >= MIN_CONFIDENCE) else None
+            ok = quality.assess(variant, used).ok
+            # flagged by the gate; declined by the device path (gate or not-skin: not classified)
+            counts.setdefault(name, []).append((int(not ok), int(not ok or not lesion)))
+    out["quality_with_model_boxes"] = {
+        k: {"n": len(v), "flag_rate": float(np.mean([a for a, _ in v])),
+            "declined_rate_gate_or_not_skin": float(np.mean([b for _, b in v]))} for k, v in counts.items()}
     return out
 
 

@@ -183,19 +183,35 @@ def _analysis_version(quantised: bool) -> str:
     return f"loc-{digest}-{'int8' if quantised else 'fp32'}"
 
 
-def _representative_frames(data_dir: Path, n: int = 200, seed: int = 0):
-    """Calibration frames for int8: whole HAM10000 training-split frames (never validation)."""
+def _representative_frames(data_dir: Path, n: int = 240, seed: int = 0):
+    """Calibration frames for int8, covering every output range the model must represent: whole
+    HAM10000 training-split frames (never validation), zoomed-out and far-shot copies (small boxes),
+    and not-skin pictures (low lesion scores). Without the small ones, int8 clips small box sizes."""
     from PIL import Image
 
+    from dermaloop.analysis import degrade
     from dermaloop.analysis.features import frame_input
     from dermaloop.analysis.hamdata import lesion_split, read_records
+    from training.ood_negatives import document, noise, random_crop, sample_photos
 
     records = read_records(data_dir)
     train_idx, _ = lesion_split(records)
     rng = np.random.default_rng(seed)
-    for i in rng.choice(train_idx, size=min(n, len(train_idx)), replace=False):
+    for k, i in enumerate(rng.choice(train_idx, size=min(n, len(train_idx)), replace=False)):
         with Image.open(records[i].path) as im:
-            yield frame_input(im.convert("RGB"))[None]
+            img = im.convert("RGB")
+        if k % 3 == 1:
+            img, _ = degrade.zoom_out(img, records[i].box, float(rng.uniform(0.25, 0.8)))
+        elif k % 3 == 2:
+            img, _ = degrade.downscale_lesion(img, records[i].box, float(rng.uniform(0.05, 0.22)))
+        yield frame_input(img)[None]
+    photos = sample_photos()
+    for k in range(n // 6):
+        if k % 3 == 0:
+            img = random_crop(photos[int(rng.integers(len(photos)))][1], rng)
+        else:
+            img = document(rng) if k % 3 == 1 else noise(rng, "gaussian")
+        yield frame_input(img)[None]
 
 
 def export_tflite(out_dir: Path, data_dir: Path | None = None) -> Path:
