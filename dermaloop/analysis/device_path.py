@@ -3,9 +3,11 @@
 decode -> analyse (one trunk pass: lesion box + not-skin score) -> quality gate -> crop -> classify.
 This is what the patient app runs offline and what ``dermaloop diagnose`` prints. Policy:
 
-* not a skin lesion: nothing is classified; the user is told what to photograph instead;
 * blurred or too small to judge: nothing is classified; the user is told how to retake it;
-* too dark / too bright: the exposure is corrected by a gamma before cropping, and flagged;
+* too dark / too bright: flagged; the exposure is corrected by a gamma and the corrected photo is
+  analysed again and cropped (a retake is better, but better light is not always at hand);
+* not a skin lesion: nothing is classified; the user is told what to photograph instead (or, when
+  the exposure is off, how to fix that first);
 * glare, small or off-centre lesion: classified on the auto-crop, and flagged so the app can suggest
   a retake (the crop already narrows the field of view, as the seed systems recommend);
 * an unsure localiser (low confidence): the classifier sees the centre square instead of a crop.
@@ -108,51 +110,72 @@ class DevicePath:
         img = source if isinstance(source, Image.Image) else self.load(source)
         if img.mode != "RGB":
             img = img.convert("RGB")
+        source_img = img
         timings["decode"] = _ms(t)
 
         box: Box | None = None
         box_conf: float | None = None
-        score, is_lesion = float("nan"), True
-        if self.analyser is not None and min(img.size) >= quality.MIN_SIDE:
+        score, is_lesion = float("nan"), self.analyser is None
+        analysable = min(img.size) >= quality.MIN_SIDE
+        if self.analyser is not None and analysable:
             t = time.perf_counter()
-            raw_box, box_conf, score = self.analyser(img)
-            is_lesion = score >= self.analyser.threshold
-            box = raw_box if (is_lesion and box_conf >= MIN_CONFIDENCE) else None
+            box, box_conf, score, is_lesion = self._analyse(img)
             timings["analyse"] = _ms(t)
 
         t = time.perf_counter()
         report = quality.assess(img, box)
         timings["quality"] = _ms(t)
 
+        corrections: dict[str, float] = {}
+        if set(report.issues) & EXPOSURE_ISSUES and analysable:
+            # A corrected exposure is judged more reliably: analyse it again and crop from it.
+            t = time.perf_counter()
+            img, corrections["gamma"] = quality.correct_exposure(img)
+            if self.analyser is not None:
+                box, box_conf, score, is_lesion = self._analyse(img)
+                report = quality.assess(source_img, box)  # issues of the photo as taken, new box
+            timings["correct"] = _ms(t)
+
         result = DeviceResult(report, is_lesion, score, box, box_conf, None, [], None, timings,
-                              model_version=getattr(self.classifier, "version", None))
-        if self.analyser is not None and not np.isfinite(score):
-            is_lesion = False  # too small to analyse at all
-            result.is_lesion = False
-        if "low_resolution" in report.issues:
-            result.message = " ".join(report.messages)  # nothing can be judged, even when forced
-        elif not is_lesion and not force:
-            result.message = ood.MESSAGE
-        elif set(report.issues) & BLOCKING_ISSUES and not force:
-            result.message = " ".join(report.messages)
-        elif self.classifier is None:
+                              corrections=corrections, model_version=getattr(self.classifier, "version", None))
+        classify, result.message = decide(report, is_lesion, force)
+        if classify and self.classifier is None:
             result.message = "No device model available: only the photo checks ran."
-        else:
-            if set(report.issues) & EXPOSURE_ISSUES:
-                t = time.perf_counter()
-                img, g = quality.correct_exposure(img)
-                result.corrections["gamma"] = g
-                timings["correct"] = _ms(t)
+        elif classify:
             result.crop = crop_fractions(img.size, box)
             t = time.perf_counter()
             top, risk, sub = self.classifier.classify(img, box)
             timings.update(sub)
             timings["classify"] = _ms(t)
             result.top, result.risk = top, risk
-            if report.issues:
-                result.message = " ".join(report.messages)
         timings["total"] = _ms(t_all)
         return result
+
+    def _analyse(self, img: Image.Image) -> tuple[Box | None, float, float, bool]:
+        """(box if trusted, box confidence, P(lesion), is a lesion)."""
+        assert self.analyser is not None
+        raw_box, conf, score = self.analyser(img)
+        is_lesion = bool(score >= self.analyser.threshold)
+        return (raw_box if is_lesion and conf >= MIN_CONFIDENCE else None), conf, score, is_lesion
+
+
+def decide(report: quality.QualityReport, is_lesion: bool, force: bool = False) -> tuple[bool, str | None]:
+    """(classify?, message for the user): the one policy shared by the device path and the worker.
+
+    A photo that cannot be judged is never classified. A blurred photo gets the retake instruction,
+    not the generic "this does not look like a skin spot" (blur also lowers the lesion score); a
+    badly exposed one that still fails after correction gets both messages."""
+    issues = set(report.issues)
+    quality_message = " ".join(report.messages) or None
+    if "low_resolution" in issues:
+        return False, quality_message
+    if force:
+        return True, quality_message
+    if issues & BLOCKING_ISSUES:
+        return False, quality_message
+    if not is_lesion:  # (judged on the exposure-corrected photo when the exposure was off)
+        return False, ood.MESSAGE + (" " + quality_message if quality_message and issues & EXPOSURE_ISSUES else "")
+    return True, quality_message
 
 
 def _ms(t0: float) -> float:
