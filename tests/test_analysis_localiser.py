@@ -4,7 +4,6 @@ trained model on example photos (and on real HAM10000 photos where present)."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,6 @@ from PIL import Image
 
 from dermaloop.analysis import localiser
 from dermaloop.analysis.examples import lesion_photo
-
-HAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
 
 
 def test_iou_basics():
@@ -133,11 +130,10 @@ def test_trained_localiser_finds_the_example_spot(analysis_model, size, box):
 
 
 @pytest.mark.ham10000
-@pytest.mark.skipif(not HAM.is_dir(), reason=f"HAM10000 folder not present at {HAM}")
-def test_trained_localiser_on_held_out_real_photos(analysis_model):
+def test_trained_localiser_on_held_out_real_photos(analysis_model, ham10000):
     from dermaloop.analysis.hamdata import lesion_split, read_records
 
-    records = read_records(HAM)
+    records = read_records(ham10000)
     _, val = lesion_split(records)
     chosen = [records[i] for i in val[::50][:30]]
     ious = [localiser.iou(_predict(analysis_model, Image.open(r.path).convert("RGB"))[:4], np.array(r.box))

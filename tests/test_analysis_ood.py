@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from dermaloop.analysis import ood
 from dermaloop.analysis.examples import blank_photo, document_photo, noise_photo
-
-HAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +67,10 @@ def test_everyday_photo_is_rejected(analysis_model):
 
 
 @pytest.mark.ham10000
-@pytest.mark.skipif(not HAM.is_dir(), reason=f"HAM10000 folder not present at {HAM}")
-def test_real_lesions_are_kept(analysis_model):
+def test_real_lesions_are_kept(analysis_model, ham10000):
     from dermaloop.analysis.hamdata import lesion_split, read_records
 
-    records = read_records(HAM)
+    records = read_records(ham10000)
     _, val = lesion_split(records)
     kept = [ood.is_lesion(_p_lesion(analysis_model, Image.open(records[i].path).convert("RGB")))
             for i in val[::67][:30]]

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from dermaloop.analysis import degrade, quality
 from dermaloop.analysis.examples import lesion_photo
-
-HAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +88,10 @@ def test_calibration_file_records_its_evidence():
 
 
 @pytest.mark.ham10000
-@pytest.mark.skipif(not HAM.is_dir(), reason=f"HAM10000 folder not present at {HAM}")
-def test_real_photos_clean_pass_and_blurred_fail():
+def test_real_photos_clean_pass_and_blurred_fail(ham10000):
     from dermaloop.analysis.hamdata import lesion_split, read_records
 
-    records = read_records(HAM)
+    records = read_records(ham10000)
     _, val = lesion_split(records)
     chosen = [records[i] for i in val[::97][:20]]
     clean_ok = blurred = dark = 0
