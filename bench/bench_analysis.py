@@ -68,7 +68,7 @@ def main() -> None:
 
         analysers.append(ensure_localiser(Path("var/models")))
         if args.data.is_dir():
-            analysers.append(ensure_localiser(Path("var/models"), args.data))
+            analysers.append(ensure_localiser(Path("var/models"), args.data, int8=True))
     loaded = {}
     for path in analysers:
         a = Analyser(path, threads=1)
@@ -84,13 +84,13 @@ def main() -> None:
         pixels = to_model_input(decoded, box=box, config=classifier.config)
         rows.append((f"classifier {classifier.path.name} invoke",
                      *_median_ms(lambda: classifier.model.predict(pixels[None]), args.runs)))
-    best = loaded.get("analysis_int8.tflite") or next(iter(loaded.values()))
-    with_loc = DevicePath(best, classifier)
     without = DevicePath(None, classifier)
     rows.append(("whole device path WITHOUT localisation (baseline)",
                  *_median_ms(lambda: without.run(jpeg, force=True), args.runs)))
-    rows.append((f"whole device path WITH localisation ({best.path.name})",
-                 *_median_ms(lambda: with_loc.run(jpeg, force=True), args.runs)))
+    for name, analyser in loaded.items():
+        with_loc = DevicePath(analyser, classifier)
+        rows.append((f"whole device path WITH localisation ({name})",
+                     *_median_ms(lambda p=with_loc: p.run(jpeg, force=True), args.runs)))
 
     print(f"| step (one thread, {args.runs} runs) | median ms | p90 ms |")
     print("|---|---|---|")
