@@ -188,26 +188,31 @@ def main() -> int:
         from cloud_worker.cli import local_model_dir
 
         model_dir = local_model_dir(local) or tiny_model_dir(tmp / "tiny")
-    lb = LocalbaseProcess(data_dir=tmp / "localbase").start()
-    try:
-        app = get_app(lb.settings(), name="bench")
-        bucket = storage.bucket(app=app)
-        data, source = photos(args.jobs)
-        common = ["--no-analysis"] if args.no_analysis else []
-        print(f"model {model_dir}; images: {source}", flush=True)
-        print(model_calls(model_dir, data), flush=True)
-        one = throughput(lb, app, bucket, model_dir, data,
-                         [*common, "--workers", "1", "--batch-size", "1"], "one-at-a-time")
-        print(one, flush=True)
-        for n in args.concurrency:
-            many = throughput(lb, app, bucket, model_dir, data,
-                              [*common, "--workers", str(n), "--batch-size", str(n)], f"batched-{n}")
-            print(many, f"speed-up {many['jobs_per_s'] / one['jobs_per_s']:.2f}x", flush=True)
-        lat = latency(lb, app, model_dir, data, args.rate, args.seconds,
-                      [*common, "--workers", str(args.batch), "--batch-size", str(args.batch)])
-        print(lat, flush=True)
-    finally:
-        lb.stop()
+    data, source = photos(args.jobs)
+    common = ["--no-analysis"] if args.no_analysis else []
+    print(f"model {model_dir}; images: {source}", flush=True)
+    print(model_calls(model_dir, data), flush=True)
+
+    def fresh(phase: str, run):
+        """Each phase on its own fresh localbase, so no phase pays for the queue another one left."""
+        lb = LocalbaseProcess(data_dir=tmp / f"localbase-{phase}").start()
+        try:
+            app = get_app(lb.settings(), name=f"bench-{phase}")
+            return run(lb, app, storage.bucket(app=app))
+        finally:
+            lb.stop()
+
+    one = fresh("one", lambda lb, app, bucket: throughput(
+        lb, app, bucket, model_dir, data, [*common, "--workers", "1", "--batch-size", "1"], "one-at-a-time"))
+    print(one, flush=True)
+    for n in args.concurrency:
+        many = fresh(f"b{n}", lambda lb, app, bucket, n=n: throughput(
+            lb, app, bucket, model_dir, data, [*common, "--workers", str(n), "--batch-size", str(n)], f"batched-{n}"))
+        print(many, f"speed-up {many['jobs_per_s'] / one['jobs_per_s']:.2f}x", flush=True)
+    lat = fresh("latency", lambda lb, app, bucket: latency(
+        lb, app, model_dir, data, args.rate, args.seconds,
+        [*common, "--workers", str(args.batch), "--batch-size", str(args.batch)]))
+    print(lat, flush=True)
     return 0
 
 

@@ -70,7 +70,7 @@ class KerasCloudModel:
     def _build(self) -> None:
         import tensorflow as tf
 
-        from dermaloop.analysis.gradcam import DEFAULT_LAYER, _split_model
+        from dermaloop.analysis.gradcam import DEFAULT_LAYER, split_model
 
         model = self.inner.model
         size = self.preprocess.size
@@ -80,7 +80,7 @@ class KerasCloudModel:
         self._forward = tf.function(lambda x: model(x, training=False), input_signature=[images])
         self._explain_own = self._explain_given = None
         try:
-            run = _split_model(model, DEFAULT_LAYER)
+            run = split_model(model, DEFAULT_LAYER)
         except ValueError:  # the network has no such layer: probabilities only
             run = None
         if run is not None:
