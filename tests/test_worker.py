@@ -177,19 +177,23 @@ def test_poison_uploads_fail_with_reasons_while_good_jobs_go_on(app, bucket, mai
     for name, (data, digest, _) in poison.items():
         ids[name] = new_push_id()
         seed_case(app, bucket, uid, ids[name], data, sha256=digest)
+    ids["missing object"] = new_push_id()
+    seed_case(app, bucket, uid, ids["missing object"], good, upload=False)
     good_ids = []
     for i in range(6):
         good_ids.append(new_push_id())
         seed_case(app, bucket, uid, good_ids[-1], lesion_jpeg(200 + i))
     cases = wait_until(lambda: _settled(app, uid, [*ids.values(), *good_ids]), "every case to settle")
 
-    for name, (_, _, reason) in poison.items():
+    expected = {name: reason for name, (_, _, reason) in poison.items()} | {"missing object": "missing_upload"}
+    for name, reason in expected.items():
         case = cases[ids[name]]
         assert case["status"] == "failed", name
         assert case["failure"]["reason"] == reason, (name, case["failure"])
         assert reason in REASONS and case["failure"]["detail"]
         assert "cloud" not in case
     assert cases[ids["wrong hash"]]["failure"]["attempts"] == 2  # transient: retried once, then failed
+    assert cases[ids["missing object"]]["failure"]["attempts"] == 2
     assert cases[ids["text file"]]["failure"]["attempts"] == 1  # permanent: no pointless retries
     assert all(cases[c]["status"] == "diagnosed" for c in good_ids)
     assert main_worker.proc.poll() is None  # still serving

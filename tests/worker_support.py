@@ -79,11 +79,12 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def seed_case(app, bucket, uid: str, case_id: str, data: bytes, sha256: str | None = None,
-              content_type: str = "image/jpeg", device: dict[str, Any] | None = None) -> None:
+              content_type: str = "image/jpeg", device: dict[str, Any] | None = None, upload: bool = True) -> None:
     """Upload the photo and write case + job in one multi-path update: the state a finished upload
     leaves behind (done as admin here; the submit tests do it as the patient under the rules)."""
     path = f"cases/{uid}/{case_id}/image.jpg"
-    bucket.blob(path).upload_from_string(data, content_type=content_type)
+    if upload:  # False: the case points at an object that is not there
+        bucket.blob(path).upload_from_string(data, content_type=content_type)
     case = {
         "caseId": case_id, "patientUid": uid, "createdAt": {".sv": "timestamp"}, "status": "queued",
         "consent": {"research": False, "at": {".sv": "timestamp"}},
