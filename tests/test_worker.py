@@ -353,3 +353,54 @@ def test_status_command_shows_each_workers_metrics(localbase, app, main_worker):
     assert status["state"] == "running" and status["modelVersion"] == "tiny-1"
     assert status["done"] >= 1 and "queueDepth" in status and "latencyMs" in status
     assert set(status["latencyMs"]) == {"p50", "p95", "n"}
+
+
+def _nan_model_dir(path: Path) -> Path:
+    """A real Keras model that returns NaN for near-white photos (a model error on one input) and
+    uniform probabilities otherwise, in the model-directory layout."""
+    import keras
+
+    from dermaloop.risk import RiskPolicy
+    from dermaloop.taxonomy import TAXONOMY_DIR
+
+    (path / "cloud").mkdir(parents=True, exist_ok=True)
+    taxonomy = load_taxonomy("ham10000")
+    n = len(taxonomy)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    gate = keras.layers.Dense(1, activation="relu", name="gate")(x)  # > 0 only for near-white photos
+    huge = keras.layers.Dense(n, name="huge")(gate)
+    overflow = keras.layers.Dense(n, name="overflow")(huge)  # 1e30 * 1e30 = inf -> softmax NaN
+    model = keras.Model(inputs, keras.layers.Softmax()(overflow))
+    model.get_layer("gate").set_weights([np.full((3, 1), 1 / 3, np.float32), np.array([-0.95], np.float32)])
+    model.get_layer("huge").set_weights([np.full((1, n), 1e30, np.float32), np.zeros(n, np.float32)])
+    model.get_layer("overflow").set_weights([np.eye(n, dtype=np.float32) * 1e30, np.zeros(n, np.float32)])
+    model.save(path / "cloud" / "model.keras")
+    (path / "labels.json").write_text((TAXONOMY_DIR / "ham10000.json").read_text())
+    policy = RiskPolicy(1.0, tuple(taxonomy.malignant_mask), 0.3, 0.5)
+    (path / "card.json").write_text(json.dumps({"version": "nan-1", "cloud": {"preprocess": {"size": 16},
+                                                "risk": policy.to_dict(), "tta": []}}))
+    return path
+
+
+def test_a_model_error_on_one_photo_fails_that_case_only(app, bucket, localbase, tmp_path, main_worker):
+    uid = "patient-model-error"
+    white = io.BytesIO()
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(white, format="JPEG")
+    bad, good = new_push_id(), [new_push_id() for _ in range(3)]
+    worker = WorkerProcess(localbase.settings(), _nan_model_dir(tmp_path / "nan"), "w-nan",
+                           [*FAST, "--max-attempts", "2", "--batch-wait-ms", "300"])
+    try:
+        main_worker.proc.send_signal(signal.SIGSTOP)
+        worker.start()
+        seed_case(app, bucket, uid, bad, white.getvalue())
+        for i, case_id in enumerate(good):
+            seed_case(app, bucket, uid, case_id, lesion_jpeg(300 + i))
+        cases = wait_until(lambda: _settled(app, uid, [bad, *good]), "every case to settle")
+    finally:
+        main_worker.proc.send_signal(signal.SIGCONT)
+        worker.kill9()
+    assert cases[bad]["status"] == "failed"
+    assert cases[bad]["failure"]["reason"] == "model_error" and cases[bad]["failure"]["attempts"] == 2
+    assert "non-finite" in cases[bad]["failure"]["detail"]
+    assert all(cases[c]["status"] == "diagnosed" and cases[c]["cloud"]["modelVersion"] == "nan-1" for c in good)
