@@ -87,6 +87,11 @@ def _status(app) -> int:
     from firebase_admin import db
 
     workers = db.reference("workers", app=app).get() or {}
+    now = time.time() * 1000
+    for beat in workers.values():
+        if isinstance(beat, dict) and isinstance(beat.get("updatedAt"), (int, float)):
+            # A worker killed with -9 leaves its last heartbeat behind: show how old each one is.
+            beat["secondsSinceHeartbeat"] = round((now - beat["updatedAt"]) / 1000, 1)
     print(json.dumps(workers, indent=2, sort_keys=True))
     return 0
 

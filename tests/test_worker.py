@@ -353,6 +353,7 @@ def test_status_command_shows_each_workers_metrics(localbase, app, main_worker):
     assert status["state"] == "running" and status["modelVersion"] == "tiny-1"
     assert status["done"] >= 1 and "queueDepth" in status and "latencyMs" in status
     assert set(status["latencyMs"]) == {"p50", "p95", "n"}
+    assert status["secondsSinceHeartbeat"] >= 0
 
 
 def _nan_model_dir(path: Path) -> Path:
