@@ -405,3 +405,17 @@ def test_a_model_error_on_one_photo_fails_that_case_only(app, bucket, localbase,
     assert cases[bad]["failure"]["reason"] == "model_error" and cases[bad]["failure"]["attempts"] == 2
     assert "non-finite" in cases[bad]["failure"]["detail"]
     assert all(cases[c]["status"] == "diagnosed" and cases[c]["cloud"]["modelVersion"] == "nan-1" for c in good)
+
+
+def test_jobs_are_not_missed_across_a_backend_restart(app, bucket, localbase, main_worker):
+    """The worker's stream drops when the backend restarts; the reconnect and the sweep still find
+    jobs created meanwhile and afterwards."""
+    uid = "patient-restart"
+    localbase.stop()
+    localbase.start()  # same data directory and ports
+    first, second = new_push_id(), new_push_id()
+    seed_case(app, bucket, uid, first, lesion_jpeg(21))
+    wait_until(lambda: _case(app, uid, first).get("status") == "diagnosed", "a job created after the restart")
+    seed_case(app, bucket, uid, second, lesion_jpeg(22))
+    wait_until(lambda: _case(app, uid, second).get("status") == "diagnosed", "the next job")
+    assert main_worker.proc.poll() is None
