@@ -33,3 +33,16 @@ def test_policy(issues, is_lesion, force, classify, says):
         assert says in message
     if not is_lesion and not force and "blurry" not in issues and "low_resolution" not in issues:
         assert message.startswith(ood.MESSAGE)
+
+
+def test_device_modules_need_only_numpy_and_pillow():
+    """Flet's phone builds have numpy and Pillow but not SciPy, scikit-image, scikit-learn or TF."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dermaloop.analysis.device_path, dermaloop.analysis.device_classifier, "
+            "dermaloop.analysis.quality, dermaloop.analysis.ood, dermaloop.analysis.localiser; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'scipy', 'skimage', 'sklearn', 'tensorflow', 'keras', 'matplotlib'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -5,7 +5,8 @@ take a better one. Thresholds are not guessed: ``quality_calibrate`` fits them o
 training images and synthetic degradations of them (blur, gamma, distant shots) and writes
 ``quality_calibration.json`` next to this file; the figures on the validation split are in
 docs/MODEL_REPORT.md. Checks run on a small thumbnail (shorter side ``THUMB_SIDE``), so they cost a
-few milliseconds whatever the camera resolution.
+few milliseconds whatever the camera resolution. Runtime code here needs only numpy and Pillow, the
+image libraries that exist in Flet's phone builds (SciPy and scikit-image do not).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
-from skimage.measure import blur_effect
 
 THUMB_SIDE = 150
 MIN_SIDE = 64  # below this there is nothing to judge
@@ -65,16 +64,50 @@ def thumbnail(img: Image.Image, side: int = THUMB_SIDE) -> Image.Image:
                       reducing_gap=2.0)
 
 
+def _box_blur(a: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Moving average along one axis (reflected edges), by cumulative sums."""
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (size // 2, size - 1 - size // 2)
+    c = np.cumsum(np.pad(a, pad, mode="symmetric"), axis=axis, dtype=np.float64)
+    c = np.concatenate([np.zeros_like(np.take(c, [0], axis=axis)), c], axis=axis)
+    n = a.shape[axis]
+    return (np.take(c, np.arange(size, size + n), axis=axis) - np.take(c, np.arange(n), axis=axis)) / size
+
+
+def _sobel(a: np.ndarray, axis: int) -> np.ndarray:
+    """Sobel derivative along ``axis`` (smoothed [1, 2, 1] across it), edges replicated."""
+    p = np.pad(a, 1, mode="edge")
+    if axis == 0:
+        d = p[2:, :] - p[:-2, :]
+        return (d[:, :-2] + 2 * d[:, 1:-1] + d[:, 2:]) / 4.0
+    d = p[:, 2:] - p[:, :-2]
+    return (d[:-2, :] + 2 * d[1:-1, :] + d[2:, :]) / 4.0
+
+
+def blur_metric(grey: np.ndarray, size: int = 11) -> float:
+    """No-reference blur (Crete et al., SPIE 2007): how much of the image's gradient survives a
+    further box blur. 0 = sharp, 1 = as blurred as it can get; the worse of the two axes."""
+    scores = []
+    inner = (slice(2, grey.shape[0] - 1), slice(2, grey.shape[1] - 1))
+    for axis in (0, 1):
+        sharp = np.abs(_sobel(grey, axis))
+        blurred = np.abs(_sobel(_box_blur(grey, size, axis), axis))
+        variation = np.maximum(0.0, sharp - blurred)
+        total = float(sharp[inner].sum())
+        scores.append(abs(total - float(variation[inner].sum())) / max(total, 1e-12))
+    return float(max(scores))
+
+
 def blur_features(grey: np.ndarray) -> np.ndarray:
     """Sharpness descriptors that survive rotation: sorted log directional gradient energies (motion
-    blur removes energy along one direction only) and scikit-image's no-reference blur metric."""
+    blur removes energy along one direction only) and the no-reference blur metric."""
     h, w = grey.shape
     c = grey[3:h - 3, 3:w - 3]
     energies = np.array([np.mean((grey[3 + dy:h - 3 + dy, 3 + dx:w - 3 + dx] - c) ** 2) for dy, dx in _OFFSETS])
     e = np.log(energies + 1e-8)
     top = e[:4].max()
     return np.concatenate([np.sort(e[:4]) - top, np.sort(e[4:8]) - top, np.sort(e[8:]) - top,
-                           [top, blur_effect(grey)]]).astype(np.float64)
+                           [top, blur_metric(grey)]]).astype(np.float64)
 
 
 def exposure_features(rgb: np.ndarray) -> np.ndarray:
@@ -90,23 +123,35 @@ def exposure_features(rgb: np.ndarray) -> np.ndarray:
     return np.concatenate([p, [clipped, crushed, float(sat.mean()), float(np.percentile(sat, 90))], chroma]).astype(np.float64)
 
 
+def _interior(mask: np.ndarray) -> np.ndarray:
+    """The parts of ``mask`` not 4-connected to the frame's edge (iterative propagation in numpy)."""
+    reach = np.zeros_like(mask)
+    reach[0], reach[-1], reach[:, 0], reach[:, -1] = mask[0], mask[-1], mask[:, 0], mask[:, -1]
+    for _ in range(4 * sum(mask.shape)):
+        grown = reach.copy()
+        grown[1:] |= reach[:-1]
+        grown[:-1] |= reach[1:]
+        grown[:, 1:] |= reach[:, :-1]
+        grown[:, :-1] |= reach[:, 1:]
+        grown &= mask
+        if np.array_equal(grown, reach):
+            break
+        reach = grown
+    return mask & ~reach
+
+
 def glare_fraction(rgb: np.ndarray) -> float:
-    """Share of the frame covered by specular blobs: nearly white, colourless patches that do not
-    touch the frame's edge (flash reflections sit on the skin; white margins and vignettes do not)."""
+    """Share of the frame covered by specular patches: nearly white, colourless pixels that are not
+    connected to the frame's edge (flash reflections sit on the skin; white margins and vignettes
+    touch the edge). A white area over a fifth of the frame is over-exposure, not glare."""
     mx = rgb.max(axis=-1).astype(np.float32)
     mn = rgb.min(axis=-1).astype(np.float32)
     sat = (mx - mn) / np.maximum(mx, 1.0)
     white = (mx >= 240) & (sat <= 0.12)
-    labels, n = ndimage.label(white)
-    if n == 0:
+    if not white.any():
         return 0.0
-    h, w = white.shape
-    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    sizes = np.asarray(ndimage.sum(white, labels, np.arange(1, n + 1)))
-    keep = np.ones(n, bool)
-    keep[edge[edge > 0] - 1] = False
-    keep &= sizes < 0.2 * h * w  # a white wall is over-exposure, not glare
-    return float(sizes[keep].sum() / (h * w))
+    share = float(_interior(white).mean())
+    return 0.0 if share >= 0.2 else share
 
 
 def box_geometry(box: tuple[float, float, float, float], size: tuple[int, int]) -> tuple[float, float]:
