@@ -81,6 +81,7 @@ class JobQueue:
         self.lease_ms = lease_ms
         self.max_attempts = max_attempts
         self._indexed = True
+        self.open_count: int | None = None
 
     def ref(self, path: str = "/") -> db.Reference:
         return db.reference(path, app=self.app)
@@ -110,12 +111,14 @@ class JobQueue:
     def due_job_ids(self, now: int | None = None) -> list[str]:
         """Jobs any worker may claim now: the sweep that catches what the listener missed."""
         now = now_ms() if now is None else now
-        due = [case_id for case_id, job in self._open_jobs().items() if claimable(job, now)]
+        open_jobs = self._open_jobs()
+        self.open_count = len(open_jobs)
+        due = [case_id for case_id, job in open_jobs.items() if claimable(job, now)]
         return sorted(due)  # push ids sort by creation time: oldest first
 
     def queue_depth(self) -> int:
-        """Jobs waiting or in progress (for the metrics)."""
-        return len(self._open_jobs())
+        """Jobs waiting or in progress, as of the last sweep (for the metrics; no extra read)."""
+        return self.open_count if self.open_count is not None else len(self._open_jobs())
 
     # ---- claiming --------------------------------------------------------------------------
     def claim(self, case_id: str) -> Claim | None:
