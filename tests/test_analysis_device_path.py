@@ -21,6 +21,7 @@ def _report(*issues: str) -> quality.QualityReport:
     (("blurry",), False, False, False, "blurred"),  # blur explains the low lesion score
     ((), False, False, False, "does not look like"),
     (("too_bright",), False, False, False, "over-exposed"),
+    (("lesion_too_small",), False, False, False, "Move closer"),  # a distant shot, declined
     (("low_resolution",), True, True, False, "too small"),  # nothing to judge, even when forced
     (("blurry",), False, True, True, "blurred"),
 ])

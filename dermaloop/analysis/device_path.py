@@ -114,16 +114,17 @@ class DevicePath:
         timings["decode"] = _ms(t)
 
         box: Box | None = None
+        check_box: Box | None = None
         box_conf: float | None = None
         score, is_lesion = float("nan"), self.analyser is None
         analysable = min(img.size) >= quality.MIN_SIDE
         if self.analyser is not None and analysable:
             t = time.perf_counter()
-            box, box_conf, score, is_lesion = self._analyse(img)
+            box, check_box, box_conf, score, is_lesion = self._analyse(img)
             timings["analyse"] = _ms(t)
 
         t = time.perf_counter()
-        report = quality.assess(img, box)
+        report = quality.assess(img, check_box)
         timings["quality"] = _ms(t)
 
         corrections: dict[str, float] = {}
@@ -132,8 +133,8 @@ class DevicePath:
             t = time.perf_counter()
             img, corrections["gamma"] = quality.correct_exposure(img)
             if self.analyser is not None:
-                box, box_conf, score, is_lesion = self._analyse(img)
-                report = quality.assess(source_img, box)  # issues of the photo as taken, new box
+                box, check_box, box_conf, score, is_lesion = self._analyse(img)
+                report = quality.assess(source_img, check_box)  # issues of the photo as taken, new box
             timings["correct"] = _ms(t)
 
         result = DeviceResult(report, is_lesion, score, box, box_conf, None, [], None, timings,
@@ -151,12 +152,16 @@ class DevicePath:
         timings["total"] = _ms(t_all)
         return result
 
-    def _analyse(self, img: Image.Image) -> tuple[Box | None, float, float, bool]:
-        """(box if trusted, box confidence, P(lesion), is a lesion)."""
+    def _analyse(self, img: Image.Image) -> tuple[Box | None, Box | None, float, float, bool]:
+        """(box for the result, box for the photo checks, box confidence, P(lesion), is a lesion).
+
+        The photo checks get any confident box even when the not-skin check declines the photo: a
+        distant shot of a real spot is often declined, and "move closer" is the useful advice."""
         assert self.analyser is not None
         raw_box, conf, score = self.analyser(img)
         is_lesion = bool(score >= self.analyser.threshold)
-        return (raw_box if is_lesion and conf >= MIN_CONFIDENCE else None), conf, score, is_lesion
+        checked = raw_box if conf >= MIN_CONFIDENCE else None
+        return (checked if is_lesion else None), checked, conf, score, is_lesion
 
 
 def decide(report: quality.QualityReport, is_lesion: bool, force: bool = False) -> tuple[bool, str | None]:
@@ -164,7 +169,7 @@ def decide(report: quality.QualityReport, is_lesion: bool, force: bool = False) 
 
     A photo that cannot be judged is never classified. A blurred photo gets the retake instruction,
     not the generic "this does not look like a skin spot" (blur also lowers the lesion score); a
-    badly exposed one that still fails after correction gets both messages."""
+    badly exposed one that still fails after correction, or a distant shot, gets both messages."""
     issues = set(report.issues)
     quality_message = " ".join(report.messages) or None
     if "low_resolution" in issues:
@@ -174,7 +179,8 @@ def decide(report: quality.QualityReport, is_lesion: bool, force: bool = False) 
     if issues & BLOCKING_ISSUES:
         return False, quality_message
     if not is_lesion:  # (judged on the exposure-corrected photo when the exposure was off)
-        return False, ood.MESSAGE + (" " + quality_message if quality_message and issues & EXPOSURE_ISSUES else "")
+        explains = issues & (EXPOSURE_ISSUES | {"lesion_too_small"})
+        return False, ood.MESSAGE + (" " + quality_message if quality_message and explains else "")
     return True, quality_message
 
 
