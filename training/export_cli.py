@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="model directory")
     parser.add_argument("--data", required=True, type=Path,
                         help="the training dataset (int8 calibration uses its training split, parity its val split)")
-    parser.add_argument("--calibration-images", type=int, default=200)
+    parser.add_argument("--calibration-images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
 
@@ -72,6 +72,18 @@ def run(args: argparse.Namespace) -> int:
     card["device"]["int8_parity"] = {"top1_agreement_with_float": float((p8.argmax(1) == p32.argmax(1)).mean()),
                                      "balanced_accuracy_drop_points": float(drop),
                                      "measured_on": f"val split, {len(y)} images"}
+    # The int8 model changed: its report and card metrics must describe the new file.
+    from training.metrics import compute_metrics
+    from training.pipeline import _summary
+    from training.report import write_report
+
+    device = DeviceModel(md, "int8")
+    metrics = compute_metrics(p8, y, device.taxonomy, device.policy)
+    write_report(args.model / "reports" / "device", f"device model {device.version} (re-exported int8) on val",
+                 p8, y, device.taxonomy, metrics, {**val.describe(), "split": "val", "variant": "int8",
+                                                    "int8_calibration_images": len(rows)})
+    card["device"]["metrics"] = _summary(metrics)
+    card["data"]["int8_calibration"] = f"{len(rows)} random training-split images"
     (args.model / CARD).write_text(json.dumps(card, indent=2))
     print(f"exported; int8 top-1 agreement {card['device']['int8_parity']['top1_agreement_with_float']:.4f}, "
           f"balanced-accuracy drop {drop:.2f} points")

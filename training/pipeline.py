@@ -58,7 +58,7 @@ class TrainOptions:
     calib_fraction: float = 0.1
     seed: int = 0
     target_sensitivity: float = 0.90
-    calibration_images: int = 200
+    calibration_images: int = 500  # 200 gave a 1.74-point int8 drop on HAM10000, 500 gave 1.30
     limit: int | None = None
     head_c: float = 0.01
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
