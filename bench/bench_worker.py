@@ -176,10 +176,9 @@ def main() -> int:
     parser.add_argument("--no-analysis", action="store_true", help="skip the image checks in the worker")
     args = parser.parse_args()
 
-    from firebase_admin import storage
-
     from dermaloop.admin_app import get_app
     from dermaloop.settings import load_settings
+    from dermaloop.storage import admin_bucket
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-worker-"))
     model_dir = Path(args.model) if args.model else (tiny_model_dir(tmp / "tiny") if args.tiny else None)
@@ -198,7 +197,7 @@ def main() -> int:
         lb = LocalbaseProcess(data_dir=tmp / f"localbase-{phase}").start()
         try:
             app = get_app(lb.settings(), name=f"bench-{phase}")
-            return run(lb, app, storage.bucket(app=app))
+            return run(lb, app, admin_bucket(lb.settings()))
         finally:
             lb.stop()
 

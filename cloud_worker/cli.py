@@ -108,14 +108,13 @@ def local_model_dir(models_dir: Path) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.json_logs)
-    from firebase_admin import storage
-
     from cloud_worker.jobs import JobQueue
     from cloud_worker.model import ModelLoadError, load_model
     from cloud_worker.registry import ModelProvider, fetch_published, published_version
     from cloud_worker.worker import Worker, WorkerConfig
     from dermaloop.admin_app import get_app
     from dermaloop.settings import load_settings
+    from dermaloop.storage import admin_bucket
 
     settings = load_settings()
     app = get_app(settings)
@@ -125,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             print(f"dermaloop worker: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
-    bucket = storage.bucket(app=app)
+    bucket = admin_bucket(settings)
     cache_dir = Path(settings.models_dir) / "cache" / "cloud"
     follow = args.model is None
     stop = threading.Event()

@@ -34,8 +34,23 @@ MAX_CHUNK_RETRIES = 5
 TokenSource = str | Callable[[], str]
 
 
-def admin_bucket(settings: Settings | None = None, app_name: str = "[DEFAULT]"):
-    """The project's default bucket as a google-cloud-storage ``Bucket`` with admin rights."""
+def admin_bucket(settings: Settings | None = None, app_name: str | None = None):
+    """The project's default bucket as a google-cloud-storage ``Bucket`` with admin rights.
+
+    Against an emulator the endpoint is passed to the client explicitly (what
+    ``STORAGE_EMULATOR_HOST`` would do), so one process can hold buckets of two backends.
+    """
+    settings = settings or load_settings()
+    if settings.storage_emulator_host:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage as gcs
+
+        client = gcs.Client(
+            project=settings.project_id,
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": settings.storage_emulator_host},
+        )
+        return client.bucket(settings.storage_bucket)
     from firebase_admin import storage
 
     from dermaloop.admin_app import get_app

@@ -11,11 +11,12 @@ import sys
 import uuid
 
 import pytest
-from firebase_admin import db, storage
+from firebase_admin import db
 
 from dermaloop.admin_app import get_app
 from dermaloop.database import PermissionDenied
 from dermaloop.settings import PROJECT_ROOT
+from dermaloop.storage import admin_bucket
 from dermaloop.submit_cli import Patient, SubmitError, describe_image
 from tests.worker_support import WorkerProcess, lesion_jpeg, tiny_model_dir, wait_until
 
@@ -65,7 +66,7 @@ def test_submit_writes_the_case_and_job_as_the_patient(settings, app, patient_em
     assert isinstance(case["createdAt"], int)
     job = db.reference(f"jobs/{sent.case_id}", app=app).get()
     assert job == {"uid": patient.uid, "caseId": sent.case_id, "createdAt": case["createdAt"]}
-    stored = storage.bucket(app=app).blob(case["image"]["path"]).download_as_bytes()
+    stored = admin_bucket(settings).blob(case["image"]["path"]).download_as_bytes()
     assert stored == photo
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from firebase_admin import db, storage
+from firebase_admin import db
 from PIL import Image
 
 from cloud_worker.errors import REASONS
 from dermaloop.admin_app import get_app
 from dermaloop.database import new_push_id
+from dermaloop.storage import admin_bucket
 from dermaloop.taxonomy import load_taxonomy
 from tests.worker_support import (
     WorkerProcess,
@@ -40,8 +41,8 @@ def app(localbase):
 
 
 @pytest.fixture(scope="module")
-def bucket(app):
-    return storage.bucket(app=app)
+def bucket(localbase):
+    return admin_bucket(localbase.settings())
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +297,7 @@ def _real_model_dir():
     return None
 
 
-def test_real_cloud_model_end_to_end_through_the_patient_path(localbase, app, main_worker, ham10000):
+def test_real_cloud_model_end_to_end_through_the_patient_path(localbase, app, bucket, main_worker, ham10000):
     """The production path: a patient account, Storage /v0 upload and rules-checked case + job,
     the trained cloud model with the image checks, Grad-CAM heatmap in Storage."""
     model_dir = _real_model_dir()
@@ -330,7 +331,7 @@ def test_real_cloud_model_end_to_end_through_the_patient_path(localbase, app, ma
         assert len(cloud["top"]) == 3 and cloud["risk"] in ("low", "moderate", "high")
         assert sum(cloud["probs"].values()) == pytest.approx(1.0, abs=1e-3)
         assert cloud["heatmapPath"] == f"cases/{patient.uid}/{sent.case_id}/heatmap.png"
-        heatmap = storage.bucket(app=app).blob(cloud["heatmapPath"]).download_as_bytes()
+        heatmap = bucket.blob(cloud["heatmapPath"]).download_as_bytes()
         assert heatmap[:8] == b"\x89PNG\r\n\x1a\n"
     else:  # declined by the checks: then it must say why
         assert cloud["message"]

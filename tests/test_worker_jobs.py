@@ -135,15 +135,14 @@ def test_claimable(job, expected):
     assert claimable(job, now=1000) is expected
 
 
-def test_download_verifies_size_and_hash(app):
+def test_download_verifies_size_and_hash(localbase):
     import hashlib
-
-    from firebase_admin import storage
 
     from cloud_worker.errors import JobError
     from cloud_worker.fetch import download
+    from dermaloop.storage import admin_bucket
 
-    bucket = storage.bucket(app=app)
+    bucket = admin_bucket(localbase.settings())
     bucket.blob("fetch/zero").upload_from_string(b"", content_type="image/jpeg")
     bucket.blob("fetch/ten").upload_from_string(b"0123456789", content_type="image/jpeg")
     assert download(bucket, "fetch/zero", hashlib.sha256(b"").hexdigest()).data == b""
