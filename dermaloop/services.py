@@ -111,4 +111,5 @@ SERVICES: list[Service] = [
 PREPARE: list[PrepareStep] = [
     PrepareStep("demo accounts", "dermaloop.bootstrap:demo_accounts", requires="dermaloop.auth", embedded_only=True),
     PrepareStep("starter models", "dermaloop.bootstrap:starter_models", requires="training.starter"),
+    PrepareStep("image-analysis model", "dermaloop.bootstrap:analysis_model", requires="training.localiser_train"),
 ]

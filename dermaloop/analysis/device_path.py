@@ -91,6 +91,22 @@ class DeviceResult:
         }
 
 
+@dataclass
+class Inspection:
+    """The checks' verdict on one photo, before any classifier runs."""
+
+    image: Image.Image  # RGB; exposure-corrected when the exposure was off
+    report: quality.QualityReport
+    is_lesion: bool
+    score: float  # P(skin lesion); NaN when not analysed
+    box: Box | None  # lesion box for the crop (None: centre square)
+    box_confidence: float | None
+    corrections: dict[str, float]
+    classify: bool
+    message: str | None
+    timings_ms: dict[str, float]
+
+
 class DevicePath:
     def __init__(self, analyser: Analyser | None, classifier: Classifier | None,
                  loader: Callable[[Any], Image.Image] | None = None) -> None:
@@ -103,16 +119,34 @@ class DevicePath:
 
     def run(self, source: str | os.PathLike[str] | bytes | Image.Image, force: bool = False) -> DeviceResult:
         """The whole path for one photo. Unreadable input raises ``preprocess.ImageError``."""
-        timings: dict[str, float] = {}
         t_all = time.perf_counter()
-
         t = time.perf_counter()
         img = source if isinstance(source, Image.Image) else self.load(source)
+        decode_ms = _ms(t)
+        seen = self.inspect(img, force)
+        timings = {"decode": decode_ms, **seen.timings_ms}
+        result = DeviceResult(seen.report, seen.is_lesion, seen.score, seen.box, seen.box_confidence, None, [], None,
+                              timings, message=seen.message, corrections=seen.corrections,
+                              model_version=getattr(self.classifier, "version", None))
+        if seen.classify and self.classifier is None:
+            result.message = "No device model available: only the photo checks ran."
+        elif seen.classify:
+            result.crop = crop_fractions(seen.image.size, seen.box)
+            t = time.perf_counter()
+            top, risk, sub = self.classifier.classify(seen.image, seen.box)
+            timings.update(sub)
+            timings["classify"] = _ms(t)
+            result.top, result.risk = top, risk
+        timings["total"] = _ms(t_all)
+        return result
+
+    def inspect(self, img: Image.Image, force: bool = False) -> Inspection:
+        """Every check before the classifier, and the decision whether to classify: shared by the
+        device path and the cloud worker, so the two never disagree about whether a photo is usable."""
+        timings: dict[str, float] = {}
         if img.mode != "RGB":
             img = img.convert("RGB")
         source_img = img
-        timings["decode"] = _ms(t)
-
         box: Box | None = None
         check_box: Box | None = None
         box_conf: float | None = None
@@ -136,21 +170,8 @@ class DevicePath:
                 box, check_box, box_conf, score, is_lesion = self._analyse(img)
                 report = quality.assess(source_img, check_box)  # issues of the photo as taken, new box
             timings["correct"] = _ms(t)
-
-        result = DeviceResult(report, is_lesion, score, box, box_conf, None, [], None, timings,
-                              corrections=corrections, model_version=getattr(self.classifier, "version", None))
-        classify, result.message = decide(report, is_lesion, force)
-        if classify and self.classifier is None:
-            result.message = "No device model available: only the photo checks ran."
-        elif classify:
-            result.crop = crop_fractions(img.size, box)
-            t = time.perf_counter()
-            top, risk, sub = self.classifier.classify(img, box)
-            timings.update(sub)
-            timings["classify"] = _ms(t)
-            result.top, result.risk = top, risk
-        timings["total"] = _ms(t_all)
-        return result
+        classify, message = decide(report, is_lesion, force)
+        return Inspection(img, report, is_lesion, score, box, box_conf, corrections, classify, message, timings)
 
     def _analyse(self, img: Image.Image) -> tuple[Box | None, Box | None, float, float, bool]:
         """(box for the result, box for the photo checks, box confidence, P(lesion), is a lesion).
