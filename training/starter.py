@@ -22,8 +22,10 @@ _FIXED_SECONDS = 120  # head fitting, TFLite export and evaluation of the export
 
 
 def _estimate_minutes(n_images: int, device: str, cloud: str) -> float:
-    return (n_images / _RATE.get(device, 50.0) + n_images / _RATE.get(cloud, 25.0) + _FIXED_SECONDS
-            + 0.2 * n_images / 25.0) / 60.0
+    extraction = n_images / _RATE.get(device, 50.0)
+    if cloud != device:  # the same backbone's features are extracted once and shared
+        extraction += n_images / _RATE.get(cloud, 25.0)
+    return (extraction + _FIXED_SECONDS + 0.2 * n_images / 25.0) / 60.0
 
 
 def ensure_starter_models(models_dir: Path, data_dir: Path | None = None, *, device_backbone: str = "lite0",
