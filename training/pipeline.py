@@ -100,7 +100,9 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     k = len(ds.taxonomy)
     history: list[dict] = []
     if fine:
-        ckpt = (opts.cache_dir or opts.out / "checkpoints") / f"finetune-{backbone}-{ds.fingerprint()}"
+        # One checkpoint folder per (backbone, data, views, preprocessing): resuming never mixes recipes.
+        recipe = "+".join(views) + ("-cc" if opts.colour_constancy else "")
+        ckpt = (opts.cache_dir or opts.out / "checkpoints") / f"finetune-{backbone}-{ds.fingerprint()}-{recipe}"
         tail, history = finetune(backbone, [f.maps for f in feats], y, split["train"], split["calib"], k,
                                  opts.finetune, ckpt, progress=opts.progress)
         logits_views = [predict_logits(tail, f.maps) for f in feats]
