@@ -241,14 +241,7 @@ class FirebaseApi:
         if request.headers.get("X-Goog-Upload-Command", "").lower() != "start":
             raise res.BadRequest("a resumable upload starts with X-Goog-Upload-Command: start")
         name = validate_name(request.query.get("name", ""))
-        meta: dict[str, Any] = {}
-        if request.can_read_body:
-            try:
-                meta = await request.json() or {}
-            except ValueError:
-                raise res.BadRequest("body is not valid JSON") from None
-            if not isinstance(meta, dict):
-                raise res.BadRequest("body must be a JSON object")
+        meta = await res.json_object_body(request)
         fields = self._fields(meta, request.headers.get("X-Goog-Upload-Header-Content-Type"))
         declared = request.headers.get("X-Goog-Upload-Header-Content-Length")
         try:
@@ -332,12 +325,7 @@ class FirebaseApi:
 
     # ---- metadata writes and delete -------------------------------------------------------------
     async def patch(self, request: web.Request, bucket: str, name: str, caller: Caller) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise res.BadRequest("body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise res.BadRequest("body must be a JSON object")
+        body = await res.json_object_body(request, required=True)
         changes = {k: v for k, v in body.items() if k in SETTABLE or k == "metadata"}
         if changes.get("metadata") is not None and not isinstance(changes["metadata"], dict):
             raise res.BadRequest("metadata must be an object")

@@ -9,7 +9,6 @@ resource the 3.x client polls.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 from typing import Any
@@ -173,13 +172,7 @@ class GcsApi:
 
     # ---- writes ---------------------------------------------------------------------------------
     async def patch(self, request: web.Request, bucket: str, name: str, replace: bool) -> web.Response:
-        raw = await request.read()
-        try:
-            body = json.loads(raw) if raw.strip() else {}  # blob.patch() with no changes sends no body
-        except ValueError:
-            raise res.BadRequest("body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise res.BadRequest("body must be a JSON object")
+        body = await res.json_object_body(request)  # blob.patch() with no changes sends no body
         changes = {k: v for k, v in body.items() if k in SETTABLE or k == "metadata"}
         if "metadata" in changes and changes["metadata"] is not None and not isinstance(changes["metadata"], dict):
             raise res.BadRequest("metadata must be an object")
@@ -206,14 +199,7 @@ class GcsApi:
         if src is None or (gen and gen != str(src["generation"])):
             return not_found(bucket, name)
         check_preconditions(src, preconditions(request.query, prefix="ifSource"))
-        overrides: dict[str, Any] = {}
-        if request.can_read_body:
-            try:
-                overrides = await request.json() or {}
-            except ValueError:
-                raise res.BadRequest("body is not valid JSON") from None
-            if not isinstance(overrides, dict):
-                raise res.BadRequest("body must be a JSON object")
+        overrides = await res.json_object_body(request)
         fields = {key: src[column] for key, column in SETTABLE.items()}
         fields["metadata"] = res.custom_metadata(src, with_tokens=False)
         fields.update({k: v for k, v in overrides.items() if k in SETTABLE or k == "metadata"})
@@ -294,14 +280,7 @@ class GcsApi:
         return web.json_response(res.gcs_object(row, res.base_url(request)))
 
     async def resumable_start(self, request: web.Request, bucket: str, pre: dict[str, int]) -> web.Response:
-        meta: dict[str, Any] = {}
-        if request.can_read_body:
-            try:
-                meta = await request.json() or {}
-            except ValueError:
-                raise res.BadRequest("body is not valid JSON") from None
-            if not isinstance(meta, dict):
-                raise res.BadRequest("body must be a JSON object")
+        meta = await res.json_object_body(request)
         name = validate_name(request.query.get("name") or meta.get("name") or "")
         if request.headers.get("x-upload-content-type") and not meta.get("contentType"):
             meta["contentType"] = request.headers["x-upload-content-type"]

@@ -25,6 +25,25 @@ class BadRequest(ValueError):
     pass
 
 
+async def json_object_body(request: web.Request, required: bool = False) -> dict[str, Any]:
+    """The request's JSON object body. No body is ``{}`` unless one is required: the clients send
+    none for "no changes" (``blob.patch()``) or for a resumable start without metadata."""
+    raw = await request.read()
+    if not raw.strip():
+        if required:
+            raise BadRequest("body is not valid JSON")
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise BadRequest("body is not valid JSON") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
 def rfc3339(ms: int) -> str:
     stamp = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
