@@ -301,14 +301,8 @@ class FirebaseApi:
             if not 0 <= offset <= received:
                 raise res.BadRequest(f"X-Goog-Upload-Offset {offset} is past the {received} bytes received")
             limit = (session["declared_size"] if session["declared_size"] is not None else MAX_RESUMABLE_BYTES) - offset
-            with open(self.store.part_path(upload_id), "r+b") as fh:
-                fh.seek(received)
-                try:
-                    await res.stream_body(request, fh, limit, skip=received - offset)
-                finally:
-                    fh.flush()
-                    await asyncio.to_thread(os.fsync, fh.fileno())
-                    received = fh.tell()
+            received = await res.append_chunk(self.store.part_path(upload_id), request, received, limit,
+                                              skip=received - offset)
         if "finalize" not in commands:
             return web.Response(text="", headers={"X-Goog-Upload-Status": "active",
                                                   "X-Goog-Upload-Size-Received": str(received)})

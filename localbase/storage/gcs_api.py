@@ -9,7 +9,6 @@ resource the 3.x client polls.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from typing import Any
 
@@ -333,16 +332,8 @@ class GcsApi:
         if first is not None:
             if first > received:
                 return self._incomplete(received)  # a gap: tell the client where to resume
-            part = self.store.part_path(upload_id)
-            limit = MAX_OBJECT_BYTES - first
-            with open(part, "r+b") as fh:
-                fh.seek(received)
-                try:
-                    await res.stream_body(request, fh, limit, skip=received - first)
-                finally:
-                    fh.flush()
-                    await asyncio.to_thread(os.fsync, fh.fileno())
-                    received = fh.tell()
+            received = await res.append_chunk(self.store.part_path(upload_id), request, received,
+                                              MAX_OBJECT_BYTES - first, skip=received - first)
             if last is not None and received < last + 1:
                 return self._incomplete(received)  # the chunk arrived short: the client resumes from Range
             if not header:

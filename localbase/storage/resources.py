@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,6 +25,21 @@ class BodyTooLarge(Exception):
 
 class BadRequest(ValueError):
     pass
+
+
+async def append_chunk(part: Path, request: web.Request, received: int, limit: int, skip: int) -> int:
+    """Append a resumable upload's chunk to its part file from byte ``received`` on; returns the new
+    size. The part is fsynced even when the client drops mid-chunk, so the size the server then
+    reports as received is what is on disk (both upload APIs resume from it)."""
+    with open(part, "r+b") as fh:
+        fh.seek(received)
+        try:
+            await stream_body(request, fh, limit, skip=skip)
+        finally:
+            fh.flush()
+            await asyncio.to_thread(os.fsync, fh.fileno())
+            received = fh.tell()
+    return received
 
 
 async def json_object_body(request: web.Request, required: bool = False) -> dict[str, Any]:
