@@ -11,6 +11,7 @@ The checks themselves are ``DevicePath.inspect``: one implementation for both pa
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,9 @@ class ImageChecks:
         from dermaloop.analysis.device_path import Analyser, DevicePath
 
         quality.load_calibration()  # fail at start-up, not on the first job, if the gate is not calibrated
-        self.analyser = Analyser(analyser_path, threads=1) if analyser_path is not None else None
+        # Photos are checked by the download pool's threads: one interpreter per core can run at once.
+        copies = max(1, len(os.sched_getaffinity(0)))
+        self.analyser = Analyser(analyser_path, threads=1, copies=copies) if analyser_path is not None else None
         self.path = DevicePath(self.analyser, classifier=None)
 
     @property

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,7 @@ class DeviceModel(_Model):
         self.variant = variant
         self.path = model_dir.file(DEVICE_INT8 if variant == "int8" else DEVICE_FP32)
         self.interpreter = make_interpreter(self.path, num_threads)
+        self._lock = threading.Lock()  # an interpreter is not thread-safe (UI handlers run in threads)
         self._in = self.interpreter.get_input_details()[0]
         self._out = self.interpreter.get_output_details()[0]
 
@@ -161,9 +163,10 @@ class DeviceModel(_Model):
                 x = np.clip(np.round(image / scale + zero), 0, 255).astype(np.uint8)[None]
             else:
                 x = image.astype(np.float32)[None]
-            self.interpreter.set_tensor(self._in["index"], x)
-            self.interpreter.invoke()
-            y = self.interpreter.get_tensor(self._out["index"])[0].astype(np.float32)
+            with self._lock:
+                self.interpreter.set_tensor(self._in["index"], x)
+                self.interpreter.invoke()
+                y = self.interpreter.get_tensor(self._out["index"])[0].astype(np.float32)
             if self._out["dtype"] != np.float32:
                 scale, zero = self._out["quantization"]
                 y = (y - zero) * scale

@@ -46,11 +46,11 @@ class Classifier(Protocol):
 class Analyser:
     """The analysis TFLite model: frame -> (box, box confidence, P(lesion))."""
 
-    def __init__(self, path: str | Path, threads: int = 1) -> None:
+    def __init__(self, path: str | Path, threads: int = 1, copies: int = 1) -> None:
         from dermaloop.analysis.runtime import TfliteModel
 
         self.path = Path(path)
-        self.model = TfliteModel(path, threads)
+        self.model = TfliteModel(path, threads, copies)  # thread-safe; ``copies`` calls at once
         head = ood.load_head()
         self.threshold = float(head["threshold"])
 
