@@ -26,3 +26,19 @@ def ham10000() -> Path:
     if not (HAM10000 / "metadata.csv").is_file():
         pytest.skip(f"HAM10000 folder not found at {HAM10000} (set DERMALOOP_HAM10000); users do not have it")
     return HAM10000
+
+
+@pytest.fixture(scope="session")
+def analysis_models_dir(tmp_path_factory) -> Path:
+    """A models directory holding the analysis model (localiser + not-skin), built from the packaged
+    heads (float32, no data needed), as ``dermaloop run`` prepares it."""
+    pytest.importorskip("tensorflow")
+    from dermaloop.analysis.analysis_model import HEAD_WEIGHTS
+
+    if not HEAD_WEIGHTS.is_file():
+        pytest.skip("localiser head weights not trained")
+    from training.localiser_train import ensure_localiser
+
+    root = tmp_path_factory.mktemp("models")
+    ensure_localiser(root)
+    return root

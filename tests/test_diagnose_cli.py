@@ -21,17 +21,8 @@ pytest.importorskip("tensorflow")
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory) -> Path:
-    """An analysis model built from the packaged heads (float32, no data needed)."""
-    from dermaloop.analysis.analysis_model import HEAD_WEIGHTS
-
-    if not HEAD_WEIGHTS.is_file():
-        pytest.skip("localiser head weights not trained")
-    from training.localiser_train import ensure_localiser
-
-    root = tmp_path_factory.mktemp("models")
-    ensure_localiser(root)
-    return root
+def models_dir(analysis_models_dir) -> Path:
+    return analysis_models_dir
 
 
 @pytest.fixture(scope="session")

@@ -73,8 +73,9 @@ def workers(localbase, model_dir):
     started: list[WorkerProcess] = []
 
     def start(worker_id: str, *extra: str, model=model_dir, env: dict[str, str] | None = None,
-              wait: bool = True) -> WorkerProcess:
-        w = WorkerProcess(localbase.settings(), model, worker_id, [*FAST, *extra], env or {}).launch()
+              wait: bool = True, checks: bool = False) -> WorkerProcess:
+        flags = [f for f in FAST if not (checks and f == "--no-analysis")]
+        w = WorkerProcess(localbase.settings(), model, worker_id, [*flags, *extra], env or {}).launch()
         started.append(w)
         return w.wait_ready() if wait else w
 
@@ -145,6 +146,28 @@ def test_three_workers_process_fifty_jobs_exactly_once(app, bucket, workers, mai
     jobs = db.reference("jobs", app=app).get()
     assert all(jobs[c]["attempts"] == 1 and jobs[c]["state"] == "done" for c in case_ids)
     assert sum(1 for counts in by_worker if counts) >= 2  # the work really was shared
+
+
+def test_concurrent_jobs_with_image_checks_succeed_first_time(app, bucket, workers, main_worker,
+                                                             analysis_models_dir):
+    """The image checks run in the download threads: many jobs at once must not share one TFLite
+    interpreter (it raised, and every such job went to ``retry later`` as an internal error)."""
+    uid = "patient-checked"
+    case_ids = [new_push_id() for _ in range(16)]
+    with paused(main_worker):  # only the checking worker takes these
+        w = workers("w-checks", "--workers", "8", "--batch-size", "8",
+                    env={"DERMALOOP_MODELS_DIR": str(analysis_models_dir)}, checks=True)
+        w.proc.send_signal(signal.SIGSTOP)  # queue them all first, so they really run concurrently
+        for i, case_id in enumerate(case_ids):
+            seed_case(app, bucket, uid, case_id, lesion_jpeg(200 + i, (480, 360)))
+        w.proc.send_signal(signal.SIGCONT)
+        cases = wait_until(lambda: _settled(app, uid, case_ids), "all 16 checked cases to settle")
+    assert any("analysis model" in line for line in w.lines if "worker ready" in line)
+    assert all(cases[c]["status"] == "diagnosed" for c in case_ids), [cases[c].get("failure") for c in case_ids]
+    assert all(cases[c]["cloud"]["lesion"] is not None for c in case_ids)  # checked, not skipped
+    jobs = db.reference("jobs", app=app).get()
+    assert [jobs[c]["attempts"] for c in case_ids] == [1] * 16
+    assert not [line for line in w.lines if "retry later" in line]
 
 
 def test_kill_9_mid_job_the_case_still_completes_once(app, bucket, workers, main_worker):
