@@ -194,3 +194,31 @@ def test_lr_range_test_suggests_a_rate_in_range():
     model = build_tail_classifier("tiny", 7, (4, 4, 32), 3, 0.0)
     result = lr_range_test(model, maps, labels, np.arange(64), 3, 1e-5, 1.0, 15, 16, 0, progress=False)
     assert 1e-5 <= result["suggested_lr_head"] <= 1.0 and len(result["loss"]) == len(result["lr"]) >= 3
+
+
+def test_cloud_ensemble_averages_the_cloud_and_device_networks(data, tmp_path):
+    """``--cloud-ensemble``: one cloud Keras file whose nested member is exactly the device network,
+    combined as the mean of temperature-scaled logits; Grad-CAM still finds the primary's features."""
+    import keras
+
+    from cloud_worker.model import load_model
+    from dermaloop.risk import softmax
+
+    out = tmp_path / "ens"
+    assert main(["train", "--data", str(data), "--out", str(out), "--device-backbone", "tiny",
+                 "--cloud-backbone", "tiny", "--epochs", "1", "--views", "orig,flip", "--cloud-ensemble",
+                 "--seed", "3", "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["cloud"]["ensemble"]["members"] == ["tiny", "tiny"]
+    ensemble = keras.models.load_model(out / "cloud" / "model.keras", compile=False)
+    device = keras.models.load_model(out / "device" / "model.keras", compile=False)
+    member = next(layer for layer in ensemble.layers if layer.name.startswith("member1_"))
+    x = np.stack([model_input(s, load_cloud_model(out).preprocess) for s in open_dataset(data, HAM).samples[:4]])
+    device_scaled = np.asarray(keras.Model(device.input, device.get_layer("temperature").output)(x))
+    np.testing.assert_allclose(np.asarray(member(x)), device_scaled, atol=1e-4)
+    primary = np.asarray(keras.Model(ensemble.input, ensemble.get_layer("temperature").output)(x))
+    t = card["cloud"]["risk"]["temperature"]
+    np.testing.assert_allclose(np.asarray(ensemble(x)), softmax((primary + device_scaled) / 2, t), atol=1e-4)
+    probs, maps = load_model(out).classify(x)
+    assert probs.shape == (4, len(HAM)) and maps is not None and maps.shape[0] == 4
+    assert card["cloud"]["metrics"]["n"] == card["data"]["split"]["val"]

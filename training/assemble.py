@@ -36,3 +36,28 @@ def full_classifier(name: str, n_classes: int, temperature: float = 1.0, tail_mo
     else:
         raise ValueError("need a fine-tuned tail or a linear head")
     return model
+
+
+def ensemble_classifier(primary, others: list, temperature: float = 1.0):
+    """One Keras model averaging the temperature-scaled logits of several full classifiers (each
+    built by ``full_classifier`` with its own calibration), then a temperature for the average.
+
+    The input is the primary member's; other members get it resized to their own input size inside
+    the model, so the worker, the test-time augmentation and the model directory stay unchanged.
+    The primary's layers stay at the top level (Grad-CAM explains the ensemble through its feature
+    map); the other members are nested models.
+    """
+    import keras
+
+    x = primary.input
+    size = int(x.shape[1])
+    scaled = [primary.get_layer("temperature").output]
+    for i, member in enumerate(others):
+        inner = keras.Model(member.input, member.get_layer("temperature").output, name=f"member{i + 1}_{member.name}")
+        own = int(member.input.shape[1])
+        y = x if own == size else keras.layers.Resizing(own, own, interpolation="bilinear",
+                                                        name=f"member{i + 1}_resize")(x)
+        scaled.append(inner(y))
+    mean = keras.layers.Average(name="ensemble_logits")(scaled)
+    out = keras.layers.Rescaling(1.0 / float(temperature), name="ensemble_temperature")(mean)
+    return keras.Model(x, keras.layers.Softmax(name="ensemble_probabilities")(out), name="dermaloop_ensemble")

@@ -25,7 +25,18 @@ from dermaloop.preprocess import PreprocessConfig, load_image, to_model_input
 
 CACHE_VERSION = 1
 VIEWS = ("orig", "rot90", "flip", "rot270")  # label-preserving transforms of a dermoscopic image
+AUGMENTED = tuple(f"aug{k}" for k in range(1, 17))  # random augmentations, fixed per (image, view)
 TAIL_STAGE = 4  # the maps after stage 5 (0-based 4) are cached for fine-tuning stages 6-7
+
+# Augmented views: a random one of the 8 symmetries of the square (dermoscopy has no "up"), a random
+# crop of 70-100 % of each side (scale and position), brightness/contrast/saturation jitter and a
+# per-channel gain (the colour casts of different dermatoscopes and cameras).
+_DIHEDRAL = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270,
+             Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.TRANSPOSE,
+             Image.Transpose.TRANSVERSE)
+CROP_SCALE = (0.7, 1.0)
+JITTER = 0.2  # brightness, contrast, saturation factors in [1 - JITTER, 1 + JITTER]
+CHANNEL_GAIN = 0.08  # per-channel gains in [1 - CHANNEL_GAIN, 1 + CHANNEL_GAIN]
 
 
 @dataclass
@@ -37,7 +48,30 @@ class Features:
     cached: bool
 
 
-def _view(img: Image.Image, view: str) -> Image.Image:
+def is_view(view: str) -> bool:
+    return view in VIEWS or view in AUGMENTED
+
+
+def augment(img: Image.Image, seed: int) -> Image.Image:
+    """One random, label-preserving augmentation of a dermoscopic photo, reproducible from ``seed``."""
+    from PIL import ImageEnhance
+
+    rng = np.random.default_rng(seed)
+    flip = _DIHEDRAL[int(rng.integers(len(_DIHEDRAL)))]
+    if flip is not None:
+        img = img.transpose(flip)
+    scale = rng.uniform(*CROP_SCALE)
+    w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+    left, top = int(rng.integers(0, img.width - w + 1)), int(rng.integers(0, img.height - h + 1))
+    img = img.crop((left, top, left + w, top + h))
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhancer(img).enhance(rng.uniform(1 - JITTER, 1 + JITTER))
+    gains = rng.uniform(1 - CHANNEL_GAIN, 1 + CHANNEL_GAIN, size=3)
+    pixels = np.asarray(img, np.float32) * gains
+    return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def _view(img: Image.Image, view: str, key: str = "") -> Image.Image:
     if view == "orig":
         return img
     if view == "rot90":
@@ -46,12 +80,16 @@ def _view(img: Image.Image, view: str) -> Image.Image:
         return img.transpose(Image.Transpose.ROTATE_270)
     if view == "flip":
         return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    raise ValueError(f"unknown view {view!r}; choose from {VIEWS}")
+    if view in AUGMENTED:
+        digest = hashlib.sha256(f"{key}/{view}".encode()).digest()
+        return augment(img, int.from_bytes(digest[:8], "little"))
+    raise ValueError(f"unknown view {view!r}; choose from {VIEWS} or aug1..aug{len(AUGMENTED)}")
 
 
 def model_input(sample: Sample, config: PreprocessConfig, view: str = "orig") -> np.ndarray:
-    """The shared preprocessing (dermaloop.preprocess) of one sample, in one of the label-preserving views."""
-    return to_model_input(_view(load_image(sample.path), view), config=config)
+    """The shared preprocessing (dermaloop.preprocess) of one sample, in one of the label-preserving
+    views (augmented views are seeded by the sample id, so a cache can be rebuilt exactly)."""
+    return to_model_input(_view(load_image(sample.path), view, sample.id), config=config)
 
 
 def extractor(name: str, with_maps: bool):
@@ -70,7 +108,9 @@ def _key(name: str, config: PreprocessConfig, view: str, dataset: Dataset) -> st
     ckpt = "seeded-init" if seeded else backbones.checkpoint_path(name).name
     blob = json.dumps({"v": CACHE_VERSION, "backbone": name, "ckpt": ckpt,
                        "pre": config.to_dict(), "view": view, "data": dataset.fingerprint(),
-                       "source": dataset.source}, sort_keys=True)
+                       "source": dataset.source,
+                       **({"aug": [CROP_SCALE, JITTER, CHANNEL_GAIN]} if view in AUGMENTED else {})},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -36,7 +36,7 @@ from dermaloop.model_dir import (
 from dermaloop.preprocess import PreprocessConfig
 from dermaloop.risk import RiskPolicy, fit_policy, fit_temperature, policy_from_probabilities, softmax
 from dermaloop.taxonomy import load_taxonomy
-from training.assemble import full_classifier
+from training.assemble import ensemble_classifier, full_classifier
 from training.embeddings import extract_features, model_input
 from training.finetune import FinetuneConfig, finetune, predict_logits
 from training.heads import fit_linear_head
@@ -64,6 +64,7 @@ class TrainOptions:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     progress: bool = True
     skip_cloud: bool = False
+    cloud_ensemble: bool = False  # cloud model = average of the cloud and the device networks
 
 
 def _log(opts: TrainOptions, msg: str) -> None:
@@ -124,14 +125,37 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
         tta_refit = True
     tta = [v for v in views[1:] if v in ("flip", "rot90", "rot270")] if kind == "cloud" else []
     if tta and tta_refit:  # thresholds must be chosen on the probabilities the runtime produces (mean over views)
-        probs_c = np.mean([softmax(lv[calib], policy.temperature) for lv in logits_views[:1 + len(tta)]], axis=0)
+        runtime_views = [logits_views[0]] + [logits_views[views.index(v)] for v in tta]
+        probs_c = np.mean([softmax(lv[calib], policy.temperature) for lv in runtime_views], axis=0)
         policy = policy_from_probabilities(policy.temperature, probs_c, y[calib], ds.taxonomy.malignant_mask,
                                            opts.target_sensitivity)
     model = full_classifier(backbone, k, policy.temperature, tail_model=tail, head=head)
     return {"model": model, "policy": policy, "preprocess": cfg, "tta": tta, "history": history,
+            "logits": dict(zip(views, logits_views, strict=True)),
             "float_val_probs": softmax(logits_views[0][split["val"]], policy.temperature),
             "features_seconds": t_features, "train_seconds": t_train,
             "images_per_second": feats[0].images_per_second, "features_cached": feats[0].cached}
+
+
+def _ensemble(cloud: dict[str, Any], device: dict[str, Any], ds: Dataset, split: dict[str, np.ndarray],
+              opts: TrainOptions) -> dict[str, Any]:
+    """Average the cloud and device networks (both already trained) into the cloud model. The
+    ensemble's temperature and thresholds come from the calib split, as for a single model."""
+    views = ["orig", *cloud["tta"]]
+    missing = [v for v in views if v not in device["logits"]]
+    if missing:
+        raise ValueError(f"--cloud-ensemble needs the device model's views to include {missing}")
+    calib, y = split["calib"], ds.labels
+
+    def mean_scaled(view: str) -> np.ndarray:
+        return (cloud["logits"][view] / cloud["policy"].temperature + device["logits"][view] / device["policy"].temperature) / 2
+
+    t = fit_temperature(mean_scaled("orig")[calib], y[calib])
+    probs = np.mean([softmax(mean_scaled(v)[calib], t) for v in views], axis=0)
+    policy = policy_from_probabilities(t, probs, y[calib], ds.taxonomy.malignant_mask, opts.target_sensitivity)
+    model = ensemble_classifier(cloud["model"], [device["model"]], t)
+    return {**cloud, "model": model, "policy": policy,
+            "float_val_probs": softmax(mean_scaled("orig")[split["val"]], t)}
 
 
 def _section(kind: str, backbone: str, r: dict[str, Any]) -> dict[str, Any]:
@@ -189,8 +213,15 @@ def train(opts: TrainOptions) -> Path:
     }
     if not opts.skip_cloud:
         cloud = _train_kind("cloud", opts.cloud_backbone, ds, split, opts)
+        if opts.cloud_ensemble:
+            cloud = _ensemble(cloud, device, ds, split, opts)
         cloud["model"].save(tmp / CLOUD_KERAS)
         card["cloud"] = _section("cloud", opts.cloud_backbone, cloud)
+        if opts.cloud_ensemble:
+            card["cloud"]["ensemble"] = {
+                "members": [opts.cloud_backbone, opts.device_backbone],
+                "how": "mean of each member's temperature-scaled logits, then one temperature (calib split); "
+                       f"the {opts.device_backbone} member gets the input resized inside the model"}
     card["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
                      and p.name not in (CARD,)}
     card["file_bytes"] = {rel: (tmp / rel).stat().st_size for rel in card["files"]}

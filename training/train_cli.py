@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dermaloop import backbones
 from dermaloop.taxonomy import available_taxonomies
-from training.embeddings import VIEWS
+from training.embeddings import VIEWS, is_view
 
 
 def default_cache_dir() -> Path:
@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=0,
                         help="fine-tune the top blocks this many epochs (0 = fast path: linear head only)")
     parser.add_argument("--views", default="orig",
-                        help=f"comma-separated cached views for fine-tuning augmentation and cloud TTA ({', '.join(VIEWS)})")
+                        help=f"comma-separated cached views for fine-tuning augmentation and cloud TTA ({', '.join(VIEWS)}; "
+                             "aug1..aug16: random symmetry, crop and colour jitter, fixed per image)")
     parser.add_argument("--cloud-views", default=None, help="views for the cloud model if different from --views")
     parser.add_argument("--lr-head", type=float, default=3e-3)
     parser.add_argument("--lr-body", type=float, default=3e-4)
@@ -41,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use about this many images (whole lesions)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-cloud", action="store_true", help="train only the device model")
+    parser.add_argument("--cloud-ensemble", action="store_true",
+                        help="cloud model = average of the cloud and device networks (more accurate, slower)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -50,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
 
     def parse_views(text: str) -> tuple[str, ...]:
         views = tuple(v.strip() for v in text.split(",") if v.strip())
-        if any(v not in VIEWS for v in views) or not views or views[0] != "orig":
-            raise SystemExit(f"views must start with 'orig' and use only {', '.join(VIEWS)}; got {text!r}")
+        if any(not is_view(v) for v in views) or not views or views[0] != "orig":
+            raise SystemExit(f"views must start with 'orig' and use only {', '.join(VIEWS)} or aug1..aug16; "
+                             f"got {text!r}")
         return views
 
     views = parse_views(args.views)
@@ -61,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         cloud_backbone=args.cloud_backbone, epochs=args.epochs, views=views, cloud_views=cloud_views,
         colour_constancy=args.colour_constancy, cache_dir=args.cache_dir or default_cache_dir(),
         seed=args.seed, target_sensitivity=args.target_sensitivity, limit=args.limit, skip_cloud=args.skip_cloud,
+        cloud_ensemble=args.cloud_ensemble,
         finetune=FinetuneConfig(epochs=max(args.epochs, 1), batch_size=args.batch_size, lr_head=args.lr_head,
                                 lr_body=args.lr_body, cycle_epochs=args.cycle_epochs,
                                 seed=args.seed),
