@@ -90,17 +90,21 @@ def test_same_image_gives_the_same_tensor_and_output_on_every_path(trained, data
     np.testing.assert_allclose(device.predict(training_path[None]), expected, atol=1e-5)
 
 
-def test_assembled_model_equals_tail_on_cached_maps(data, tmp_path):
-    """The deployed full model must compute what fine-tuning trained (weights copied by layer name)."""
+@pytest.mark.parametrize("train_stages", [2, 3])
+def test_assembled_model_equals_tail_on_cached_maps(data, tmp_path, train_stages):
+    """The deployed full model must compute what fine-tuning trained (weights copied by layer name),
+    whichever stage's output was cached."""
     from dermaloop import backbones
     from dermaloop.preprocess import PreprocessConfig
     from training.assemble import full_classifier
+    from training.embeddings import map_stage
     from training.finetune import build_tail_classifier
 
     ds = open_dataset(data, HAM).subset(range(6))
     cfg = PreprocessConfig(size=64)
-    feats = extract_features(ds, "tiny", cfg, tmp_path, with_maps=True, progress=False)
-    start = backbones.stage_end_block("tiny", 4) + 1
+    stage = map_stage(train_stages)
+    feats = extract_features(ds, "tiny", cfg, tmp_path, with_maps=True, progress=False, stage=stage)
+    start = backbones.stage_end_block("tiny", stage) + 1
     tail = build_tail_classifier("tiny", start, tuple(feats.maps.shape[1:]), 7, 0.3)
     dense = tail.get_layer("logits")
     rng = np.random.default_rng(0)
@@ -135,6 +139,18 @@ def test_finetuning_resumes_from_its_checkpoint(tmp_path):
     cfg2 = FinetuneConfig(epochs=2, batch_size=16)
     _, both = finetune("tiny", [maps], labels, idx[:30], idx[30:], 3, cfg2, tmp_path, progress=False)
     assert len(first) == 1 and len(both) == 2 and both[0] == first[0]  # epoch 1 was not redone
+
+
+def test_deeper_finetuning_trains_more_stages(data, tmp_path):
+    """``--train-stages 3`` caches the stage-4 maps and trains stage 5 as well (its own cache and checkpoint)."""
+    out = tmp_path / "deep"
+    assert main(["train", "--data", str(data), "--out", str(out), "--device-backbone", "tiny", "--skip-cloud",
+                 "--epochs", "1", "--train-stages", "3", "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["options"]["finetune"]["train_stages"] == 3
+    assert any(p.name.endswith("-top3") for p in (tmp_path / "cache").glob("finetune-tiny-*"))
+    maps = [np.load(p, mmap_mode="r") for p in (tmp_path / "cache").glob("tiny-orig-*/maps.npy")]
+    assert [m.shape[-1] for m in maps] == [24]  # tiny's stage-4 width (stage 5 would be 32)
 
 
 def test_linear_head_reproduces_logistic_regression():

@@ -26,7 +26,7 @@ from dermaloop.preprocess import PreprocessConfig, load_image, to_model_input
 CACHE_VERSION = 1
 VIEWS = ("orig", "rot90", "flip", "rot270")  # label-preserving transforms of a dermoscopic image
 AUGMENTED = tuple(f"aug{k}" for k in range(1, 17))  # random augmentations, fixed per (image, view)
-TAIL_STAGE = 4  # the maps after stage 5 (0-based 4) are cached for fine-tuning stages 6-7
+TAIL_STAGE = 4  # default: the maps after stage 5 (0-based 4) are cached for fine-tuning stages 6-7
 
 # Augmented views: a random one of the 8 symmetries of the square (dermoscopy has no "up"), a random
 # crop of 70-100 % of each side (scale and position), brightness/contrast/saturation jitter and a
@@ -92,33 +92,41 @@ def model_input(sample: Sample, config: PreprocessConfig, view: str = "orig") ->
     return to_model_input(_view(load_image(sample.path), view, sample.id), config=config)
 
 
-def extractor(name: str, with_maps: bool):
-    """Backbone returning the pooled embedding (and the stage-5 feature map when asked)."""
+def map_stage(train_stages: int) -> int:
+    """The 0-based stage whose output is cached when the top ``train_stages`` of the 7 stages train."""
+    if not 1 <= train_stages <= 6:
+        raise ValueError(f"train_stages must be 1..6, got {train_stages}")
+    return 6 - train_stages
+
+
+def extractor(name: str, with_maps: bool, stage: int = TAIL_STAGE):
+    """Backbone returning the pooled embedding (and the output of ``stage`` when asked)."""
     import keras
 
     model = backbones.build_backbone(name, pooling="avg")
     if not with_maps:
         return model
-    k = backbones.stage_end_block(name, TAIL_STAGE)
+    k = backbones.stage_end_block(name, stage)
     return keras.Model(model.input, [model.get_layer(f"block{k}_add").output, model.output])
 
 
-def _key(name: str, config: PreprocessConfig, view: str, dataset: Dataset) -> str:
+def _key(name: str, config: PreprocessConfig, view: str, dataset: Dataset, stage: int = TAIL_STAGE) -> str:
     seeded = backbones.BACKBONES[name].wheel_module is None
     ckpt = "seeded-init" if seeded else backbones.checkpoint_path(name).name
     blob = json.dumps({"v": CACHE_VERSION, "backbone": name, "ckpt": ckpt,
                        "pre": config.to_dict(), "view": view, "data": dataset.fingerprint(),
                        "source": dataset.source,
-                       **({"aug": [CROP_SCALE, JITTER, CHANNEL_GAIN]} if view in AUGMENTED else {})},
+                       **({"aug": [CROP_SCALE, JITTER, CHANNEL_GAIN]} if view in AUGMENTED else {}),
+                       **({"stage": stage} if stage != TAIL_STAGE else {})},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def extract_features(dataset: Dataset, name: str, config: PreprocessConfig, cache_dir: str | Path | None,
                      view: str = "orig", with_maps: bool = False, batch_size: int = 32,
-                     progress: bool = True) -> Features:
+                     progress: bool = True, stage: int = TAIL_STAGE) -> Features:
     """Pooled embeddings (and optionally stage-5 maps) for every sample, from cache when possible."""
-    cache = Path(cache_dir) / f"{name}-{view}-{_key(name, config, view, dataset)}" if cache_dir else None
+    cache = Path(cache_dir) / f"{name}-{view}-{_key(name, config, view, dataset, stage)}" if cache_dir else None
     ids = [s.id for s in dataset.samples]
     if cache and (cache / "manifest.json").is_file():
         manifest = json.loads((cache / "manifest.json").read_text())
@@ -126,7 +134,7 @@ def extract_features(dataset: Dataset, name: str, config: PreprocessConfig, cach
             maps = np.load(cache / "maps.npy", mmap_mode="r") if with_maps else None
             return Features(np.load(cache / "pooled.npy"), maps, manifest["ids"],
                             manifest["images_per_second"], True)
-    model = extractor(name, with_maps)
+    model = extractor(name, with_maps, stage)
     n = len(dataset)
     pooled = np.zeros((n, 1280), np.float32)
     maps = None

@@ -37,6 +37,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     class_weight_power: float = 1.0  # 1.0 = fully balanced, 0 = none
     seed: int = 0
+    train_stages: int = 2  # top stages trained (of 7); the rest are frozen and their output is cached
 
 
 def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> np.ndarray:
@@ -80,7 +81,7 @@ def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: 
     ckpt.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    start_block = backbones.stage_end_block(name, 4) + 1
+    start_block = backbones.stage_end_block(name, 6 - config.train_stages) + 1
     feature_shape = tuple(int(d) for d in views[0].shape[1:])
     model = build_tail_classifier(name, start_block, feature_shape, n_classes, config.dropout, imagenet)
     head_vars = model.get_layer("logits").trainable_variables
@@ -117,7 +118,8 @@ def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: 
     first_epoch = 0
     if state_file.is_file():  # resume at the last finished epoch (optimizer moments restart)
         state = json.loads(state_file.read_text())
-        same = {k: v for k, v in state.get("config", {}).items() if k != "epochs"} == \
+        saved = {**asdict(FinetuneConfig()), **state.get("config", {})}  # options added since take defaults
+        same = {k: v for k, v in saved.items() if k != "epochs"} == \
             {k: v for k, v in asdict(config).items() if k != "epochs"}
         if same and state["epoch"] + 1 <= config.epochs and (ckpt / "last.weights.h5").is_file():
             model.load_weights(ckpt / "last.weights.h5")

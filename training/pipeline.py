@@ -37,7 +37,7 @@ from dermaloop.preprocess import PreprocessConfig
 from dermaloop.risk import RiskPolicy, fit_policy, fit_temperature, policy_from_probabilities, softmax
 from dermaloop.taxonomy import load_taxonomy
 from training.assemble import ensemble_classifier, full_classifier
-from training.embeddings import extract_features, model_input
+from training.embeddings import TAIL_STAGE, extract_features, map_stage, model_input
 from training.finetune import FinetuneConfig, finetune, predict_logits
 from training.heads import fit_linear_head
 
@@ -94,15 +94,17 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     fine = opts.epochs > 0
     chosen = opts.cloud_views if kind == "cloud" and opts.cloud_views else opts.views
     views = list(chosen if fine or kind == "cloud" else ("orig",))
-    feats = [extract_features(ds, backbone, cfg, opts.cache_dir, view=v, with_maps=fine, progress=opts.progress)
-             for v in views]
+    stage = map_stage(opts.finetune.train_stages)
+    feats = [extract_features(ds, backbone, cfg, opts.cache_dir, view=v, with_maps=fine, progress=opts.progress,
+                              stage=stage) for v in views]
     t_features = time.perf_counter() - t0
     y = ds.labels
     k = len(ds.taxonomy)
     history: list[dict] = []
     if fine:
         # One checkpoint folder per (backbone, data, views, preprocessing): resuming never mixes recipes.
-        recipe = "+".join(views) + ("-cc" if opts.colour_constancy else "")
+        recipe = "+".join(views) + ("-cc" if opts.colour_constancy else "") + \
+            (f"-top{opts.finetune.train_stages}" if stage != TAIL_STAGE else "")
         ckpt = (opts.cache_dir or opts.out / "checkpoints") / f"finetune-{backbone}-{ds.fingerprint()}-{recipe}"
         tail, history = finetune(backbone, [f.maps for f in feats], y, split["train"], split["calib"], k,
                                  opts.finetune, ckpt, progress=opts.progress)

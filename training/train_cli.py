@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-head", type=float, default=3e-3)
     parser.add_argument("--lr-body", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--train-stages", type=int, default=2,
+                        help="how many of the 7 backbone stages fine-tuning trains (2: stages 6-7 on cached "
+                             "stage-5 maps; 3 adds stage 5, slower per epoch)")
     parser.add_argument("--cycle-epochs", type=int, default=3,
                         help="length of the first cosine cycle; each warm restart doubles it")
     parser.add_argument("--colour-constancy", action="store_true", help="shades-of-grey white balance")
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, target_sensitivity=args.target_sensitivity, limit=args.limit, skip_cloud=args.skip_cloud,
         cloud_ensemble=args.cloud_ensemble,
         finetune=FinetuneConfig(epochs=max(args.epochs, 1), batch_size=args.batch_size, lr_head=args.lr_head,
-                                lr_body=args.lr_body, cycle_epochs=args.cycle_epochs,
+                                lr_body=args.lr_body, cycle_epochs=args.cycle_epochs, train_stages=args.train_stages,
                                 seed=args.seed),
         progress=not args.quiet)
     try:
