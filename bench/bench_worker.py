@@ -66,7 +66,8 @@ def throughput(lb, app, bucket, model_dir, data: list[bytes], flags: list[str], 
         seed_case(app, bucket, uid, case_id, photo)
     from firebase_admin import db
 
-    worker = WorkerProcess(lb.settings(), model_dir, f"bench-{label}", ["--sweep-s", "1", *flags]).start()
+    worker = WorkerProcess(lb.settings(), model_dir, f"bench-{label}", ["--sweep-s", "1", *flags],
+                           one_thread=False).start()
     cpu0 = (cpu_seconds(worker.proc.pid), cpu_seconds(lb.proc.pid))
     try:
         wait_until(lambda: all(c.get("status") in ("diagnosed", "failed")
@@ -96,7 +97,7 @@ def latency(lb, app, model_dir, data: list[bytes], rate: float, seconds: float, 
     email, password = f"bench-{uuid.uuid4().hex[:6]}@dermaloop.test", "bench-pass-1"
     create_user(email, password, "patient", settings=settings)
     patient = Patient(email, password, settings)
-    worker = WorkerProcess(settings, model_dir, "bench-latency", flags).start()
+    worker = WorkerProcess(settings, model_dir, "bench-latency", flags, one_thread=False).start()
     sent: dict[str, float] = {}
     seen: dict[str, float] = {}
     lock = threading.Lock()
