@@ -198,6 +198,16 @@ def test_train_cli_rejects_bad_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--views", "flip"])
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--views", "orig,aug99"])
+
+
+def test_ensemble_with_tta_on_the_fast_path_is_refused_before_training(data, tmp_path, capsys):
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--device-backbone", "tiny",
+                 "--cloud-backbone", "tiny", "--views", "orig,flip", "--cloud-ensemble",
+                 "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 2
+    assert "needs fine-tuning" in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()  # refused before any work
 
 
 def test_lr_range_test_suggests_a_rate_in_range():

@@ -134,7 +134,6 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     model = full_classifier(backbone, k, policy.temperature, tail_model=tail, head=head)
     return {"model": model, "policy": policy, "preprocess": cfg, "tta": tta, "history": history,
             "logits": dict(zip(views, logits_views, strict=True)),
-            "float_val_probs": softmax(logits_views[0][split["val"]], policy.temperature),
             "features_seconds": t_features, "train_seconds": t_train,
             "images_per_second": feats[0].images_per_second, "features_cached": feats[0].cached}
 
@@ -156,8 +155,7 @@ def _ensemble(cloud: dict[str, Any], device: dict[str, Any], ds: Dataset, split:
     probs = np.mean([softmax(mean_scaled(v)[calib], t) for v in views], axis=0)
     policy = policy_from_probabilities(t, probs, y[calib], ds.taxonomy.malignant_mask, opts.target_sensitivity)
     model = ensemble_classifier(cloud["model"], [device["model"]], t)
-    return {**cloud, "model": model, "policy": policy,
-            "float_val_probs": softmax(mean_scaled("orig")[split["val"]], t)}
+    return {**cloud, "model": model, "policy": policy}
 
 
 def _section(kind: str, backbone: str, r: dict[str, Any]) -> dict[str, Any]:
@@ -177,6 +175,10 @@ def train(opts: TrainOptions) -> Path:
     import keras
 
     started = time.perf_counter()
+    cloud_tta = [v for v in (opts.cloud_views or opts.views)[1:] if v in ("flip", "rot90", "rot270")]
+    if opts.cloud_ensemble and opts.epochs == 0 and cloud_tta:
+        raise ValueError("--cloud-ensemble with test-time augmentation needs fine-tuning (--epochs > 0): "
+                         "the fast path's device model has only the original view")
     keras.utils.set_random_seed(opts.seed)
     taxonomy = load_taxonomy(opts.taxonomy)
     ds = _subsample(open_dataset(opts.data, taxonomy), opts.limit, opts.seed)
