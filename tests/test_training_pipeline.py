@@ -141,6 +141,29 @@ def test_finetuning_resumes_from_its_checkpoint(tmp_path):
     assert len(first) == 1 and len(both) == 2 and both[0] == first[0]  # epoch 1 was not redone
 
 
+def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
+    """Weights, Adam moments and step counts are checkpointed, and each epoch's shuffle depends only on
+    (seed, epoch): stopping after epoch 1 and resuming gives the uninterrupted run's weights."""
+    from training.finetune import FinetuneConfig, finetune
+
+    rng = np.random.default_rng(1)
+    maps = rng.normal(0, 1, (48, 4, 4, 32)).astype(np.float16)
+    labels = np.arange(48) % 3
+    idx = np.arange(48)
+    cfg = {"batch_size": 8, "dropout": 0.0, "cycle_epochs": 4}
+    straight, _ = finetune("tiny", [maps], labels, idx[:36], idx[36:], 3, FinetuneConfig(epochs=2, **cfg),
+                           tmp_path / "a", progress=False)
+    finetune("tiny", [maps], labels, idx[:36], idx[36:], 3, FinetuneConfig(epochs=1, **cfg), tmp_path / "b",
+             progress=False)
+    resumed, history = finetune("tiny", [maps], labels, idx[:36], idx[36:], 3, FinetuneConfig(epochs=2, **cfg),
+                                tmp_path / "b", progress=False)
+    assert len(history) == 2
+    straight.load_weights(tmp_path / "a" / "last.weights.h5")
+    resumed.load_weights(tmp_path / "b" / "last.weights.h5")
+    for a, b in zip(straight.get_weights(), resumed.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_deeper_finetuning_trains_more_stages(data, tmp_path):
     """``--train-stages 3`` caches the stage-4 maps and trains stage 5 as well (its own cache and checkpoint)."""
     out = tmp_path / "deep"

@@ -9,7 +9,11 @@ rotated) per image per epoch.
 Recipe: BatchNorm statistics frozen (small batches, small data), differential learning rates (the
 new classifier learns faster than the pretrained blocks), cosine schedule with warm restarts,
 class-weighted cross-entropy with label smoothing, fixed seeds, model selection on the calibration
-split's balanced accuracy, and a checkpoint after every epoch so an interrupted run resumes.
+split's balanced accuracy, and a checkpoint after every epoch (weights, both optimizers' moments,
+history) so an interrupted run resumes where it stopped: each epoch's shuffle comes from
+``(seed, epoch)``. Before the moments were saved, a run resumed at a cosine restart fell from 0.67 to
+0.25 calib balanced accuracy with empty Adam moments at the peak rate (an uninterrupted restart
+dipped to 0.46 and recovered).
 """
 
 from __future__ import annotations
@@ -80,7 +84,6 @@ def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: 
     ckpt = Path(checkpoint_dir)
     ckpt.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     start_block = backbones.stage_end_block(name, 6 - config.train_stages) + 1
     feature_shape = tuple(int(d) for d in views[0].shape[1:])
     model = build_tail_classifier(name, start_block, feature_shape, n_classes, config.dropout, imagenet)
@@ -116,7 +119,8 @@ def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: 
     history: list[dict] = []
     best = -1.0
     first_epoch = 0
-    if state_file.is_file():  # resume at the last finished epoch (optimizer moments restart)
+    opt_file = ckpt / "optimizers.npz"
+    if state_file.is_file():  # resume at the last finished epoch
         state = json.loads(state_file.read_text())
         saved = {**asdict(FinetuneConfig()), **state.get("config", {})}  # options added since take defaults
         same = {k: v for k, v in saved.items() if k != "epochs"} == \
@@ -124,11 +128,12 @@ def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: 
         if same and state["epoch"] + 1 <= config.epochs and (ckpt / "last.weights.h5").is_file():
             model.load_weights(ckpt / "last.weights.h5")
             history, best, first_epoch = state["history"], state["best"], state["epoch"] + 1
-            opt_head.iterations.assign(first_epoch * steps)
-            opt_body.iterations.assign(first_epoch * steps)
-            rng = np.random.default_rng(config.seed + first_epoch)
+            if not _load_optimizers(opt_file, opt_head, opt_body):  # checkpoints from before they were saved
+                opt_head.iterations.assign(first_epoch * steps)
+                opt_body.iterations.assign(first_epoch * steps)
     for epoch in range(first_epoch, config.epochs):
         started = time.perf_counter()
+        rng = np.random.default_rng([config.seed, epoch])
         order = rng.permutation(train_idx)
         view_of = rng.integers(0, len(views), size=len(order))
         losses = []
@@ -156,6 +161,7 @@ def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: 
             best = bacc
             model.save_weights(ckpt / "best.weights.h5")
         model.save_weights(ckpt / "last.weights.h5")
+        _save_optimizers(opt_file, opt_head, opt_body)
         state_file.write_text(json.dumps({"epoch": epoch, "best": best, "history": history,
                                           "config": asdict(config)}, indent=1))
         if progress:
@@ -163,3 +169,23 @@ def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: 
     if (ckpt / "best.weights.h5").is_file():
         model.load_weights(ckpt / "best.weights.h5")
     return model, history
+
+
+def _save_optimizers(path: Path, *optimizers) -> None:
+    arrays = {f"{i}_{j}": np.asarray(v.numpy()) for i, opt in enumerate(optimizers) for j, v in enumerate(opt.variables)}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)  # never a half-written file next to finished weights
+
+
+def _load_optimizers(path: Path, *optimizers) -> bool:
+    """Restore step counts and Adam moments; False (nothing changed) if absent or not matching."""
+    if not path.is_file():
+        return False
+    with np.load(path) as saved:
+        pairs = [(v, saved.get(f"{i}_{j}")) for i, opt in enumerate(optimizers) for j, v in enumerate(opt.variables)]
+        if len(saved.files) != len(pairs) or any(a is None or a.shape != tuple(v.shape) for v, a in pairs):
+            return False
+        for v, a in pairs:
+            v.assign(a)
+    return True
