@@ -165,15 +165,19 @@ def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
 
 
 def test_deeper_finetuning_trains_more_stages(data, tmp_path):
-    """``--train-stages 3`` caches the stage-4 maps and trains stage 5 as well (its own cache and checkpoint)."""
+    """``--train-stages 3`` caches the stage-4 maps and trains stage 5 as well (its own cache and
+    checkpoint); the cloud model can keep another recipe."""
     out = tmp_path / "deep"
-    assert main(["train", "--data", str(data), "--out", str(out), "--device-backbone", "tiny", "--skip-cloud",
-                 "--epochs", "1", "--train-stages", "3", "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(out), "--device-backbone", "tiny",
+                 "--cloud-backbone", "tiny", "--epochs", "1", "--train-stages", "3", "--lr-body", "1e-4",
+                 "--cloud-train-stages", "2", "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
     card = json.loads((out / "card.json").read_text())
-    assert card["options"]["finetune"]["train_stages"] == 3
-    assert any(p.name.endswith("-top3") for p in (tmp_path / "cache").glob("finetune-tiny-*"))
+    assert card["options"]["finetune"]["train_stages"] == 3 and card["options"]["finetune"]["lr_body"] == 1e-4
+    assert card["options"]["cloud_finetune"]["train_stages"] == 2  # the cloud model has its own recipe
+    assert card["options"]["cloud_finetune"]["lr_body"] == 1e-4  # ... inheriting what it does not override
+    assert sorted(p.name.endswith("-top3") for p in (tmp_path / "cache").glob("finetune-tiny-*")) == [False, True]
     maps = [np.load(p, mmap_mode="r") for p in (tmp_path / "cache").glob("tiny-orig-*/maps.npy")]
-    assert [m.shape[-1] for m in maps] == [24]  # tiny's stage-4 width (stage 5 would be 32)
+    assert sorted(m.shape[-1] for m in maps) == [24, 32]  # tiny's stage-4 width (device), stage-5 (cloud)
 
 
 def test_linear_head_reproduces_logistic_regression():

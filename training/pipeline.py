@@ -62,6 +62,7 @@ class TrainOptions:
     limit: int | None = None
     head_c: float = 0.01
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    cloud_finetune: FinetuneConfig | None = None  # None: the same recipe as the device model
     progress: bool = True
     skip_cloud: bool = False
     cloud_ensemble: bool = False  # cloud model = average of the cloud and the device networks
@@ -94,7 +95,8 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     fine = opts.epochs > 0
     chosen = opts.cloud_views if kind == "cloud" and opts.cloud_views else opts.views
     views = list(chosen if fine or kind == "cloud" else ("orig",))
-    stage = map_stage(opts.finetune.train_stages)
+    recipe_cfg = opts.cloud_finetune if kind == "cloud" and opts.cloud_finetune else opts.finetune
+    stage = map_stage(recipe_cfg.train_stages)
     feats = [extract_features(ds, backbone, cfg, opts.cache_dir, view=v, with_maps=fine, progress=opts.progress,
                               stage=stage) for v in views]
     t_features = time.perf_counter() - t0
@@ -104,10 +106,10 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     if fine:
         # One checkpoint folder per (backbone, data, views, preprocessing): resuming never mixes recipes.
         recipe = "+".join(views) + ("-cc" if opts.colour_constancy else "") + \
-            (f"-top{opts.finetune.train_stages}" if stage != TAIL_STAGE else "")
+            (f"-top{recipe_cfg.train_stages}" if stage != TAIL_STAGE else "")
         ckpt = (opts.cache_dir or opts.out / "checkpoints") / f"finetune-{backbone}-{ds.fingerprint()}-{recipe}"
         tail, history = finetune(backbone, [f.maps for f in feats], y, split["train"], split["calib"], k,
-                                 opts.finetune, ckpt, progress=opts.progress)
+                                 recipe_cfg, ckpt, progress=opts.progress)
         logits_views = [predict_logits(tail, f.maps) for f in feats]
         head = None
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from dermaloop import backbones
@@ -30,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated cached views for fine-tuning augmentation and cloud TTA ({', '.join(VIEWS)}; "
                              "aug1..aug16: random symmetry, crop and colour jitter, fixed per image)")
     parser.add_argument("--cloud-views", default=None, help="views for the cloud model if different from --views")
+    parser.add_argument("--cloud-lr-body", type=float, default=None, help="--lr-body for the cloud model if different")
+    parser.add_argument("--cloud-train-stages", type=int, default=None,
+                        help="--train-stages for the cloud model if different")
     parser.add_argument("--lr-head", type=float, default=3e-3)
     parser.add_argument("--lr-body", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -63,16 +67,20 @@ def run(args: argparse.Namespace) -> int:
 
     views = parse_views(args.views)
     cloud_views = parse_views(args.cloud_views) if args.cloud_views else None
+    recipe = FinetuneConfig(epochs=max(args.epochs, 1), batch_size=args.batch_size, lr_head=args.lr_head,
+                            lr_body=args.lr_body, cycle_epochs=args.cycle_epochs, train_stages=args.train_stages,
+                            seed=args.seed)
+    cloud_recipe = None
+    if args.cloud_lr_body is not None or args.cloud_train_stages is not None:
+        cloud_recipe = replace(recipe, lr_body=args.cloud_lr_body if args.cloud_lr_body is not None else recipe.lr_body,
+                               train_stages=args.cloud_train_stages or recipe.train_stages)
     opts = TrainOptions(
         data=args.data, out=args.out, taxonomy=args.taxonomy, device_backbone=args.device_backbone,
         cloud_backbone=args.cloud_backbone, epochs=args.epochs, views=views, cloud_views=cloud_views,
         colour_constancy=args.colour_constancy, cache_dir=args.cache_dir or default_cache_dir(),
         seed=args.seed, target_sensitivity=args.target_sensitivity, limit=args.limit, skip_cloud=args.skip_cloud,
         cloud_ensemble=args.cloud_ensemble,
-        finetune=FinetuneConfig(epochs=max(args.epochs, 1), batch_size=args.batch_size, lr_head=args.lr_head,
-                                lr_body=args.lr_body, cycle_epochs=args.cycle_epochs, train_stages=args.train_stages,
-                                seed=args.seed),
-        progress=not args.quiet)
+        finetune=recipe, cloud_finetune=cloud_recipe, progress=not args.quiet)
     try:
         out = train(opts)
     except ValueError as exc:
