@@ -96,23 +96,11 @@ def _status(app) -> int:
     return 0
 
 
-def _has_cloud_model(card: Path) -> bool:
-    try:
-        return "cloud" in json.loads(card.read_text())
-    except (OSError, ValueError):
-        return True  # unreadable: let loading it say what is wrong, rather than skip it silently
-
-
 def local_model_dir(models_dir: Path) -> Path | None:
-    """The newest model directory with a cloud model under the local models directory (a device-only
-    directory, ``dermaloop train --skip-cloud``, is skipped rather than served and refused)."""
-    if (models_dir / "card.json").is_file():
-        return models_dir
-    candidates = sorted((p.parent for p in models_dir.glob("*/card.json")
-                         if not p.parent.name.endswith(".partial") and not p.parent.name.startswith(".")
-                         and _has_cloud_model(p)),
-                        key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
+    """The newest model directory with a cloud model under the local models directory."""
+    from dermaloop.model_dir import newest_model_dir
+
+    return newest_model_dir(models_dir)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ from dermaloop.risk import RiskPolicy
 from dermaloop.taxonomy import Taxonomy, load_taxonomy
 
 __all__ = ["ModelDir", "DeviceModel", "CloudModel", "load_device_model", "load_cloud_model", "make_interpreter",
-           "sha256_file", "CARD", "LABELS"]
+           "newest_model_dir", "sha256_file", "CARD", "LABELS"]
 
 CARD = "card.json"
 LABELS = "labels.json"
@@ -214,3 +214,24 @@ def load_device_model(model_dir: str | Path, variant: str = "int8", num_threads:
 
 def load_cloud_model(model_dir: str | Path) -> CloudModel:
     return CloudModel(ModelDir.open(model_dir))
+
+
+def _has_cloud_model(card: Path) -> bool:
+    try:
+        return "cloud" in json.loads(card.read_text())
+    except (OSError, ValueError):
+        return True  # unreadable: let loading it say what is wrong, rather than skip it silently
+
+
+def newest_model_dir(models_dir: str | Path) -> Path | None:
+    """The newest finished model directory with a cloud model under ``models_dir`` (or ``models_dir``
+    itself if it is one). Device-only directories (``--skip-cloud``) and ``.partial`` ones are skipped:
+    the worker would refuse them, and the run command must not train a starter next to a real model."""
+    models_dir = Path(models_dir)
+    if (models_dir / CARD).is_file():
+        return models_dir
+    candidates = sorted((p.parent for p in models_dir.glob(f"*/{CARD}")
+                         if not p.parent.name.endswith(".partial") and not p.parent.name.startswith(".")
+                         and _has_cloud_model(p)),
+                        key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None

@@ -21,3 +21,13 @@ def test_starter_models_are_trained_once_and_marked_synthetic(tmp_path, capsys):
     assert again == first and (first / "card.json").stat().st_mtime_ns == stamp
     assert capsys.readouterr().err == ""  # no second training
     assert load_device_model(first).diagnose(sorted((models / "_synthetic_data" / "images").glob("*.jpg"))[0])
+
+
+
+def test_no_starter_is_trained_next_to_a_real_model(tmp_path, capsys):
+    models = tmp_path / "models"
+    (models / "ham-ens").mkdir(parents=True)
+    (models / "ham-ens" / "card.json").write_text(json.dumps({"device": {}, "cloud": {}}))
+    assert ensure_starter_models(models, None, device_backbone="tiny", cloud_backbone="tiny",
+                                 progress=False) == models / "ham-ens"
+    assert not (models / "starter").exists() and capsys.readouterr().err == ""

@@ -31,17 +31,20 @@ def _estimate_minutes(n_images: int, device: str, cloud: str) -> float:
 def ensure_starter_models(models_dir: Path, data_dir: Path | None = None, *, device_backbone: str = "lite0",
                           cloud_backbone: str = "lite0", cache_dir: Path | None = None,
                           synthetic_per_class: int = 40, progress: bool = True) -> Path:
-    """Return ``models_dir/starter``, training it first if it does not exist yet.
+    """Return the newest trained model directory under ``models_dir``; only where there is none,
+    train ``models_dir/starter`` first.
 
     ``data_dir``: a dataset in a supported layout (HAM10000 recommended) or None for synthetic data.
     """
     from dermaloop.datasets import open_dataset
+    from dermaloop.model_dir import newest_model_dir
     from dermaloop.taxonomy import load_taxonomy
 
     models_dir = Path(models_dir)
     target = models_dir / STARTER
-    if (target / "card.json").is_file():
-        return target
+    existing = newest_model_dir(models_dir) if models_dir.is_dir() else None
+    if existing is not None:  # a model trained with ``dermaloop train`` (or an earlier starter)
+        return existing
     models_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else models_dir.parent / "cache" / "embeddings"
     synthetic = data_dir is None
