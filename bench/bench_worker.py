@@ -185,9 +185,9 @@ def main() -> int:
     model_dir = Path(args.model) if args.model else (tiny_model_dir(tmp / "tiny") if args.tiny else None)
     if model_dir is None:
         local = Path(load_settings().models_dir)
-        from cloud_worker.cli import local_model_dir
+        from dermaloop.model_dir import newest_model_dir
 
-        model_dir = local_model_dir(local) or tiny_model_dir(tmp / "tiny")
+        model_dir = newest_model_dir(local) or tiny_model_dir(tmp / "tiny")
     data, source = photos(args.jobs)
     common = ["--no-analysis"] if args.no_analysis else []
     print(f"model {model_dir}; images: {source}", flush=True)

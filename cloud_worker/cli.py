@@ -96,13 +96,6 @@ def _status(app) -> int:
     return 0
 
 
-def local_model_dir(models_dir: Path) -> Path | None:
-    """The newest model directory with a cloud model under the local models directory."""
-    from dermaloop.model_dir import newest_model_dir
-
-    return newest_model_dir(models_dir)
-
-
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.json_logs)
     from cloud_worker.jobs import JobQueue
@@ -110,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from cloud_worker.registry import ModelProvider, fetch_published, published_version
     from cloud_worker.worker import Worker, WorkerConfig
     from dermaloop.admin_app import get_app
+    from dermaloop.model_dir import newest_model_dir
     from dermaloop.settings import load_settings
     from dermaloop.storage import admin_bucket
 
@@ -132,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         if args.model:
             return Path(args.model)
         version = published_version(app)
-        return fetch_published(app, bucket, cache_dir, version) if version else local_model_dir(Path(settings.models_dir))
+        return fetch_published(app, bucket, cache_dir, version) if version else newest_model_dir(settings.models_dir)
 
     model_dir = find_model()
     if model_dir is None:

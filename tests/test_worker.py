@@ -309,12 +309,12 @@ def _real_model_dir():
     """The newest trained model directory (``dermaloop train`` / the run command), if this machine has one."""
     import os
 
-    from cloud_worker.cli import local_model_dir
+    from dermaloop.model_dir import newest_model_dir
     from dermaloop.settings import PROJECT_ROOT
 
     for root in (os.environ.get("DERMALOOP_MODELS_DIR"), PROJECT_ROOT / "var" / "models"):
         if root:
-            found = local_model_dir(Path(root))
+            found = newest_model_dir(Path(root))
             if found is not None:
                 return found
     return None

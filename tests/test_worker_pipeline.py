@@ -118,17 +118,17 @@ def test_the_local_model_is_the_newest_directory_with_a_cloud_model(tmp_path):
     import json
     import os
 
-    from cloud_worker.cli import local_model_dir
+    from dermaloop.model_dir import newest_model_dir
 
     def card(name: str, body: dict, mtime: int) -> None:
         (tmp_path / name).mkdir()
         (tmp_path / name / "card.json").write_text(json.dumps(body))
         os.utime(tmp_path / name, (mtime, mtime))  # directories are ranked by their modification time
 
-    assert local_model_dir(tmp_path) is None
+    assert newest_model_dir(tmp_path) is None
     card("older", {"device": {}, "cloud": {}}, 1_000)
     card("newest-device-only", {"device": {}}, 3_000)
     card("half.partial", {"cloud": {}}, 4_000)
-    assert local_model_dir(tmp_path) == tmp_path / "older"
+    assert newest_model_dir(tmp_path) == tmp_path / "older"
     card("newer", {"cloud": {}}, 2_000)
-    assert local_model_dir(tmp_path) == tmp_path / "newer"
+    assert newest_model_dir(tmp_path) == tmp_path / "newer"

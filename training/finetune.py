@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dermaloop import backbones
+from training.embeddings import map_stage
 
 
 @dataclass
@@ -84,7 +85,7 @@ def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: 
     ckpt = Path(checkpoint_dir)
     ckpt.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
-    start_block = backbones.stage_end_block(name, 6 - config.train_stages) + 1
+    start_block = backbones.stage_end_block(name, map_stage(config.train_stages)) + 1
     feature_shape = tuple(int(d) for d in views[0].shape[1:])
     model = build_tail_classifier(name, start_block, feature_shape, n_classes, config.dropout, imagenet)
     head_vars = model.get_layer("logits").trainable_variables

@@ -88,6 +88,12 @@ def _subsample(ds: Dataset, limit: int | None, seed: int) -> Dataset:
     return ds.subset([i for i, s in enumerate(ds.samples) if s.group in keep])
 
 
+def _tta_views(views) -> list[str]:
+    """The views the cloud runtime averages at test time (``dermaloop.model_dir``'s transforms): the
+    deterministic ones; augmented views only serve training."""
+    return [v for v in views[1:] if v in ("flip", "rot90", "rot270")]
+
+
 def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions) -> dict[str, Any]:
     """Train one model (device or cloud); returns the Keras model, policy, calib/val logits and timings."""
     t0 = time.perf_counter()
@@ -127,7 +133,7 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
         tta_refit = False
     else:
         tta_refit = True
-    tta = [v for v in views[1:] if v in ("flip", "rot90", "rot270")] if kind == "cloud" else []
+    tta = _tta_views(views) if kind == "cloud" else []
     if tta and tta_refit:  # thresholds must be chosen on the probabilities the runtime produces (mean over views)
         runtime_views = [logits_views[0]] + [logits_views[views.index(v)] for v in tta]
         probs_c = np.mean([softmax(lv[calib], policy.temperature) for lv in runtime_views], axis=0)
@@ -177,8 +183,7 @@ def train(opts: TrainOptions) -> Path:
     import keras
 
     started = time.perf_counter()
-    cloud_tta = [v for v in (opts.cloud_views or opts.views)[1:] if v in ("flip", "rot90", "rot270")]
-    if opts.cloud_ensemble and opts.epochs == 0 and cloud_tta:
+    if opts.cloud_ensemble and opts.epochs == 0 and _tta_views(opts.cloud_views or opts.views):
         raise ValueError("--cloud-ensemble with test-time augmentation needs fine-tuning (--epochs > 0): "
                          "the fast path's device model has only the original view")
     keras.utils.set_random_seed(opts.seed)

@@ -42,7 +42,7 @@ def ensure_starter_models(models_dir: Path, data_dir: Path | None = None, *, dev
 
     models_dir = Path(models_dir)
     target = models_dir / STARTER
-    existing = newest_model_dir(models_dir) if models_dir.is_dir() else None
+    existing = newest_model_dir(models_dir)
     if existing is not None:  # a model trained with ``dermaloop train`` (or an earlier starter)
         return existing
     models_dir.mkdir(parents=True, exist_ok=True)
