@@ -79,97 +79,130 @@ def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: 
              progress: bool = True, imagenet: bool = True):
     """Train; returns (model with the best calibration-split weights, history list)."""
     import keras
-    import tensorflow as tf
-    from sklearn.metrics import balanced_accuracy_score
 
-    ckpt = Path(checkpoint_dir)
-    ckpt.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     start_block = backbones.stage_end_block(name, map_stage(config.train_stages)) + 1
     feature_shape = tuple(int(d) for d in views[0].shape[1:])
     model = build_tail_classifier(name, start_block, feature_shape, n_classes, config.dropout, imagenet)
-    head_vars = model.get_layer("logits").trainable_variables
-    head_ids = {id(v) for v in head_vars}
-    body_vars = [v for v in model.trainable_variables if id(v) not in head_ids]
     steps = int(np.ceil(len(train_idx) / config.batch_size))
 
     def schedule(lr: float):
         return keras.optimizers.schedules.CosineDecayRestarts(lr, steps * config.cycle_epochs, t_mul=2.0,
                                                               m_mul=1.0, alpha=0.01)
 
-    opt_head = keras.optimizers.AdamW(schedule(config.lr_head), weight_decay=config.weight_decay)
-    opt_body = keras.optimizers.AdamW(schedule(config.lr_body), weight_decay=config.weight_decay)
-    opt_head.build(head_vars)
-    opt_body.build(body_vars)
-    cw = tf.constant(class_weights(labels[train_idx], n_classes, config.class_weight_power))
-    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing,
-                                                   reduction="none")
-
-    @tf.function(reduce_retracing=True)
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            logits = model(x, training=True)
-            per = loss_fn(tf.one_hot(y, n_classes), logits) * tf.gather(cw, y)
-            loss = tf.reduce_mean(per)
-        grads = tape.gradient(loss, head_vars + body_vars)
-        opt_head.apply_gradients(zip(grads[:len(head_vars)], head_vars, strict=True))
-        opt_body.apply_gradients(zip(grads[len(head_vars):], body_vars, strict=True))
-        return loss
-
-    state_file = ckpt / "state.json"
-    history: list[dict] = []
-    best = -1.0
-    first_epoch = 0
-    opt_file = ckpt / "optimizers.npz"
-    if state_file.is_file():  # resume at the last finished epoch
-        state = json.loads(state_file.read_text())
-        saved = {**asdict(FinetuneConfig()), **state.get("config", {})}  # options added since take defaults
-        same = {k: v for k, v in saved.items() if k != "epochs"} == \
-            {k: v for k, v in asdict(config).items() if k != "epochs"}
-        if same and state["epoch"] + 1 <= config.epochs and (ckpt / "last.weights.h5").is_file():
-            model.load_weights(ckpt / "last.weights.h5")
-            history, best, first_epoch = state["history"], state["best"], state["epoch"] + 1
-            if not _load_optimizers(opt_file, opt_head, opt_body):  # checkpoints from before they were saved
-                opt_head.iterations.assign(first_epoch * steps)
-                opt_body.iterations.assign(first_epoch * steps)
-    for epoch in range(first_epoch, config.epochs):
-        started = time.perf_counter()
-        rng = np.random.default_rng([config.seed, epoch])
+    def batches(rng: np.random.Generator):
         order = rng.permutation(train_idx)
         view_of = rng.integers(0, len(views), size=len(order))
-        losses = []
-        with tqdm(total=steps, desc=f"{name} fine-tune epoch {epoch + 1}/{config.epochs}", unit="batch",
-                  disable=not progress) as bar:
-            for s in range(steps):
-                sel = slice(s * config.batch_size, (s + 1) * config.batch_size)
-                rows, vsel = order[sel], view_of[sel]
-                x = np.empty((len(rows), *feature_shape), np.float32)
-                for v in range(len(views)):
-                    pick = vsel == v
-                    if pick.any():
-                        src = rows[pick]
-                        srt = np.argsort(src)  # sorted reads are much faster on memmaps
-                        block = np.asarray(views[v][src[srt]], np.float32)
-                        x[np.flatnonzero(pick)[srt]] = block
-                losses.append(float(step(tf.constant(x), tf.constant(labels[rows]))))
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        calib_logits = predict_logits(model, views[0][np.sort(calib_idx)])
-        bacc = float(balanced_accuracy_score(labels[np.sort(calib_idx)], calib_logits.argmax(1)))
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "calib_balanced_accuracy": bacc,
-                        "seconds": time.perf_counter() - started})
-        if bacc > best:
-            best = bacc
-            model.save_weights(ckpt / "best.weights.h5")
-        model.save_weights(ckpt / "last.weights.h5")
-        _save_optimizers(opt_file, opt_head, opt_body)
-        state_file.write_text(json.dumps({"epoch": epoch, "best": best, "history": history,
-                                          "config": asdict(config)}, indent=1))
-        if progress:
-            tqdm.write(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}, calib balanced accuracy {bacc:.4f}")
-    if (ckpt / "best.weights.h5").is_file():
-        model.load_weights(ckpt / "best.weights.h5")
-    return model, history
+        for s in range(steps):
+            sel = slice(s * config.batch_size, (s + 1) * config.batch_size)
+            rows, vsel = order[sel], view_of[sel]
+            x = np.empty((len(rows), *feature_shape), np.float32)
+            for v in range(len(views)):
+                pick = vsel == v
+                if pick.any():
+                    src = rows[pick]
+                    srt = np.argsort(src)  # sorted reads are much faster on memmaps
+                    x[np.flatnonzero(pick)[srt]] = np.asarray(views[v][src[srt]], np.float32)
+            yield x, labels[rows]
+
+    calib = np.sort(calib_idx)
+
+    def calib_logits(m) -> np.ndarray:
+        return predict_logits(m, views[0][calib])
+
+    loop = EpochLoop(model, labels, train_idx, labels[calib], n_classes, config, schedule(config.lr_head),
+                     schedule(config.lr_body), checkpoint_dir, f"{name} fine-tune", progress)
+    return loop.run(batches, steps, calib_logits)
+
+
+class EpochLoop:
+    """The training loop shared by every fine-tuning recipe: a head optimizer and a body optimizer
+    (differential learning rates), class-weighted cross-entropy with label smoothing, a calib-split
+    balanced accuracy after each epoch (the best epoch's weights are kept) and a checkpoint after
+    each epoch that a re-run of the same recipe resumes exactly. The recipe supplies the model,
+    the learning-rate schedules, the batches of an epoch and the calib-split logits."""
+
+    def __init__(self, model, labels: np.ndarray, train_idx: np.ndarray, calib_labels: np.ndarray, n_classes: int,
+                 config, lr_head, lr_body, checkpoint_dir: str | Path, desc: str, progress: bool = True) -> None:
+        import keras
+        import tensorflow as tf
+
+        self.model, self.config, self.desc, self.progress = model, config, desc, progress
+        self.calib_labels = calib_labels
+        self.ckpt = Path(checkpoint_dir)
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        head_vars = model.get_layer("logits").trainable_variables
+        head_ids = {id(v) for v in head_vars}
+        body_vars = [v for v in model.trainable_variables if id(v) not in head_ids]
+        self.opt_head = keras.optimizers.AdamW(lr_head, weight_decay=config.weight_decay)
+        self.opt_body = keras.optimizers.AdamW(lr_body, weight_decay=config.weight_decay)
+        self.opt_head.build(head_vars)
+        self.opt_body.build(body_vars)
+        cw = tf.constant(class_weights(labels[train_idx], n_classes, config.class_weight_power))
+        loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing,
+                                                       reduction="none")
+        opt_head, opt_body = self.opt_head, self.opt_body
+
+        @tf.function(reduce_retracing=True)
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)
+                loss = tf.reduce_mean(loss_fn(tf.one_hot(y, n_classes), logits) * tf.gather(cw, y))
+            grads = tape.gradient(loss, head_vars + body_vars)
+            opt_head.apply_gradients(zip(grads[:len(head_vars)], head_vars, strict=True))
+            opt_body.apply_gradients(zip(grads[len(head_vars):], body_vars, strict=True))
+            return loss
+
+        self.step = step
+
+    def _resume(self, steps: int) -> tuple[list[dict], float, int]:
+        state_file = self.ckpt / "state.json"
+        if not state_file.is_file():
+            return [], -1.0, 0
+        state = json.loads(state_file.read_text())
+        saved = {**asdict(type(self.config)()), **state.get("config", {})}  # options added since take defaults
+        same = {k: v for k, v in saved.items() if k != "epochs"} == \
+            {k: v for k, v in asdict(self.config).items() if k != "epochs"}
+        if not (same and state["epoch"] + 1 <= self.config.epochs and (self.ckpt / "last.weights.h5").is_file()):
+            return [], -1.0, 0
+        self.model.load_weights(self.ckpt / "last.weights.h5")
+        first = state["epoch"] + 1
+        if not _load_optimizers(self.ckpt / "optimizers.npz", self.opt_head, self.opt_body):
+            self.opt_head.iterations.assign(first * steps)  # checkpoints from before the moments were saved
+            self.opt_body.iterations.assign(first * steps)
+        return state["history"], state["best"], first
+
+    def run(self, batches, steps: int, calib_logits):
+        """``batches(rng)`` yields (x, y) for one epoch; ``calib_logits(model)`` scores the calib split."""
+        import tensorflow as tf
+        from sklearn.metrics import balanced_accuracy_score
+
+        cfg, ckpt = self.config, self.ckpt
+        history, best, first_epoch = self._resume(steps)
+        for epoch in range(first_epoch, cfg.epochs):
+            started = time.perf_counter()
+            losses = []
+            with tqdm(total=steps, desc=f"{self.desc} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                      disable=not self.progress) as bar:
+                for x, y in batches(np.random.default_rng([cfg.seed, epoch])):
+                    losses.append(float(self.step(tf.constant(x), tf.constant(y))))
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            bacc = float(balanced_accuracy_score(self.calib_labels, calib_logits(self.model).argmax(1)))
+            history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "calib_balanced_accuracy": bacc,
+                            "seconds": time.perf_counter() - started})
+            if bacc > best:
+                best = bacc
+                self.model.save_weights(ckpt / "best.weights.h5")
+            self.model.save_weights(ckpt / "last.weights.h5")
+            _save_optimizers(ckpt / "optimizers.npz", self.opt_head, self.opt_body)
+            (ckpt / "state.json").write_text(json.dumps({"epoch": epoch, "best": best, "history": history,
+                                                         "config": asdict(cfg)}, indent=1))
+            if self.progress:
+                tqdm.write(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}, calib balanced accuracy {bacc:.4f}")
+        if (ckpt / "best.weights.h5").is_file():
+            self.model.load_weights(ckpt / "best.weights.h5")
+        return self.model, history
 
 
 def _save_optimizers(path: Path, *optimizers) -> None:

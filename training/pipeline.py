@@ -39,6 +39,7 @@ from dermaloop.taxonomy import load_taxonomy
 from training.assemble import ensemble_classifier, full_classifier
 from training.embeddings import TAIL_STAGE, extract_features, map_stage, model_input
 from training.finetune import FinetuneConfig, finetune, predict_logits
+from training.finetune_images import FullFinetuneConfig, checkpoint_dir, finetune_full, image_logits
 from training.heads import fit_linear_head
 
 
@@ -63,6 +64,8 @@ class TrainOptions:
     head_c: float = 0.01
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cloud_finetune: FinetuneConfig | None = None  # None: the same recipe as the device model
+    # device model only: whole-network fine-tuning on augmented images after the top-block phase
+    full_finetune: FullFinetuneConfig = field(default_factory=FullFinetuneConfig)
     progress: bool = True
     skip_cloud: bool = False
     cloud_ensemble: bool = False  # cloud model = average of the cloud and the device networks
@@ -109,39 +112,48 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     y = ds.labels
     k = len(ds.taxonomy)
     history: list[dict] = []
+    full_history: list[dict] = []
+    calib = split["calib"]
     if fine:
         # One checkpoint folder per (backbone, data, views, preprocessing): resuming never mixes recipes.
         recipe = "+".join(views) + ("-cc" if opts.colour_constancy else "") + \
             (f"-top{recipe_cfg.train_stages}" if stage != TAIL_STAGE else "")
-        ckpt = (opts.cache_dir or opts.out / "checkpoints") / f"finetune-{backbone}-{ds.fingerprint()}-{recipe}"
+        base = opts.cache_dir or opts.out / "checkpoints"
+        ckpt = base / f"finetune-{backbone}-{ds.fingerprint()}-{recipe}"
         tail, history = finetune(backbone, [f.maps for f in feats], y, split["train"], split["calib"], k,
                                  recipe_cfg, ckpt, progress=opts.progress)
-        logits_views = [predict_logits(tail, f.maps) for f in feats]
+        if kind == "device" and opts.full_finetune.epochs > 0:
+            tail, full_history = finetune_full(backbone, ds, split["train"], calib, opts.full_finetune, cfg,
+                                               checkpoint_dir(base, backbone, ds, recipe, tail), start=tail,
+                                               progress=opts.progress)
+            calib_logits = [image_logits(tail, ds, calib, cfg, v) for v in views]
+        else:
+            calib_logits = [predict_logits(tail, f.maps[calib]) for f in feats]
         head = None
     else:
         tail = None
         head = fit_linear_head(feats[0].pooled[split["train"]], y[split["train"]], k, c=opts.head_c, seed=opts.seed)
-        logits_views = [f.pooled @ head[0] + head[1] for f in feats]
+        calib_logits = [f.pooled[calib] @ head[0] + head[1] for f in feats]
     t_train = time.perf_counter() - t0 - t_features
-    calib = split["calib"]
+    yc = y[calib]
     try:
-        policy = fit_policy(logits_views[0][calib], y[calib], ds.taxonomy.malignant_mask, opts.target_sensitivity)
+        policy = fit_policy(calib_logits[0], yc, ds.taxonomy.malignant_mask, opts.target_sensitivity)
     except ValueError as exc:  # calib split lacks malignant or benign cases (tiny datasets): say so in the card
         _log(opts, f"warning: risk thresholds not fitted ({exc}); using 0.3 / 0.6")
-        policy = RiskPolicy(fit_temperature(logits_views[0][calib], y[calib]), tuple(ds.taxonomy.malignant_mask),
+        policy = RiskPolicy(fit_temperature(calib_logits[0], yc), tuple(ds.taxonomy.malignant_mask),
                             0.3, 0.6, opts.target_sensitivity)
         tta_refit = False
     else:
         tta_refit = True
     tta = _tta_views(views) if kind == "cloud" else []
     if tta and tta_refit:  # thresholds must be chosen on the probabilities the runtime produces (mean over views)
-        runtime_views = [logits_views[0]] + [logits_views[views.index(v)] for v in tta]
-        probs_c = np.mean([softmax(lv[calib], policy.temperature) for lv in runtime_views], axis=0)
-        policy = policy_from_probabilities(policy.temperature, probs_c, y[calib], ds.taxonomy.malignant_mask,
+        runtime_views = [calib_logits[0]] + [calib_logits[views.index(v)] for v in tta]
+        probs_c = np.mean([softmax(lv, policy.temperature) for lv in runtime_views], axis=0)
+        policy = policy_from_probabilities(policy.temperature, probs_c, yc, ds.taxonomy.malignant_mask,
                                            opts.target_sensitivity)
     model = full_classifier(backbone, k, policy.temperature, tail_model=tail, head=head)
     return {"model": model, "policy": policy, "preprocess": cfg, "tta": tta, "history": history,
-            "logits": dict(zip(views, logits_views, strict=True)),
+            "full_history": full_history, "calib_logits": dict(zip(views, calib_logits, strict=True)),
             "features_seconds": t_features, "train_seconds": t_train,
             "images_per_second": feats[0].images_per_second, "features_cached": feats[0].cached}
 
@@ -151,16 +163,17 @@ def _ensemble(cloud: dict[str, Any], device: dict[str, Any], ds: Dataset, split:
     """Average the cloud and device networks (both already trained) into the cloud model. The
     ensemble's temperature and thresholds come from the calib split, as for a single model."""
     views = ["orig", *cloud["tta"]]
-    missing = [v for v in views if v not in device["logits"]]
+    missing = [v for v in views if v not in device["calib_logits"]]
     if missing:
         raise ValueError(f"--cloud-ensemble needs the device model's views to include {missing}")
     calib, y = split["calib"], ds.labels
 
     def mean_scaled(view: str) -> np.ndarray:
-        return (cloud["logits"][view] / cloud["policy"].temperature + device["logits"][view] / device["policy"].temperature) / 2
+        return (cloud["calib_logits"][view] / cloud["policy"].temperature
+                + device["calib_logits"][view] / device["policy"].temperature) / 2
 
-    t = fit_temperature(mean_scaled("orig")[calib], y[calib])
-    probs = np.mean([softmax(mean_scaled(v)[calib], t) for v in views], axis=0)
+    t = fit_temperature(mean_scaled("orig"), y[calib])
+    probs = np.mean([softmax(mean_scaled(v), t) for v in views], axis=0)
     policy = policy_from_probabilities(t, probs, y[calib], ds.taxonomy.malignant_mask, opts.target_sensitivity)
     model = ensemble_classifier(cloud["model"], [device["model"]], t)
     return {**cloud, "model": model, "policy": policy}
@@ -173,6 +186,9 @@ def _section(kind: str, backbone: str, r: dict[str, Any]) -> dict[str, Any]:
             "output": "calibrated class probabilities (temperature folded into the model)",
             "preprocess": r["preprocess"].to_dict(), "risk": {**policy.to_dict(), "temperature_in_model": True},
             "tta": r["tta"], "training": {"fine_tuned_epochs": len(r["history"]), "history": r["history"],
+                                          **({"whole_network_epochs": len(r["full_history"]),
+                                              "whole_network_history": r["full_history"]}
+                                             if r["full_history"] else {}),
                                           "features_seconds": round(r["features_seconds"], 1),
                                           "train_seconds": round(r["train_seconds"], 1),
                                           "embedding_images_per_second": round(r["images_per_second"], 1)}}
@@ -183,6 +199,8 @@ def train(opts: TrainOptions) -> Path:
     import keras
 
     started = time.perf_counter()
+    if opts.full_finetune.epochs > 0 and opts.epochs == 0:
+        raise ValueError("--full-epochs continues from the top-block fine-tuning: give --epochs > 0 too")
     if opts.cloud_ensemble and opts.epochs == 0 and _tta_views(opts.cloud_views or opts.views):
         raise ValueError("--cloud-ensemble with test-time augmentation needs fine-tuning (--epochs > 0): "
                          "the fast path's device model has only the original view")

@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-stages", type=int, default=2,
                         help="how many of the 7 backbone stages fine-tuning trains (2: stages 6-7 on cached "
                              "stage-5 maps; 3 adds stage 5, slower per epoch)")
+    parser.add_argument("--full-epochs", type=int, default=0,
+                        help="device model: after the top-block epochs, this many epochs of whole-network "
+                             "fine-tuning on randomly augmented images (~3-4 min per epoch for 7k images "
+                             "on 2 cores); the cloud ensemble's device member is this network")
+    parser.add_argument("--full-lr", type=float, default=1e-4,
+                        help="peak learning rate of the whole-network phase (linear warm-up, one cosine decay)")
     parser.add_argument("--cycle-epochs", type=int, default=3,
                         help="length of the first cosine cycle; each warm restart doubles it")
     parser.add_argument("--colour-constancy", action="store_true", help="shades-of-grey white balance")
@@ -56,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from training.finetune import FinetuneConfig
+    from training.finetune_images import FullFinetuneConfig
     from training.pipeline import TrainOptions, train
 
     def parse_views(text: str) -> tuple[str, ...]:
@@ -80,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
         colour_constancy=args.colour_constancy, cache_dir=args.cache_dir or default_cache_dir(),
         seed=args.seed, target_sensitivity=args.target_sensitivity, limit=args.limit, skip_cloud=args.skip_cloud,
         cloud_ensemble=args.cloud_ensemble,
-        finetune=recipe, cloud_finetune=cloud_recipe, progress=not args.quiet)
+        finetune=recipe, cloud_finetune=cloud_recipe, progress=not args.quiet,
+        full_finetune=FullFinetuneConfig(epochs=args.full_epochs, lr_head=args.full_lr, lr_body=args.full_lr,
+                                         seed=args.seed))
     try:
         out = train(opts)
     except ValueError as exc:

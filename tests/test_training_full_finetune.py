@@ -1,0 +1,130 @@
+"""Whole-network fine-tuning on augmented images (training/finetune_images.py), on synthetic photos
+with the 64 px "tiny" backbone: warm start, learning, exact resumption, checkpoint identity and the
+``--full-epochs`` plumbing through ``dermaloop train``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dermaloop.cli import main
+from dermaloop.datasets import open_dataset
+from dermaloop.preprocess import PreprocessConfig
+from dermaloop.synthetic import generate
+from dermaloop.taxonomy import load_taxonomy
+from training.finetune_images import (
+    FullFinetuneConfig,
+    build_full_network,
+    checkpoint_dir,
+    finetune_full,
+    image_logits,
+)
+
+PRE = PreprocessConfig(size=64)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("syn"), per_class=8, photos_per_lesion=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def ds(data):
+    return open_dataset(data, load_taxonomy())
+
+
+def _tail(n_classes: int):
+    from dermaloop import backbones
+    from training.embeddings import map_stage
+    from training.finetune import build_tail_classifier
+
+    start = backbones.stage_end_block("tiny", map_stage(2)) + 1
+    tail = build_tail_classifier("tiny", start, (4, 4, 32), n_classes, 0.0)
+    rng = np.random.default_rng(0)
+    tail.get_layer("logits").set_weights([rng.normal(0, 0.5, (tail.get_layer("logits").input.shape[-1], n_classes))
+                                          .astype(np.float32), np.arange(n_classes, dtype=np.float32) * 0.1])
+    return tail
+
+
+def test_the_warm_start_is_the_first_phase_network(ds):
+    """The second phase starts from exactly the network the top-block phase produced."""
+    from training.assemble import full_classifier
+
+    tail = _tail(len(ds.taxonomy))
+    net = build_full_network("tiny", len(ds.taxonomy), 0.3, start=tail)
+    reference = full_classifier("tiny", len(ds.taxonomy), tail_model=tail, with_probabilities=False)
+    rows = np.arange(6)
+    np.testing.assert_allclose(image_logits(net, ds, rows, PRE), image_logits(reference, ds, rows, PRE), atol=1e-4)
+    with pytest.raises(ValueError, match="shares no layers"):
+        import keras
+        inp = keras.Input((3,))
+        build_full_network("tiny", 7, 0.3, start=keras.Model(inp, keras.layers.Dense(2, name="other")(inp)))
+
+
+def test_every_layer_trains_and_the_best_calib_epoch_is_kept(ds, tmp_path):
+    k = len(ds.taxonomy)
+    idx = np.arange(len(ds))
+    tail = _tail(k)
+    start = build_full_network("tiny", k, 0.0, start=tail).get_weights()
+    cfg = FullFinetuneConfig(epochs=2, batch_size=16, lr_head=1e-3, lr_body=1e-3)
+    net, history = finetune_full("tiny", ds, idx[:-16], idx[-16:], cfg, PRE, tmp_path, start=tail, progress=False)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["loss"]) and 0.0 <= h["calib_balanced_accuracy"] <= 1.0 for h in history)
+    changed = [not np.allclose(a, b) for a, b in zip(start, net.get_weights(), strict=True)]
+    assert changed[0] and changed[-1]  # the stem convolution and the classifier both moved
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["best"] == max(h["calib_balanced_accuracy"] for h in history)
+    net_best = build_full_network("tiny", k, 0.0)
+    net_best.load_weights(tmp_path / "best.weights.h5")
+    for a, b in zip(net.get_weights(), net_best.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # what is returned is the best calib epoch
+
+
+def test_a_resumed_whole_network_run_equals_an_uninterrupted_one(ds, tmp_path):
+    """Each epoch's order and augmentations derive from (seed, epoch); weights, Adam moments and
+    step counts are checkpointed."""
+    k = len(ds.taxonomy)
+    idx = np.arange(len(ds))
+    tail = _tail(k)
+    cfg = {"batch_size": 16, "dropout": 0.0, "lr_head": 1e-3, "lr_body": 1e-3}
+    finetune_full("tiny", ds, idx[:-16], idx[-16:], FullFinetuneConfig(epochs=2, **cfg), PRE, tmp_path / "a",
+                  start=tail, progress=False)
+    finetune_full("tiny", ds, idx[:-16], idx[-16:], FullFinetuneConfig(epochs=1, **cfg), PRE, tmp_path / "b",
+                  start=tail, progress=False)
+    _, history = finetune_full("tiny", ds, idx[:-16], idx[-16:], FullFinetuneConfig(epochs=2, **cfg), PRE,
+                               tmp_path / "b", start=tail, progress=False)
+    assert len(history) == 2
+    a, b = build_full_network("tiny", k, 0.0), build_full_network("tiny", k, 0.0)
+    a.load_weights(tmp_path / "a" / "last.weights.h5")
+    b.load_weights(tmp_path / "b" / "last.weights.h5")
+    for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_allclose(wa, wb, atol=1e-5)
+
+
+def test_the_checkpoint_folder_depends_on_the_warm_start(ds, tmp_path):
+    one, two = _tail(len(ds.taxonomy)), _tail(len(ds.taxonomy))
+    assert checkpoint_dir(tmp_path, "tiny", ds, "orig", one) == checkpoint_dir(tmp_path, "tiny", ds, "orig", two)
+    two.get_layer("logits").set_weights([w + 1 for w in two.get_layer("logits").get_weights()])
+    assert checkpoint_dir(tmp_path, "tiny", ds, "orig", one) != checkpoint_dir(tmp_path, "tiny", ds, "orig", two)
+
+
+def test_train_cli_runs_the_whole_network_phase_for_the_device_model(data, tmp_path):
+    out = tmp_path / "model"
+    assert main(["train", "--data", str(data), "--out", str(out), "--device-backbone", "tiny",
+                 "--cloud-backbone", "tiny", "--epochs", "1", "--full-epochs", "1", "--views", "orig,flip",
+                 "--cloud-ensemble", "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["device"]["training"]["whole_network_epochs"] == 1
+    assert "whole_network_epochs" not in card["cloud"]["training"]  # the cloud network keeps the top-block recipe
+    assert card["options"]["full_finetune"]["epochs"] == 1
+    assert len(list((tmp_path / "cache").glob("full-tiny-*"))) == 1
+    assert card["device"]["metrics"]["n"] == card["data"]["split"]["val"]
+
+
+def test_whole_network_phase_needs_the_first_phase(data, tmp_path, capsys):
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--device-backbone", "tiny",
+                 "--cloud-backbone", "tiny", "--full-epochs", "2", "--quiet"]) == 2
+    assert "--full-epochs" in capsys.readouterr().out
+    assert not (tmp_path / "m").exists()
