@@ -82,25 +82,54 @@ def test_every_layer_trains_and_the_best_calib_epoch_is_kept(ds, tmp_path):
         np.testing.assert_array_equal(a, b)  # what is returned is the best calib epoch
 
 
-def test_a_resumed_whole_network_run_equals_an_uninterrupted_one(ds, tmp_path):
-    """Each epoch's order and augmentations derive from (seed, epoch); weights, Adam moments and
-    step counts are checkpointed."""
+def test_a_resumed_whole_network_run_equals_an_uninterrupted_one(ds, tmp_path, monkeypatch):
+    """A run killed in epoch 2 and started again continues from its epoch-1 checkpoint (weights, Adam
+    moments, step counts) with epoch 2's own order and augmentations: the result equals an
+    uninterrupted run."""
+    import training.finetune_images as fi
+
     k = len(ds.taxonomy)
     idx = np.arange(len(ds))
+    train, calib = idx[:-16], idx[-16:]
     tail = _tail(k)
-    cfg = {"batch_size": 16, "dropout": 0.0, "lr_head": 1e-3, "lr_body": 1e-3}
-    finetune_full("tiny", ds, idx[:-16], idx[-16:], FullFinetuneConfig(epochs=2, **cfg), PRE, tmp_path / "a",
-                  start=tail, progress=False)
-    finetune_full("tiny", ds, idx[:-16], idx[-16:], FullFinetuneConfig(epochs=1, **cfg), PRE, tmp_path / "b",
-                  start=tail, progress=False)
-    _, history = finetune_full("tiny", ds, idx[:-16], idx[-16:], FullFinetuneConfig(epochs=2, **cfg), PRE,
-                               tmp_path / "b", start=tail, progress=False)
+    cfg = FullFinetuneConfig(epochs=2, batch_size=16, dropout=0.0, lr_head=1e-3, lr_body=1e-3)
+    finetune_full("tiny", ds, train, calib, cfg, PRE, tmp_path / "a", start=tail, progress=False)
+
+    real, calls = fi.to_model_input, []
+
+    def dies_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > len(train) + 20:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fi, "to_model_input", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_full("tiny", ds, train, calib, cfg, PRE, tmp_path / "b", start=tail, progress=False)
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["epoch"] == 0  # epoch 1 was checkpointed
+    monkeypatch.setattr(fi, "to_model_input", real)
+    _, history = finetune_full("tiny", ds, train, calib, cfg, PRE, tmp_path / "b", start=tail, progress=False)
     assert len(history) == 2
     a, b = build_full_network("tiny", k, 0.0), build_full_network("tiny", k, 0.0)
     a.load_weights(tmp_path / "a" / "last.weights.h5")
     b.load_weights(tmp_path / "b" / "last.weights.h5")
     for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
         np.testing.assert_allclose(wa, wb, atol=1e-5)
+
+
+def test_a_longer_schedule_is_a_new_run_not_a_continuation(ds, tmp_path):
+    """The cosine decay spans all epochs, so epoch 1 of a 2-epoch run differs from epoch 1 of a
+    1-epoch run: resuming the shorter run's checkpoint would follow neither schedule."""
+    k = len(ds.taxonomy)
+    idx = np.arange(len(ds))
+    cfg = {"batch_size": 4,  # 10 steps: the decay differs within epoch 1
+           "dropout": 0.0, "lr_head": 1e-3, "lr_body": 1e-3}
+    tail = _tail(k)
+    _, one = finetune_full("tiny", ds, idx[:-16], idx[-16:], FullFinetuneConfig(epochs=1, **cfg), PRE, tmp_path,
+                           start=tail, progress=False)
+    _, two = finetune_full("tiny", ds, idx[:-16], idx[-16:], FullFinetuneConfig(epochs=2, **cfg), PRE, tmp_path,
+                           start=tail, progress=False)
+    assert len(two) == 2 and two[0]["loss"] != one[0]["loss"]  # epoch 1 was trained again
 
 
 def test_the_checkpoint_folder_depends_on_the_warm_start(ds, tmp_path):
@@ -120,6 +149,12 @@ def test_train_cli_runs_the_whole_network_phase_for_the_device_model(data, tmp_p
     assert "whole_network_epochs" not in card["cloud"]["training"]  # the cloud network keeps the top-block recipe
     assert card["options"]["full_finetune"]["epochs"] == 1
     assert len(list((tmp_path / "cache").glob("full-tiny-*"))) == 1
+    assert main(["train", "--data", str(data), "--out", str(out), "--device-backbone", "tiny",
+                 "--cloud-backbone", "tiny", "--epochs", "1", "--full-epochs", "1", "--cloud-full-epochs", "1",
+                 "--views", "orig,flip", "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["cloud"]["training"]["whole_network_epochs"] == 1
+    assert card["device"]["training"]["whole_network_history"][0]["seconds"] > 0
     assert card["device"]["metrics"]["n"] == card["data"]["split"]["val"]
 
 

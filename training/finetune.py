@@ -123,11 +123,15 @@ class EpochLoop:
     the learning-rate schedules, the batches of an epoch and the calib-split logits."""
 
     def __init__(self, model, labels: np.ndarray, train_idx: np.ndarray, calib_labels: np.ndarray, n_classes: int,
-                 config, lr_head, lr_body, checkpoint_dir: str | Path, desc: str, progress: bool = True) -> None:
+                 config, lr_head, lr_body, checkpoint_dir: str | Path, desc: str, progress: bool = True,
+                 extendable: bool = True) -> None:
         import keras
         import tensorflow as tf
 
         self.model, self.config, self.desc, self.progress = model, config, desc, progress
+        # extendable: the schedule does not depend on the number of epochs (warm restarts), so a
+        # finished run may be continued with a larger ``epochs``; else ``epochs`` is part of the recipe
+        self.ignored = ("epochs",) if extendable else ()
         self.calib_labels = calib_labels
         self.ckpt = Path(checkpoint_dir)
         self.ckpt.mkdir(parents=True, exist_ok=True)
@@ -161,8 +165,8 @@ class EpochLoop:
             return [], -1.0, 0
         state = json.loads(state_file.read_text())
         saved = {**asdict(type(self.config)()), **state.get("config", {})}  # options added since take defaults
-        same = {k: v for k, v in saved.items() if k != "epochs"} == \
-            {k: v for k, v in asdict(self.config).items() if k != "epochs"}
+        same = {k: v for k, v in saved.items() if k not in self.ignored} == \
+            {k: v for k, v in asdict(self.config).items() if k not in self.ignored}
         if not (same and state["epoch"] + 1 <= self.config.epochs and (self.ckpt / "last.weights.h5").is_file()):
             return [], -1.0, 0
         self.model.load_weights(self.ckpt / "last.weights.h5")

@@ -122,7 +122,8 @@ def finetune_full(name: str, ds: Dataset, train_idx: np.ndarray, calib_idx: np.n
 
     calib = np.sort(calib_idx)
     loop = EpochLoop(model, ds.labels, train_idx, ds.labels[calib], k, config, schedule(config.lr_head),
-                     schedule(config.lr_body), checkpoint_dir, f"{name} whole-network fine-tune", progress)
+                     schedule(config.lr_body), checkpoint_dir, f"{name} whole-network fine-tune", progress,
+                     extendable=False)  # the cosine decay spans all epochs: a longer run is another run
     return loop.run(batches, steps, lambda m: image_logits(m, ds, calib, preprocess))
 
 

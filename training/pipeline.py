@@ -64,8 +64,9 @@ class TrainOptions:
     head_c: float = 0.01
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cloud_finetune: FinetuneConfig | None = None  # None: the same recipe as the device model
-    # device model only: whole-network fine-tuning on augmented images after the top-block phase
-    full_finetune: FullFinetuneConfig = field(default_factory=FullFinetuneConfig)
+    # whole-network fine-tuning on augmented images after the top-block phase (epochs 0: none)
+    full_finetune: FullFinetuneConfig = field(default_factory=FullFinetuneConfig)  # device model
+    cloud_full_finetune: FullFinetuneConfig = field(default_factory=FullFinetuneConfig)
     progress: bool = True
     skip_cloud: bool = False
     cloud_ensemble: bool = False  # cloud model = average of the cloud and the device networks
@@ -122,8 +123,9 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
         ckpt = base / f"finetune-{backbone}-{ds.fingerprint()}-{recipe}"
         tail, history = finetune(backbone, [f.maps for f in feats], y, split["train"], split["calib"], k,
                                  recipe_cfg, ckpt, progress=opts.progress)
-        if kind == "device" and opts.full_finetune.epochs > 0:
-            tail, full_history = finetune_full(backbone, ds, split["train"], calib, opts.full_finetune, cfg,
+        full_cfg = opts.cloud_full_finetune if kind == "cloud" else opts.full_finetune
+        if full_cfg.epochs > 0:
+            tail, full_history = finetune_full(backbone, ds, split["train"], calib, full_cfg, cfg,
                                                checkpoint_dir(base, backbone, ds, recipe, tail), start=tail,
                                                progress=opts.progress)
             calib_logits = [image_logits(tail, ds, calib, cfg, v) for v in views]
@@ -199,7 +201,7 @@ def train(opts: TrainOptions) -> Path:
     import keras
 
     started = time.perf_counter()
-    if opts.full_finetune.epochs > 0 and opts.epochs == 0:
+    if max(opts.full_finetune.epochs, opts.cloud_full_finetune.epochs) > 0 and opts.epochs == 0:
         raise ValueError("--full-epochs continues from the top-block fine-tuning: give --epochs > 0 too")
     if opts.cloud_ensemble and opts.epochs == 0 and _tta_views(opts.cloud_views or opts.views):
         raise ValueError("--cloud-ensemble with test-time augmentation needs fine-tuning (--epochs > 0): "

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device model: after the top-block epochs, this many epochs of whole-network "
                              "fine-tuning on randomly augmented images (~3-4 min per epoch for 7k images "
                              "on 2 cores); the cloud ensemble's device member is this network")
+    parser.add_argument("--cloud-full-epochs", type=int, default=0,
+                        help="the same for the cloud model (Lite2 at 260 px: about twice as long per epoch)")
     parser.add_argument("--full-lr", type=float, default=1e-4,
                         help="peak learning rate of the whole-network phase (linear warm-up, one cosine decay)")
     parser.add_argument("--cycle-epochs", type=int, default=3,
@@ -89,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
         cloud_ensemble=args.cloud_ensemble,
         finetune=recipe, cloud_finetune=cloud_recipe, progress=not args.quiet,
         full_finetune=FullFinetuneConfig(epochs=args.full_epochs, lr_head=args.full_lr, lr_body=args.full_lr,
-                                         seed=args.seed))
+                                         seed=args.seed),
+        cloud_full_finetune=FullFinetuneConfig(epochs=args.cloud_full_epochs, lr_head=args.full_lr,
+                                               lr_body=args.full_lr, seed=args.seed))
     try:
         out = train(opts)
     except ValueError as exc:
