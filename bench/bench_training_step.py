@@ -4,7 +4,7 @@ One run on this machine, each backbone at its own input size, batches of 32 of r
 (the step's cost does not depend on the content): the top-block step on cached stage-5 maps
 (``training.finetune``, the baseline) against the whole-network step on images
 (``training.finetune_images``), and a plain forward pass. The real epochs also decode and augment
-JPEGs on two threads; their times are in each model card's ``whole_network_history``.
+JPEGs on a background thread; their times are in each model card's ``whole_network_history``.
 
     .venv/bin/python bench/bench_training_step.py [--backbones lite0,lite2] [--steps 4]
 """

@@ -108,8 +108,8 @@ def finetune_full(name: str, ds: Dataset, train_idx: np.ndarray, calib_idx: np.n
         order = rng.permutation(train_idx)
         seeds = rng.integers(0, 2**63 - 1, size=len(order))
         chunks = [slice(s * config.batch_size, (s + 1) * config.batch_size) for s in range(steps)]
-        # decode + augment the next batch on other threads while the network trains on this one
-        with ThreadPoolExecutor(2) as pool:
+        # decode + augment the next batch on a background thread while the network trains on this one
+        with ThreadPoolExecutor(1) as pool:
             def submit(sel: slice):
                 return pool.submit(lambda: np.stack(list(map(one, zip(order[sel], seeds[sel], strict=True)))))
 
