@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from dermaloop.preprocess import PreprocessConfig
+from dermaloop.preprocess import PreprocessConfig, symmetric_pixels
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,6 @@ class KerasCloudModel:
                 self._explain_given(warm, np.zeros(1, np.int32))
 
     def classify(self, batch: np.ndarray, explain: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        from dermaloop.model_dir import _tta
-
         x = np.asarray(batch, np.float32)
         with self._lock:
             maps = None
@@ -120,7 +118,7 @@ class KerasCloudModel:
                 plain, maps = np.asarray(plain), np.array(maps)
             else:
                 plain = np.asarray(self._forward(x))
-            views = [plain] + [np.asarray(self._forward(np.ascontiguousarray(_tta(x, t)))) for t in self.tta]
+            views = [plain] + [np.asarray(self._forward(np.ascontiguousarray(symmetric_pixels(x, t)))) for t in self.tta]
         probs = np.mean(views, axis=0)
         probs = probs / probs.sum(axis=1, keepdims=True)
         if maps is not None and self.tta:

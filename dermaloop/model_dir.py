@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from dermaloop.preprocess import PreprocessConfig, load_image, to_model_input
+from dermaloop.preprocess import PreprocessConfig, load_image, symmetric_pixels, to_model_input
 from dermaloop.risk import RiskPolicy
 from dermaloop.taxonomy import Taxonomy, load_taxonomy
 
@@ -188,7 +188,7 @@ class CloudModel(_Model):
 
     def predict(self, pixels: np.ndarray, batch_size: int = 16) -> np.ndarray:
         pixels = np.asarray(pixels, np.float32)
-        variants = [pixels] + [_tta(pixels, t) for t in self.tta]
+        variants = [pixels] + [symmetric_pixels(pixels, t) for t in self.tta]
         probs = np.mean([self._run(v, batch_size) for v in variants], axis=0)
         return probs / probs.sum(axis=1, keepdims=True)
 
@@ -196,16 +196,6 @@ class CloudModel(_Model):
         outs = [np.asarray(self.model(pixels[i:i + batch_size], training=False))
                 for i in range(0, len(pixels), batch_size)]
         return np.concatenate(outs) if outs else np.zeros((0, len(self.taxonomy)), np.float32)
-
-
-def _tta(pixels: np.ndarray, name: str) -> np.ndarray:
-    if name == "flip":
-        return pixels[:, :, ::-1]
-    if name == "rot90":
-        return np.rot90(pixels, 1, axes=(1, 2))
-    if name == "rot270":
-        return np.rot90(pixels, 3, axes=(1, 2))
-    raise ValueError(f"unknown test-time augmentation {name!r}")
 
 
 def load_device_model(model_dir: str | Path, variant: str = "int8", num_threads: int = 1) -> DeviceModel:

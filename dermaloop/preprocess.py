@@ -28,6 +28,9 @@ __all__ = [
     "to_model_input",
     "crop_box",
     "shades_of_grey",
+    "SYMMETRIES",
+    "symmetric_image",
+    "symmetric_pixels",
     "MAX_PIXELS",
     "MAX_BYTES",
 ]
@@ -175,6 +178,43 @@ def crop_box(width: int, height: int, box: Sequence[float] | None = None,
     left = min(max(cx - side / 2.0, 0.0), width - side)
     top = min(max(cy - side / 2.0, 0.0), height - side)
     return left, top, left + side, top + side
+
+
+# The 8 symmetries of the square. A dermoscopic or close-up skin photo has no "up", so each is a
+# label-preserving view: training augments with them and the cloud model averages over them at test
+# time. One table serves both the PIL images of training and the pixel arrays of the runtimes, so a
+# view means the same thing on every path (tested).
+SYMMETRIES = ("orig", "rot90", "rot180", "rot270", "flip", "vflip", "transpose", "transverse")
+_PIL_SYMMETRY = {"rot90": Image.Transpose.ROTATE_90, "rot180": Image.Transpose.ROTATE_180,
+                 "rot270": Image.Transpose.ROTATE_270, "flip": Image.Transpose.FLIP_LEFT_RIGHT,
+                 "vflip": Image.Transpose.FLIP_TOP_BOTTOM, "transpose": Image.Transpose.TRANSPOSE,
+                 "transverse": Image.Transpose.TRANSVERSE}
+
+
+def _unknown_symmetry(name: str) -> ValueError:
+    return ValueError(f"unknown symmetry {name!r}; choose from {', '.join(SYMMETRIES)}")
+
+
+def symmetric_image(img: Image.Image, name: str) -> Image.Image:
+    """``img`` under one of ``SYMMETRIES`` (``rot90`` is counter-clockwise, as in PIL)."""
+    if name == "orig":
+        return img
+    if name not in _PIL_SYMMETRY:
+        raise _unknown_symmetry(name)
+    return img.transpose(_PIL_SYMMETRY[name])
+
+
+def symmetric_pixels(pixels: np.ndarray, name: str) -> np.ndarray:
+    """The same symmetry on a batch of model inputs shaped (N, H, W, C)."""
+    if name == "orig":
+        return pixels
+    ops = {"rot90": lambda a: np.rot90(a, 1, axes=(1, 2)), "rot180": lambda a: a[:, ::-1, ::-1],
+           "rot270": lambda a: np.rot90(a, 3, axes=(1, 2)), "flip": lambda a: a[:, :, ::-1],
+           "vflip": lambda a: a[:, ::-1], "transpose": lambda a: np.swapaxes(a, 1, 2),
+           "transverse": lambda a: np.swapaxes(a, 1, 2)[:, ::-1, ::-1]}
+    if name not in ops:
+        raise _unknown_symmetry(name)
+    return ops[name](pixels)
 
 
 def shades_of_grey(pixels: np.ndarray, power: float = 6.0) -> np.ndarray:

@@ -9,12 +9,15 @@ import pytest
 from PIL import Image
 
 from dermaloop.preprocess import (
+    SYMMETRIES,
     ImageError,
     PreprocessConfig,
     crop_box,
     load_image,
     preprocess_file,
     shades_of_grey,
+    symmetric_image,
+    symmetric_pixels,
     to_model_input,
 )
 
@@ -119,3 +122,30 @@ def test_shades_of_grey_removes_a_colour_cast():
     means = balanced.mean(axis=(0, 1))
     assert means.max() - means.min() < 0.02 * means.mean()
     assert np.ptp(cast.mean(axis=(0, 1))) > 0.3 * cast.mean()
+
+
+@pytest.mark.parametrize("name", SYMMETRIES)
+def test_each_symmetry_means_the_same_on_images_and_on_model_inputs(name):
+    """Training views are PIL transposes of the photo; the cloud runtime's test-time views transform
+    the model input array. Both must be the same symmetry, or TTA averages over something the
+    thresholds were never fitted on."""
+    rng = np.random.default_rng(7)
+    photo = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    cfg = PreprocessConfig(size=48)
+    via_photo = to_model_input(symmetric_image(photo, name), config=cfg)
+    model_input = to_model_input(photo, config=cfg)[None]
+    # Resizing runs one axis then the other, rounding in between, so the four axis-swapping symmetries
+    # differ by rounding (mean 0.2 of 255 on pure noise); any other symmetry differs by ~85.
+    for other in SYMMETRIES:
+        gap = np.abs(via_photo - symmetric_pixels(model_input, other)[0]).mean()
+        assert (gap < 0.5) if other == name else (gap > 20), (other, gap)
+
+
+def test_the_eight_symmetries_are_distinct_and_unknown_names_are_refused():
+    a = np.arange(2 * 3 * 3 * 1).reshape(2, 3, 3, 1)
+    outs = {symmetric_pixels(a, n).tobytes() for n in SYMMETRIES}
+    assert len(outs) == 8
+    with pytest.raises(ValueError, match="unknown symmetry"):
+        symmetric_pixels(a, "rot45")
+    with pytest.raises(ValueError, match="unknown symmetry"):
+        symmetric_image(Image.new("RGB", (2, 2)), "rot45")

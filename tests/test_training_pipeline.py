@@ -229,12 +229,37 @@ def test_train_cli_rejects_bad_input(tmp_path, capsys):
         main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--views", "orig,aug99"])
 
 
-def test_ensemble_with_tta_on_the_fast_path_is_refused_before_training(data, tmp_path, capsys):
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--device-backbone", "tiny",
-                 "--cloud-backbone", "tiny", "--views", "orig,flip", "--cloud-ensemble",
-                 "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 2
-    assert "needs fine-tuning" in capsys.readouterr().out
-    assert not (tmp_path / "cache").exists()  # refused before any work
+def test_cloud_tta_beyond_the_training_views_is_fitted_on_what_the_runtime_averages(data, tmp_path):
+    """``--cloud-tta``: test-time symmetries the networks never trained on (here on the fast path, with
+    the ensemble). The card lists them, the runtime averages over them, and the malignancy thresholds
+    are the ones the runtime's own probabilities on the calib images give."""
+    from dermaloop.risk import policy_from_probabilities
+
+    out = tmp_path / "tta"
+    assert main(["train", "--data", str(data), "--out", str(out), "--device-backbone", "tiny",
+                 "--cloud-backbone", "tiny", "--cloud-tta", "rot90,transpose", "--cloud-ensemble",
+                 "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["cloud"]["tta"] == ["rot90", "transpose"] and card["cloud"]["ensemble"]
+    cloud = load_cloud_model(out)
+    assert cloud.tta == ["rot90", "transpose"]
+    ds = open_dataset(data, HAM)
+    rows = {s.id: i for i, s in enumerate(ds.samples)}
+    calib = [rows[i] for i in json.loads((out / "split.json").read_text())["calib"]]
+    x = np.stack([model_input(ds.samples[i], cloud.preprocess) for i in calib])
+    risk = card["cloud"]["risk"]
+    refit = policy_from_probabilities(risk["temperature"], cloud.predict(x), ds.labels[calib], HAM.malignant_mask,
+                                      risk["target_sensitivity"])
+    assert refit.moderate_threshold == pytest.approx(risk["moderate_threshold"], abs=1e-4)
+    assert refit.high_threshold == pytest.approx(risk["high_threshold"], abs=1e-4)
+    single = np.asarray(cloud.model(x, training=False))
+    assert not np.allclose(cloud.predict(x), single, atol=1e-4)  # the views really are averaged
+
+
+def test_unknown_cloud_tta_is_refused(data, tmp_path):
+    with pytest.raises(SystemExit, match="--cloud-tta takes"):
+        main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--cloud-tta", "rot45"])
+    assert not (tmp_path / "m").exists()
 
 
 def test_lr_range_test_suggests_a_rate_in_range():

@@ -21,19 +21,16 @@ from tqdm import tqdm
 
 from dermaloop import backbones
 from dermaloop.datasets import Dataset, Sample
-from dermaloop.preprocess import PreprocessConfig, load_image, to_model_input
+from dermaloop.preprocess import SYMMETRIES, PreprocessConfig, load_image, symmetric_image, to_model_input
 
 CACHE_VERSION = 1
-VIEWS = ("orig", "rot90", "flip", "rot270")  # label-preserving transforms of a dermoscopic image
+VIEWS = SYMMETRIES  # label-preserving transforms of a dermoscopic image (dermoscopy has no "up")
 AUGMENTED = tuple(f"aug{k}" for k in range(1, 17))  # random augmentations, fixed per (image, view)
 TAIL_STAGE = 4  # default: the maps after stage 5 (0-based 4) are cached for fine-tuning stages 6-7
 
 # Augmented views: a random one of the 8 symmetries of the square (dermoscopy has no "up"), a random
 # crop of 70-100 % of each side (scale and position), brightness/contrast/saturation jitter and a
 # per-channel gain (the colour casts of different dermatoscopes and cameras).
-_DIHEDRAL = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270,
-             Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.TRANSPOSE,
-             Image.Transpose.TRANSVERSE)
 CROP_SCALE = (0.7, 1.0)
 JITTER = 0.2  # brightness, contrast, saturation factors in [1 - JITTER, 1 + JITTER]
 CHANNEL_GAIN = 0.08  # per-channel gains in [1 - CHANNEL_GAIN, 1 + CHANNEL_GAIN]
@@ -57,9 +54,7 @@ def augment(img: Image.Image, seed: int) -> Image.Image:
     from PIL import ImageEnhance
 
     rng = np.random.default_rng(seed)
-    flip = _DIHEDRAL[int(rng.integers(len(_DIHEDRAL)))]
-    if flip is not None:
-        img = img.transpose(flip)
+    img = symmetric_image(img, SYMMETRIES[int(rng.integers(len(SYMMETRIES)))])
     scale = rng.uniform(*CROP_SCALE)
     w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
     left, top = int(rng.integers(0, img.width - w + 1)), int(rng.integers(0, img.height - h + 1))
@@ -72,14 +67,8 @@ def augment(img: Image.Image, seed: int) -> Image.Image:
 
 
 def _view(img: Image.Image, view: str, key: str = "") -> Image.Image:
-    if view == "orig":
-        return img
-    if view == "rot90":
-        return img.transpose(Image.Transpose.ROTATE_90)
-    if view == "rot270":
-        return img.transpose(Image.Transpose.ROTATE_270)
-    if view == "flip":
-        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if view in VIEWS:
+        return symmetric_image(img, view)
     if view in AUGMENTED:
         digest = hashlib.sha256(f"{key}/{view}".encode()).digest()
         return augment(img, int.from_bytes(digest[:8], "little"))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dermaloop.datasets import Dataset
-from dermaloop.preprocess import PreprocessConfig, load_image, to_model_input
+from dermaloop.preprocess import PreprocessConfig, load_image, symmetric_pixels, to_model_input
 from training.embeddings import augment, model_input
 from training.finetune import EpochLoop
 
@@ -72,13 +72,15 @@ def build_full_network(name: str, n_classes: int, dropout: float, start=None):
 
 
 def image_logits(model, ds: Dataset, rows: np.ndarray, config: PreprocessConfig, view: str = "orig",
-                 batch_size: int = 64) -> np.ndarray:
-    """Logits of the network on the shared preprocessing of ``rows`` (one of the fixed views)."""
+                 batch_size: int = 64, symmetry: str = "orig") -> np.ndarray:
+    """Logits of the network on the shared preprocessing of ``rows`` (one of the fixed views), with
+    ``symmetry`` applied to the model input afterwards, exactly as the cloud runtime's TTA does."""
     out = []
     with ThreadPoolExecutor(2) as pool:
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
-            x = np.stack(list(pool.map(lambda r: model_input(ds.samples[r], config, view), chunk)))
+            x = symmetric_pixels(np.stack(list(pool.map(lambda r: model_input(ds.samples[r], config, view), chunk))),
+                                 symmetry)
             out.append(np.asarray(model(x.astype(np.float32), training=False)))
     return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
 

@@ -33,7 +33,7 @@ from dermaloop.model_dir import (
     ModelDir,
     sha256_file,
 )
-from dermaloop.preprocess import PreprocessConfig
+from dermaloop.preprocess import SYMMETRIES, PreprocessConfig
 from dermaloop.risk import RiskPolicy, fit_policy, fit_temperature, policy_from_probabilities, softmax
 from dermaloop.taxonomy import load_taxonomy
 from training.assemble import ensemble_classifier, full_classifier
@@ -53,6 +53,8 @@ class TrainOptions:
     epochs: int = 0  # 0: fast path (linear head); > 0: fine-tune the top blocks this many epochs
     views: tuple[str, ...] = ("orig",)  # cached augmented views used by fine-tuning and cloud TTA
     cloud_views: tuple[str, ...] | None = None  # None: same as views
+    # the symmetries the cloud runtime averages over at test time; None: the symmetric views in views
+    cloud_tta: tuple[str, ...] | None = None
     colour_constancy: bool = False
     cache_dir: Path | None = None
     val_fraction: float = 0.2
@@ -92,14 +94,19 @@ def _subsample(ds: Dataset, limit: int | None, seed: int) -> Dataset:
     return ds.subset([i for i, s in enumerate(ds.samples) if s.group in keep])
 
 
-def _tta_views(views) -> list[str]:
-    """The views the cloud runtime averages at test time (``dermaloop.model_dir``'s transforms): the
-    deterministic ones; augmented views only serve training."""
-    return [v for v in views[1:] if v in ("flip", "rot90", "rot270")]
+def _tta_views(opts: TrainOptions) -> list[str]:
+    """The symmetries the cloud runtime averages over at test time: ``cloud_tta`` if given, else the
+    symmetric training views (augmented views only serve training)."""
+    if opts.cloud_tta is not None:
+        return [v for v in opts.cloud_tta if v != "orig"]
+    return [v for v in (opts.cloud_views or opts.views)[1:] if v in SYMMETRIES]
 
 
-def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions) -> dict[str, Any]:
-    """Train one model (device or cloud); returns the Keras model, policy, calib/val logits and timings."""
+def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions,
+                extra_views: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train one model (device or cloud); returns the Keras model, policy, calib logits per view and
+    timings. ``extra_views``: symmetries whose calib logits are needed beyond the training views (the
+    cloud ensemble's test-time views, for its device member)."""
     t0 = time.perf_counter()
     cfg = PreprocessConfig(size=backbones.input_size(backbone), colour_constancy=opts.colour_constancy)
     fine = opts.epochs > 0
@@ -137,6 +144,13 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
         head = fit_linear_head(feats[0].pooled[split["train"]], y[split["train"]], k, c=opts.head_c, seed=opts.seed)
         calib_logits = [f.pooled[calib] @ head[0] + head[1] for f in feats]
     t_train = time.perf_counter() - t0 - t_features
+    tta = _tta_views(opts) if kind == "cloud" else []
+    missing = [v for v in dict.fromkeys([*tta, *extra_views]) if v not in views]
+    if missing:  # views used only at test time: the whole network on the calib images, as the runtime sees them
+        net = tail if full_history else full_classifier(backbone, k, tail_model=tail, head=head,
+                                                        with_probabilities=False)
+        calib_logits += [image_logits(net, ds, calib, cfg, symmetry=v) for v in missing]
+        views += missing
     yc = y[calib]
     try:
         policy = fit_policy(calib_logits[0], yc, ds.taxonomy.malignant_mask, opts.target_sensitivity)
@@ -147,7 +161,6 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
         tta_refit = False
     else:
         tta_refit = True
-    tta = _tta_views(views) if kind == "cloud" else []
     if tta and tta_refit:  # thresholds must be chosen on the probabilities the runtime produces (mean over views)
         runtime_views = [calib_logits[0]] + [calib_logits[views.index(v)] for v in tta]
         probs_c = np.mean([softmax(lv, policy.temperature) for lv in runtime_views], axis=0)
@@ -203,9 +216,9 @@ def train(opts: TrainOptions) -> Path:
     started = time.perf_counter()
     if max(opts.full_finetune.epochs, opts.cloud_full_finetune.epochs) > 0 and opts.epochs == 0:
         raise ValueError("--full-epochs continues from the top-block fine-tuning: give --epochs > 0 too")
-    if opts.cloud_ensemble and opts.epochs == 0 and _tta_views(opts.cloud_views or opts.views):
-        raise ValueError("--cloud-ensemble with test-time augmentation needs fine-tuning (--epochs > 0): "
-                         "the fast path's device model has only the original view")
+    unknown = [v for v in opts.cloud_tta or () if v not in SYMMETRIES]
+    if unknown:
+        raise ValueError(f"test-time views must be symmetries ({', '.join(SYMMETRIES)}), not {', '.join(unknown)}")
     keras.utils.set_random_seed(opts.seed)
     taxonomy = load_taxonomy(opts.taxonomy)
     ds = _subsample(open_dataset(opts.data, taxonomy), opts.limit, opts.seed)
@@ -222,7 +235,8 @@ def train(opts: TrainOptions) -> Path:
     (tmp / "split.json").write_text(json.dumps(
         {k: [ds.samples[i].id for i in v] for k, v in split.items()}, indent=0))
 
-    device = _train_kind("device", opts.device_backbone, ds, split, opts)
+    device = _train_kind("device", opts.device_backbone, ds, split, opts,
+                         extra_views=tuple(_tta_views(opts)) if opts.cloud_ensemble and not opts.skip_cloud else ())
     device["model"].save(tmp / DEVICE_KERAS)
     rng = np.random.default_rng(opts.seed)
     calib_rows = rng.choice(split["train"], size=min(opts.calibration_images, len(split["train"])), replace=False)

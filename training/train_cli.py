@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dermaloop import backbones
+from dermaloop.preprocess import SYMMETRIES
 from dermaloop.taxonomy import available_taxonomies
 from training.embeddings import VIEWS, is_view
 
@@ -31,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated cached views for fine-tuning augmentation and cloud TTA ({', '.join(VIEWS)}; "
                              "aug1..aug16: random symmetry, crop and colour jitter, fixed per image)")
     parser.add_argument("--cloud-views", default=None, help="views for the cloud model if different from --views")
+    parser.add_argument("--cloud-tta", default=None,
+                        help="symmetries the cloud model averages over at test time, comma-separated "
+                             f"({', '.join(SYMMETRIES[1:])}; 'all' for the 7 of them, 'none' for no TTA); "
+                             "default: the symmetries among the cloud's training views")
     parser.add_argument("--cloud-lr-body", type=float, default=None, help="--lr-body for the cloud model if different")
     parser.add_argument("--cloud-train-stages", type=int, default=None,
                         help="--train-stages for the cloud model if different")
@@ -74,7 +79,17 @@ def run(args: argparse.Namespace) -> int:
                              f"got {text!r}")
         return views
 
+    def parse_tta(text: str | None) -> tuple[str, ...] | None:
+        if text is None:
+            return None
+        names = {"all": SYMMETRIES[1:], "none": ()}.get(text.strip())
+        names = names if names is not None else tuple(v.strip() for v in text.split(",") if v.strip())
+        if any(v not in SYMMETRIES[1:] for v in names):
+            raise SystemExit(f"--cloud-tta takes 'all', 'none' or some of {', '.join(SYMMETRIES[1:])}; got {text!r}")
+        return names
+
     views = parse_views(args.views)
+    cloud_tta = parse_tta(args.cloud_tta)
     cloud_views = parse_views(args.cloud_views) if args.cloud_views else None
     recipe = FinetuneConfig(epochs=max(args.epochs, 1), batch_size=args.batch_size, lr_head=args.lr_head,
                             lr_body=args.lr_body, cycle_epochs=args.cycle_epochs, train_stages=args.train_stages,
@@ -85,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                                train_stages=args.cloud_train_stages or recipe.train_stages)
     opts = TrainOptions(
         data=args.data, out=args.out, taxonomy=args.taxonomy, device_backbone=args.device_backbone,
-        cloud_backbone=args.cloud_backbone, epochs=args.epochs, views=views, cloud_views=cloud_views,
+        cloud_backbone=args.cloud_backbone, epochs=args.epochs, views=views, cloud_views=cloud_views, cloud_tta=cloud_tta,
         colour_constancy=args.colour_constancy, cache_dir=args.cache_dir or default_cache_dir(),
         seed=args.seed, target_sensitivity=args.target_sensitivity, limit=args.limit, skip_cloud=args.skip_cloud,
         cloud_ensemble=args.cloud_ensemble,
