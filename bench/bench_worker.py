@@ -175,6 +175,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=2.0, help="offered load for the latency run, jobs/s")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--no-analysis", action="store_true", help="skip the image checks in the worker")
+    parser.add_argument("--model-calls-only", action="store_true",
+                        help="only the model call per image (no localbase, no worker process)")
     args = parser.parse_args()
 
     from dermaloop.admin_app import get_app
@@ -192,6 +194,8 @@ def main() -> int:
     common = ["--no-analysis"] if args.no_analysis else []
     print(f"model {model_dir}; images: {source}", flush=True)
     print(model_calls(model_dir, data), flush=True)
+    if args.model_calls_only:
+        return 0
 
     def fresh(phase: str, run):
         """Each phase on its own fresh localbase, so no phase pays for the queue another one left."""
