@@ -254,6 +254,14 @@ def test_cloud_tta_beyond_the_training_views_is_fitted_on_what_the_runtime_avera
     assert refit.high_threshold == pytest.approx(risk["high_threshold"], abs=1e-4)
     single = np.asarray(cloud.model(x, training=False))
     assert not np.allclose(cloud.predict(x), single, atol=1e-4)  # the views really are averaged
+    from sklearn.metrics import balanced_accuracy_score
+
+    scores = card["cloud"]["calib"]  # recorded so recipes and TTA choices can be compared off val
+    assert scores["n"] == len(calib)
+    assert scores["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(ds.labels[calib],
+                                                                                cloud.predict(x).argmax(1)))
+    assert scores["balanced_accuracy_without_tta"] == pytest.approx(balanced_accuracy_score(ds.labels[calib],
+                                                                                            single.argmax(1)))
 
 
 def test_unknown_cloud_tta_is_refused(data, tmp_path):

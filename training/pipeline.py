@@ -161,14 +161,15 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
         tta_refit = False
     else:
         tta_refit = True
+    runtime_views = [calib_logits[0]] + [calib_logits[views.index(v)] for v in tta]
+    probs_c = np.mean([softmax(lv, policy.temperature) for lv in runtime_views], axis=0)
     if tta and tta_refit:  # thresholds must be chosen on the probabilities the runtime produces (mean over views)
-        runtime_views = [calib_logits[0]] + [calib_logits[views.index(v)] for v in tta]
-        probs_c = np.mean([softmax(lv, policy.temperature) for lv in runtime_views], axis=0)
         policy = policy_from_probabilities(policy.temperature, probs_c, yc, ds.taxonomy.malignant_mask,
                                            opts.target_sensitivity)
     model = full_classifier(backbone, k, policy.temperature, tail_model=tail, head=head)
     return {"model": model, "policy": policy, "preprocess": cfg, "tta": tta, "history": history,
             "full_history": full_history, "calib_logits": dict(zip(views, calib_logits, strict=True)),
+            "calib": _calib_scores(yc, softmax(calib_logits[0], policy.temperature), probs_c),
             "features_seconds": t_features, "train_seconds": t_train,
             "images_per_second": feats[0].images_per_second, "features_cached": feats[0].cached}
 
@@ -191,7 +192,17 @@ def _ensemble(cloud: dict[str, Any], device: dict[str, Any], ds: Dataset, split:
     probs = np.mean([softmax(mean_scaled(v), t) for v in views], axis=0)
     policy = policy_from_probabilities(t, probs, y[calib], ds.taxonomy.malignant_mask, opts.target_sensitivity)
     model = ensemble_classifier(cloud["model"], [device["model"]], t)
-    return {**cloud, "model": model, "policy": policy}
+    return {**cloud, "model": model, "policy": policy,
+            "calib": _calib_scores(y[calib], softmax(mean_scaled("orig"), t), probs)}
+
+
+def _calib_scores(labels: np.ndarray, plain: np.ndarray, runtime: np.ndarray) -> dict[str, Any]:
+    """Balanced accuracy on the calib split, with and without the test-time views: the figure to
+    compare recipes and TTA choices by without looking at the validation split."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    return {"n": len(labels), "balanced_accuracy": float(balanced_accuracy_score(labels, runtime.argmax(1))),
+            "balanced_accuracy_without_tta": float(balanced_accuracy_score(labels, plain.argmax(1)))}
 
 
 def _section(kind: str, backbone: str, r: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +211,7 @@ def _section(kind: str, backbone: str, r: dict[str, Any]) -> dict[str, Any]:
                                             "dtype": "uint8 (int8 model) / float32 pixel values 0..255"},
             "output": "calibrated class probabilities (temperature folded into the model)",
             "preprocess": r["preprocess"].to_dict(), "risk": {**policy.to_dict(), "temperature_in_model": True},
-            "tta": r["tta"], "training": {"fine_tuned_epochs": len(r["history"]), "history": r["history"],
+            "tta": r["tta"], "calib": r["calib"], "training": {"fine_tuned_epochs": len(r["history"]), "history": r["history"],
                                           **({"whole_network_epochs": len(r["full_history"]),
                                               "whole_network_history": r["full_history"]}
                                              if r["full_history"] else {}),
