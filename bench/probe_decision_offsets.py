@@ -1,0 +1,82 @@
+"""Probe: would per-class decision offsets (added to log-probabilities before the top class is
+picked, fitted on the calib split) help balanced accuracy or melanoma recall on val?
+
+An offline experiment, not part of any runtime: it runs a model directory's cloud model (with its
+TTA) on its own calib and val splits, then fits (a) all 7 offsets for calib balanced accuracy by
+coordinate ascent and (b) one melanoma offset, the smallest that gives calib melanoma recall >= the
+target. Only calib chooses; val is reported. Results: docs/MODEL_REPORT.md.
+
+    .venv/bin/python bench/probe_decision_offsets.py --model var/models/ham-l2full12 --data ../shared/data/ham10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, recall_score
+from tqdm import tqdm
+
+
+def split_probs(model_dir: str, data: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from dermaloop.datasets import open_dataset
+    from dermaloop.model_dir import load_cloud_model
+    from training.embeddings import model_input
+
+    model = load_cloud_model(model_dir)
+    ds = open_dataset(data, model.taxonomy)
+    split = json.loads(Path(model_dir, "split.json").read_text())
+    rows = {s.id: i for i, s in enumerate(ds.samples)}
+    out = {}
+    for part in ("calib", "val"):
+        idx = np.array([rows[i] for i in split[part]])
+        probs = []
+        with ThreadPoolExecutor(2) as pool:
+            for k in tqdm(range(0, len(idx), 64), desc=part):
+                x = np.stack(list(pool.map(lambda r: model_input(ds.samples[r], model.preprocess), idx[k:k + 64])))
+                probs.append(model.predict(x))
+        out[part] = (np.log(np.concatenate(probs) + 1e-9), ds.labels[idx])
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--melanoma", default="mel", help="class id of melanoma")
+    parser.add_argument("--target-recall", type=float, default=0.75)
+    args = parser.parse_args()
+    from dermaloop.model_dir import ModelDir
+
+    ids = ModelDir.open(args.model).taxonomy.ids
+    parts = split_probs(args.model, args.data)
+    (lc, yc), (lv, yv) = parts["calib"], parts["val"]
+    k, mel = lc.shape[1], ids.index(args.melanoma)
+
+    def ba(logp, y, b):
+        return balanced_accuracy_score(y, (logp + b).argmax(1))
+
+    def report(name, b):
+        rv = recall_score(yv, (lv + b).argmax(1), average=None, labels=range(k))
+        print(f"{name}: offsets {np.round(b, 2).tolist()}; calib BA {ba(lc, yc, b):.3f}; val BA {ba(lv, yv, b):.3f}, "
+              f"val melanoma recall {rv[mel]:.3f}; val recall {dict(zip(ids, np.round(rv, 3).tolist(), strict=True))}")
+
+    report("none", np.zeros(k))
+    b, grid = np.zeros(k), np.linspace(-1.5, 1.5, 31)
+    for _ in range(4):
+        for c in range(k):
+            b[c] = max(grid, key=lambda g, c=c: (ba(lc, yc, np.where(np.arange(k) == c, g, b)), -abs(g)))
+    report("all classes, fitted for calib balanced accuracy", b)
+    for g in np.linspace(0, 2, 41):
+        m = np.where(np.arange(k) == mel, g, 0.0)
+        if recall_score(yc, (lc + m).argmax(1), average=None, labels=range(k))[mel] >= args.target_recall:
+            report(f"melanoma only, smallest with calib recall >= {args.target_recall}", m)
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
