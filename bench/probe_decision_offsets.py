@@ -12,33 +12,23 @@ target. Only calib chooses; val is reported. Results: docs/MODEL_REPORT.md.
 from __future__ import annotations
 
 import argparse
-import json
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, recall_score
-from tqdm import tqdm
 
 
-def split_probs(model_dir: str, data: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def split_log_probs(model_dir: str, data: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The cloud runtime's log-probabilities and labels on the model's own calib and val splits."""
     from dermaloop.datasets import open_dataset
     from dermaloop.model_dir import load_cloud_model
-    from training.embeddings import model_input
+    from training.evaluate import own_split, predict_dataset
 
     model = load_cloud_model(model_dir)
     ds = open_dataset(data, model.taxonomy)
-    split = json.loads(Path(model_dir, "split.json").read_text())
-    rows = {s.id: i for i, s in enumerate(ds.samples)}
     out = {}
     for part in ("calib", "val"):
-        idx = np.array([rows[i] for i in split[part]])
-        probs = []
-        with ThreadPoolExecutor(2) as pool:
-            for k in tqdm(range(0, len(idx), 64), desc=part):
-                x = np.stack(list(pool.map(lambda r: model_input(ds.samples[r], model.preprocess), idx[k:k + 64])))
-                probs.append(model.predict(x))
-        out[part] = (np.log(np.concatenate(probs) + 1e-9), ds.labels[idx])
+        probs, labels, _ = predict_dataset(model, own_split(ds, model_dir, part), desc=part)
+        out[part] = (np.log(probs + 1e-9), labels)
     return out
 
 
@@ -52,7 +42,7 @@ def main() -> int:
     from dermaloop.model_dir import ModelDir
 
     ids = ModelDir.open(args.model).taxonomy.ids
-    parts = split_probs(args.model, args.data)
+    parts = split_log_probs(args.model, args.data)
     (lc, yc), (lv, yv) = parts["calib"], parts["val"]
     k, mel = lc.shape[1], ids.index(args.melanoma)
 

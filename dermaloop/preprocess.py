@@ -189,6 +189,10 @@ _PIL_SYMMETRY = {"rot90": Image.Transpose.ROTATE_90, "rot180": Image.Transpose.R
                  "rot270": Image.Transpose.ROTATE_270, "flip": Image.Transpose.FLIP_LEFT_RIGHT,
                  "vflip": Image.Transpose.FLIP_TOP_BOTTOM, "transpose": Image.Transpose.TRANSPOSE,
                  "transverse": Image.Transpose.TRANSVERSE}
+_ARRAY_SYMMETRY = {"rot90": lambda a: np.rot90(a, 1, axes=(1, 2)), "rot180": lambda a: a[:, ::-1, ::-1],
+                   "rot270": lambda a: np.rot90(a, 3, axes=(1, 2)), "flip": lambda a: a[:, :, ::-1],
+                   "vflip": lambda a: a[:, ::-1], "transpose": lambda a: np.swapaxes(a, 1, 2),
+                   "transverse": lambda a: np.swapaxes(a, 1, 2)[:, ::-1, ::-1]}  # on (N, H, W, C)
 
 
 def _unknown_symmetry(name: str) -> ValueError:
@@ -208,13 +212,9 @@ def symmetric_pixels(pixels: np.ndarray, name: str) -> np.ndarray:
     """The same symmetry on a batch of model inputs shaped (N, H, W, C)."""
     if name == "orig":
         return pixels
-    ops = {"rot90": lambda a: np.rot90(a, 1, axes=(1, 2)), "rot180": lambda a: a[:, ::-1, ::-1],
-           "rot270": lambda a: np.rot90(a, 3, axes=(1, 2)), "flip": lambda a: a[:, :, ::-1],
-           "vflip": lambda a: a[:, ::-1], "transpose": lambda a: np.swapaxes(a, 1, 2),
-           "transverse": lambda a: np.swapaxes(a, 1, 2)[:, ::-1, ::-1]}
-    if name not in ops:
+    if name not in _ARRAY_SYMMETRY:
         raise _unknown_symmetry(name)
-    return ops[name](pixels)
+    return _ARRAY_SYMMETRY[name](pixels)
 
 
 def shades_of_grey(pixels: np.ndarray, power: float = 6.0) -> np.ndarray:

@@ -208,6 +208,24 @@ def test_evaluate_and_export_cli(trained, data, tmp_path, capsys):
     load_device_model(copy, "int8")  # the updated hashes verify
 
 
+def test_evaluate_on_the_models_own_split_repeats_the_cards_figures(trained, data, tmp_path, capsys):
+    """``--split val`` picks the training run's val images by id, so it reproduces what training
+    measured; a dataset holding none of them is a clear error, not an empty report."""
+    out = tmp_path / "val"
+    assert main(["evaluate", "--model", str(trained), "--kind", "device", "--data", str(data),
+                 "--split", "val", "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    card = json.loads((trained / "card.json").read_text())
+    assert metrics["data"]["images"] == card["data"]["split"]["val"] < 70
+    assert metrics["balanced_accuracy"] == pytest.approx(card["device"]["metrics"]["balanced_accuracy"])
+    other = tmp_path / "other" / "nv"
+    other.mkdir(parents=True)
+    shutil.copy(open_dataset(data, HAM).samples[0].path, other / "someone-else.jpg")
+    assert main(["evaluate", "--model", str(trained), "--data", str(other.parent), "--split", "val",
+                 "--out", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "none of the model's val images" in capsys.readouterr().out
+
+
 def test_tampered_model_file_is_refused(trained, tmp_path):
     copy = tmp_path / "m"
     shutil.copytree(trained, copy)

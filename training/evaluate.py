@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,16 @@ from training.report import write_report
 def load_runtime(model_dir: str | Path, kind: str, variant: str = "int8") -> DeviceModel | CloudModel:
     md = ModelDir.open(model_dir)
     return DeviceModel(md, variant) if kind == "device" else CloudModel(md)
+
+
+def own_split(dataset: Dataset, model_dir: str | Path, part: str) -> Dataset:
+    """The images of ``dataset`` that were in ``part`` (train / calib / val) of the model's own
+    training run, from the model directory's ``split.json``."""
+    wanted = set(json.loads((Path(model_dir) / "split.json").read_text())[part])
+    subset = dataset.subset([i for i, s in enumerate(dataset.samples) if s.id in wanted])
+    if not subset.samples:
+        raise ValueError(f"none of the model's {part} images are in {dataset.source}")
+    return subset
 
 
 def predict_dataset(model: DeviceModel | CloudModel, dataset: Dataset, batch_size: int = 16,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -21,18 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dermaloop.datasets import open_dataset
     from dermaloop.model_dir import ModelDir, ModelError
-    from training.evaluate import evaluate, load_runtime
+    from training.evaluate import evaluate, load_runtime, own_split
 
     try:
         md = ModelDir.open(args.model)
         dataset = open_dataset(args.data, md.taxonomy)
         split_name = "all images"
         if args.split:
-            wanted = set(json.loads((args.model / "split.json").read_text())[args.split])
-            dataset = dataset.subset([i for i, s in enumerate(dataset.samples) if s.id in wanted])
+            dataset = own_split(dataset, args.model, args.split)
             split_name = f"{args.split} split of the model's training run"
-            if not dataset.samples:
-                raise ValueError(f"none of the model's {args.split} images are in {args.data}")
         model = load_runtime(args.model, args.kind, args.variant)
         metrics = evaluate(model, dataset, args.out, split_name, progress=not args.quiet)
     except (ModelError, ValueError, FileNotFoundError) as exc:
