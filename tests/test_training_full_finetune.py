@@ -163,3 +163,49 @@ def test_whole_network_phase_needs_the_first_phase(data, tmp_path, capsys):
                  "--cloud-backbone", "tiny", "--full-epochs", "2", "--quiet"]) == 2
     assert "--full-epochs" in capsys.readouterr().out
     assert not (tmp_path / "m").exists()
+
+
+def test_cloud_seeds_add_whole_network_members_to_the_cloud_ensemble(data, tmp_path):
+    """``--cloud-seeds 1``: the cloud network's whole-network phase runs again with seed 1 from the
+    same warm start, in its own checkpoint folder, and that network is a real, different member of
+    the one cloud Keras file, averaged with the first member and the device network."""
+    import keras
+
+    from dermaloop.risk import softmax
+    from training.embeddings import model_input
+
+    out, cache = tmp_path / "seeds", tmp_path / "cache"
+    assert main(["train", "--data", str(data), "--out", str(out), "--device-backbone", "tiny",
+                 "--cloud-backbone", "tiny", "--epochs", "1", "--full-epochs", "1", "--cloud-full-epochs", "1",
+                 "--cloud-seeds", "1", "--cloud-ensemble", "--views", "orig,flip", "--cache-dir", str(cache),
+                 "--quiet"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["cloud"]["ensemble"]["members"] == ["tiny", "tiny", "tiny"]
+    assert card["cloud"]["ensemble"]["whole_network_seeds"] == [0, 1]
+    full = sorted(p.name for p in cache.glob("full-tiny-*"))
+    # with one backbone for both, the device and seed-0 cloud networks are one run and share a folder
+    assert len(full) == 2 and sum("-seed1-" in name for name in full) == 1
+    ensemble = keras.models.load_model(out / "cloud" / "model.keras", compile=False)
+    members = [layer for layer in ensemble.layers if layer.name.startswith("member")]
+    assert len(members) == 2
+    rows = open_dataset(data, load_taxonomy()).samples[:4]
+    x = np.stack([model_input(s, PRE) for s in rows]).astype(np.float32)
+    primary = np.asarray(keras.Model(ensemble.input, ensemble.get_layer("temperature").output)(x))
+    seed1, dev = (np.asarray(m(x)) for m in members)
+    assert np.abs(seed1 - primary).max() > 1e-3  # a different network, not a copy of the first member
+    t = card["cloud"]["risk"]["temperature"]
+    np.testing.assert_allclose(np.asarray(ensemble(x)), softmax((primary + seed1 + dev) / 3, t), atol=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [(["--cloud-seeds", "0"], "differ"),
+                                            (["--cloud-seeds", "1,1"], "differ")])
+def test_cloud_seeds_refuse_a_repeated_seed(data, tmp_path, capsys, extra, message):
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--device-backbone", "tiny",
+                 "--cloud-backbone", "tiny", "--epochs", "1", "--cloud-full-epochs", "1", *extra, "--quiet"]) == 2
+    assert message in capsys.readouterr().out and not (tmp_path / "m").exists()
+
+
+def test_cloud_seeds_need_the_cloud_whole_network_phase(data, tmp_path, capsys):
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--device-backbone", "tiny",
+                 "--cloud-backbone", "tiny", "--epochs", "1", "--cloud-seeds", "1", "--quiet"]) == 2
+    assert "--cloud-full-epochs" in capsys.readouterr().out

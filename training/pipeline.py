@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,14 @@ from dermaloop.model_dir import (
     sha256_file,
 )
 from dermaloop.preprocess import SYMMETRIES, PreprocessConfig
-from dermaloop.risk import RiskPolicy, fit_policy, fit_temperature, policy_from_probabilities, softmax
+from dermaloop.risk import (
+    RiskPolicy,
+    fit_class_offsets,
+    fit_policy,
+    fit_temperature,
+    policy_from_probabilities,
+    softmax,
+)
 from dermaloop.taxonomy import load_taxonomy
 from training.assemble import ensemble_classifier, full_classifier
 from training.embeddings import TAIL_STAGE, extract_features, map_stage, model_input
@@ -72,6 +79,10 @@ class TrainOptions:
     progress: bool = True
     skip_cloud: bool = False
     cloud_ensemble: bool = False  # cloud model = average of the cloud and the device networks
+    # extra cloud-backbone members: the whole-network phase again with these seeds (same warm start)
+    cloud_seeds: tuple[int, ...] = ()
+    # class id -> recall the call must reach on the calib split (per-class decision offsets, risk.py)
+    class_recall: dict[str, float] = field(default_factory=dict)
 
 
 def _log(opts: TrainOptions, msg: str) -> None:
@@ -103,10 +114,12 @@ def _tta_views(opts: TrainOptions) -> list[str]:
 
 
 def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions,
-                extra_views: tuple[str, ...] = ()) -> dict[str, Any]:
+                extra_views: tuple[str, ...] = (), seeds: tuple[int, ...] = ()) -> dict[str, Any]:
     """Train one model (device or cloud); returns the Keras model, policy, calib logits per view and
     timings. ``extra_views``: symmetries whose calib logits are needed beyond the training views (the
-    cloud ensemble's test-time views, for its device member)."""
+    cloud ensemble's test-time views, for its device member). ``seeds``: the whole-network phase is
+    run again from the same warm start with each of these seeds; those networks come back under
+    ``seed_members`` (their own temperature and calib logits) for the ensemble."""
     t0 = time.perf_counter()
     cfg = PreprocessConfig(size=backbones.input_size(backbone), colour_constancy=opts.colour_constancy)
     fine = opts.epochs > 0
@@ -121,6 +134,7 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     k = len(ds.taxonomy)
     history: list[dict] = []
     full_history: list[dict] = []
+    seed_members: list[dict[str, Any]] = []
     calib = split["calib"]
     if fine:
         # One checkpoint folder per (backbone, data, views, preprocessing): resuming never mixes recipes.
@@ -132,10 +146,12 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
                                  recipe_cfg, ckpt, progress=opts.progress)
         full_cfg = opts.cloud_full_finetune if kind == "cloud" else opts.full_finetune
         if full_cfg.epochs > 0:
-            tail, full_history = finetune_full(backbone, ds, split["train"], calib, full_cfg, cfg,
-                                               checkpoint_dir(base, backbone, ds, recipe, tail), start=tail,
-                                               progress=opts.progress)
+            warm = tail
+            tail, full_history = _finetune_full_seed(backbone, ds, split, full_cfg, cfg, base, recipe, warm, opts)
             calib_logits = [image_logits(tail, ds, calib, cfg, v) for v in views]
+            seed_members = [{"seed": s, "network": _finetune_full_seed(backbone, ds, split, replace(full_cfg, seed=s),
+                                                                       cfg, base, recipe, warm, opts)[0]}
+                            for s in seeds]
         else:
             calib_logits = [predict_logits(tail, f.maps[calib]) for f in feats]
         head = None
@@ -143,7 +159,6 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
         tail = None
         head = fit_linear_head(feats[0].pooled[split["train"]], y[split["train"]], k, c=opts.head_c, seed=opts.seed)
         calib_logits = [f.pooled[calib] @ head[0] + head[1] for f in feats]
-    t_train = time.perf_counter() - t0 - t_features
     tta = _tta_views(opts) if kind == "cloud" else []
     missing = [v for v in dict.fromkeys([*tta, *extra_views]) if v not in views]
     if missing:  # views used only at test time: the whole network on the calib images, as the runtime sees them
@@ -151,6 +166,15 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
                                                         with_probabilities=False)
         calib_logits += [image_logits(net, ds, calib, cfg, symmetry=v) for v in missing]
         views += missing
+    for member in seed_members:  # logits as the runtime computes them: training views as photos, the rest on inputs
+        net = member.pop("network")
+        logits = {v: image_logits(net, ds, calib, cfg, v) if v in chosen else image_logits(net, ds, calib, cfg,
+                                                                                            symmetry=v)
+                  for v in views}
+        t = fit_temperature(logits["orig"], y[calib])
+        member.update(model=full_classifier(backbone, k, t, tail_model=net), calib_logits=logits,
+                      temperature=t)
+    t_train = time.perf_counter() - t0 - t_features
     yc = y[calib]
     try:
         policy = fit_policy(calib_logits[0], yc, ds.taxonomy.malignant_mask, opts.target_sensitivity)
@@ -166,40 +190,80 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     if tta and tta_refit:  # thresholds must be chosen on the probabilities the runtime produces (mean over views)
         policy = policy_from_probabilities(policy.temperature, probs_c, yc, ds.taxonomy.malignant_mask,
                                            opts.target_sensitivity)
+    policy, decision = _decision(policy, probs_c, yc, ds, opts)
     model = full_classifier(backbone, k, policy.temperature, tail_model=tail, head=head)
     return {"model": model, "policy": policy, "preprocess": cfg, "tta": tta, "history": history,
             "full_history": full_history, "calib_logits": dict(zip(views, calib_logits, strict=True)),
-            "calib": _calib_scores(yc, softmax(calib_logits[0], policy.temperature), probs_c),
+            "seed_members": seed_members, "decision": decision,
+            "calib": _calib_scores(yc, softmax(calib_logits[0], policy.temperature), probs_c, policy),
             "features_seconds": t_features, "train_seconds": t_train,
             "images_per_second": feats[0].images_per_second, "features_cached": feats[0].cached}
 
 
-def _ensemble(cloud: dict[str, Any], device: dict[str, Any], ds: Dataset, split: dict[str, np.ndarray],
+def _finetune_full_seed(backbone: str, ds: Dataset, split: dict[str, np.ndarray], full_cfg: FullFinetuneConfig,
+                        cfg: PreprocessConfig, base: Path, recipe: str, warm, opts: TrainOptions):
+    """The whole-network phase with ``full_cfg.seed``; each seed has its own checkpoint folder (seed 0
+    keeps the unsuffixed name, so earlier checkpoints stay valid)."""
+    suffix = f"-seed{full_cfg.seed}" if full_cfg.seed else ""
+    return finetune_full(backbone, ds, split["train"], split["calib"], full_cfg, cfg,
+                         checkpoint_dir(base, backbone, ds, recipe + suffix, warm), start=warm, progress=opts.progress)
+
+
+def _ensemble(cloud: dict[str, Any], device: dict[str, Any] | None, ds: Dataset, split: dict[str, np.ndarray],
               opts: TrainOptions) -> dict[str, Any]:
-    """Average the cloud and device networks (both already trained) into the cloud model. The
-    ensemble's temperature and thresholds come from the calib split, as for a single model."""
+    """Average the cloud network, its extra-seed networks and (``device`` given) the device network,
+    all already trained, into the cloud model. The ensemble's temperature and thresholds come from
+    the calib split, as for a single model."""
     views = ["orig", *cloud["tta"]]
     calib, y = split["calib"], ds.labels
+    members = [(cloud["calib_logits"], cloud["policy"].temperature)]
+    members += [(m["calib_logits"], m["temperature"]) for m in cloud["seed_members"]]
+    if device is not None:
+        members.append((device["calib_logits"], device["policy"].temperature))
 
     def mean_scaled(view: str) -> np.ndarray:
-        return (cloud["calib_logits"][view] / cloud["policy"].temperature
-                + device["calib_logits"][view] / device["policy"].temperature) / 2
+        return np.mean([logits[view] / t for logits, t in members], axis=0)
 
     t = fit_temperature(mean_scaled("orig"), y[calib])
     probs = np.mean([softmax(mean_scaled(v), t) for v in views], axis=0)
     policy = policy_from_probabilities(t, probs, y[calib], ds.taxonomy.malignant_mask, opts.target_sensitivity)
-    model = ensemble_classifier(cloud["model"], [device["model"]], t)
-    return {**cloud, "model": model, "policy": policy,
-            "calib": _calib_scores(y[calib], softmax(mean_scaled("orig"), t), probs)}
+    policy, decision = _decision(policy, probs, y[calib], ds, opts)
+    others = [m["model"] for m in cloud["seed_members"]] + ([device["model"]] if device is not None else [])
+    model = ensemble_classifier(cloud["model"], others, t)
+    return {**cloud, "model": model, "policy": policy, "decision": decision,
+            "calib": _calib_scores(y[calib], softmax(mean_scaled("orig"), t), probs, policy)}
 
 
-def _calib_scores(labels: np.ndarray, plain: np.ndarray, runtime: np.ndarray) -> dict[str, Any]:
-    """Balanced accuracy on the calib split, with and without the test-time views: the figure to
-    compare recipes and TTA choices by without looking at the validation split."""
+def _decision(policy: RiskPolicy, probs: np.ndarray, labels: np.ndarray, ds: Dataset,
+              opts: TrainOptions) -> tuple[RiskPolicy, dict[str, Any]]:
+    """The policy with class offsets fitted for ``opts.class_recall`` on the runtime's calib
+    probabilities, and what the card says about it (targets, offsets, calib recall, or why not)."""
+    if not opts.class_recall:
+        return policy, {"rule": "most probable class"}
+    ids = ds.taxonomy.ids
+    info: dict[str, Any] = {"rule": "argmax of log-probability + class offset",
+                            "calib_recall_targets": dict(opts.class_recall)}
+    try:
+        offsets = fit_class_offsets(probs, labels, {ids.index(c): r for c, r in opts.class_recall.items()})
+    except ValueError as exc:  # e.g. a tiny dataset whose calib split lacks the class: say so, keep argmax
+        _log(opts, f"warning: class offsets not fitted ({exc}); the call stays the most probable class")
+        return policy, {**info, "rule": "most probable class", "not_fitted": str(exc)}
+    policy = replace(policy, class_offsets=offsets)
+    called = policy.decide(probs)
+    info["class_offsets"] = {c: v for c, v in zip(ids, offsets, strict=True) if v}
+    info["calib_recall"] = {c: float((called[labels == ids.index(c)] == ids.index(c)).mean())
+                            for c in opts.class_recall}
+    return policy, info
+
+
+def _calib_scores(labels: np.ndarray, plain: np.ndarray, runtime: np.ndarray, policy: RiskPolicy) -> dict[str, Any]:
+    """Balanced accuracy of the call on the calib split, with and without the test-time views: the
+    figure to compare recipes and TTA choices by without looking at the validation split. (With
+    class offsets it is optimistic: the offsets were fitted on these images.)"""
     from sklearn.metrics import balanced_accuracy_score
 
-    return {"n": len(labels), "balanced_accuracy": float(balanced_accuracy_score(labels, runtime.argmax(1))),
-            "balanced_accuracy_without_tta": float(balanced_accuracy_score(labels, plain.argmax(1)))}
+    return {"n": len(labels), "balanced_accuracy": float(balanced_accuracy_score(labels, policy.decide(runtime))),
+            "balanced_accuracy_without_tta": float(balanced_accuracy_score(labels, policy.decide(plain)))}
 
 
 def _section(kind: str, backbone: str, r: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +272,7 @@ def _section(kind: str, backbone: str, r: dict[str, Any]) -> dict[str, Any]:
                                             "dtype": "uint8 (int8 model) / float32 pixel values 0..255"},
             "output": "calibrated class probabilities (temperature folded into the model)",
             "preprocess": r["preprocess"].to_dict(), "risk": {**policy.to_dict(), "temperature_in_model": True},
-            "tta": r["tta"], "calib": r["calib"], "training": {"fine_tuned_epochs": len(r["history"]), "history": r["history"],
+            "tta": r["tta"], "calib": r["calib"], "decision": r["decision"], "training": {"fine_tuned_epochs": len(r["history"]), "history": r["history"],
                                           **({"whole_network_epochs": len(r["full_history"]),
                                               "whole_network_history": r["full_history"]}
                                              if r["full_history"] else {}),
@@ -222,13 +286,22 @@ def train(opts: TrainOptions) -> Path:
     import keras
 
     started = time.perf_counter()
+    taxonomy = load_taxonomy(opts.taxonomy)
     if max(opts.full_finetune.epochs, opts.cloud_full_finetune.epochs) > 0 and opts.epochs == 0:
         raise ValueError("--full-epochs continues from the top-block fine-tuning: give --epochs > 0 too")
+    if opts.cloud_seeds and (opts.cloud_full_finetune.epochs == 0 or opts.skip_cloud):
+        raise ValueError("--cloud-seeds repeats the cloud model's whole-network phase: give --cloud-full-epochs too")
+    if len(set(opts.cloud_seeds)) < len(opts.cloud_seeds) or opts.cloud_full_finetune.seed in opts.cloud_seeds:
+        raise ValueError(f"--cloud-seeds must differ from each other and from the first member's seed "
+                         f"({opts.cloud_full_finetune.seed}): the same seed trains the same network")
+    bad = {c: r for c, r in opts.class_recall.items() if c not in taxonomy.ids or not 0 < r <= 1}
+    if bad:
+        raise ValueError(f"--class-recall takes class ids of the {taxonomy.name} taxonomy ({', '.join(taxonomy.ids)}) "
+                         f"with recalls in (0, 1]; got {bad}")
     unknown = [v for v in opts.cloud_tta or () if v not in SYMMETRIES]
     if unknown:
         raise ValueError(f"test-time views must be symmetries ({', '.join(SYMMETRIES)}), not {', '.join(unknown)}")
     keras.utils.set_random_seed(opts.seed)
-    taxonomy = load_taxonomy(opts.taxonomy)
     ds = _subsample(open_dataset(opts.data, taxonomy), opts.limit, opts.seed)
     split = grouped_split(ds, opts.val_fraction, opts.calib_fraction, opts.seed)
     _log(opts, f"data: {len(ds)} images, {len(set(ds.groups.tolist()))} groups; split "
@@ -265,16 +338,19 @@ def train(opts: TrainOptions) -> Path:
         "device": _section("device", opts.device_backbone, device),
     }
     if not opts.skip_cloud:
-        cloud = _train_kind("cloud", opts.cloud_backbone, ds, split, opts)
-        if opts.cloud_ensemble:
-            cloud = _ensemble(cloud, device, ds, split, opts)
+        cloud = _train_kind("cloud", opts.cloud_backbone, ds, split, opts, seeds=opts.cloud_seeds)
+        if opts.cloud_ensemble or opts.cloud_seeds:
+            cloud = _ensemble(cloud, device if opts.cloud_ensemble else None, ds, split, opts)
         cloud["model"].save(tmp / CLOUD_KERAS)
         card["cloud"] = _section("cloud", opts.cloud_backbone, cloud)
-        if opts.cloud_ensemble:
+        if opts.cloud_ensemble or opts.cloud_seeds:
             card["cloud"]["ensemble"] = {
-                "members": [opts.cloud_backbone, opts.device_backbone],
+                "members": [opts.cloud_backbone] * (1 + len(opts.cloud_seeds))
+                + ([opts.device_backbone] if opts.cloud_ensemble else []),
+                "whole_network_seeds": [opts.cloud_full_finetune.seed, *opts.cloud_seeds],
                 "how": "mean of each member's temperature-scaled logits, then one temperature (calib split); "
-                       f"the {opts.device_backbone} member gets the input resized inside the model"}
+                       "extra seeds repeat the whole-network phase from the same warm start; "
+                       f"a {opts.device_backbone} member gets the input resized inside the model"}
     card["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
                      and p.name not in (CARD,)}
     card["file_bytes"] = {rel: (tmp / rel).stat().st_size for rel in card["files"]}

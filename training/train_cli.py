@@ -64,6 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-cloud", action="store_true", help="train only the device model")
     parser.add_argument("--cloud-ensemble", action="store_true",
                         help="cloud model = average of the cloud and device networks (more accurate, slower)")
+    parser.add_argument("--cloud-seeds", default="",
+                        help="comma-separated seeds: the cloud model's whole-network phase is run again with each "
+                             "(same warm start) and the networks join the cloud ensemble (~85 min each for Lite2 "
+                             "on 2 cores); needs --cloud-full-epochs")
+    parser.add_argument("--class-recall", default="",
+                        help="e.g. mel=0.75: per-class decision offsets, the smallest that make the call reach "
+                             "these recalls on the calib split (missing a melanoma costs more than over-calling "
+                             "a nevus); probabilities and risk tiers are unchanged")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -89,6 +97,15 @@ def run(args: argparse.Namespace) -> int:
         return names
 
     views = parse_views(args.views)
+    try:
+        class_recall = {c.strip(): float(r) for c, r in (item.split("=") for item in args.class_recall.split(",")
+                                                         if item.strip())}
+    except ValueError:
+        raise SystemExit(f"--class-recall takes CLASS=RECALL pairs such as mel=0.75, got {args.class_recall!r}") from None
+    try:
+        cloud_seeds = tuple(int(v) for v in args.cloud_seeds.split(",") if v.strip())
+    except ValueError:
+        raise SystemExit(f"--cloud-seeds takes comma-separated integers, got {args.cloud_seeds!r}") from None
     cloud_tta = parse_tta(args.cloud_tta)
     cloud_views = parse_views(args.cloud_views) if args.cloud_views else None
     recipe = FinetuneConfig(epochs=max(args.epochs, 1), batch_size=args.batch_size, lr_head=args.lr_head,
@@ -103,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         cloud_backbone=args.cloud_backbone, epochs=args.epochs, views=views, cloud_views=cloud_views, cloud_tta=cloud_tta,
         colour_constancy=args.colour_constancy, cache_dir=args.cache_dir or default_cache_dir(),
         seed=args.seed, target_sensitivity=args.target_sensitivity, limit=args.limit, skip_cloud=args.skip_cloud,
-        cloud_ensemble=args.cloud_ensemble,
+        cloud_ensemble=args.cloud_ensemble, cloud_seeds=cloud_seeds, class_recall=class_recall,
         finetune=recipe, cloud_finetune=cloud_recipe, progress=not args.quiet,
         full_finetune=FullFinetuneConfig(epochs=args.full_epochs, lr_head=args.full_lr, lr_body=args.full_lr,
                                          seed=args.seed),
