@@ -33,10 +33,13 @@ class CloudModel(Protocol):
 
     def classify(self, batch: np.ndarray, explain: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, size, size, 3) float pixels in [0, 255] -> ((N, classes) calibrated probabilities,
-        Grad-CAM maps (N, h, w) in [0, 1] for each image's predicted class, or None)."""
+        Grad-CAM maps (N, h, w) in [0, 1] for each image's called class (the card's decision rule), or None)."""
 
     def risk(self, probs: np.ndarray) -> tuple[str | None, float]:
         """(risk tier, malignant probability) for one image's probabilities."""
+
+    def rank(self, probs: np.ndarray) -> np.ndarray:
+        """One image's class indices, the model's call first (the card's decision rule)."""
 
 
 class ModelLoadError(RuntimeError):
@@ -106,8 +109,7 @@ class KerasCloudModel:
         self._forward(warm)
         if self._explain_own is not None:
             self._explain_own(warm)
-            if self.tta:
-                self._explain_given(warm, np.zeros(1, np.int32))
+            self._explain_given(warm, np.zeros(1, np.int32))
 
     def classify(self, batch: np.ndarray, explain: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         x = np.asarray(batch, np.float32)
@@ -121,17 +123,21 @@ class KerasCloudModel:
             views = [plain] + [np.asarray(self._forward(np.ascontiguousarray(symmetric_pixels(x, t)))) for t in self.tta]
         probs = np.mean(views, axis=0)
         probs = probs / probs.sum(axis=1, keepdims=True)
-        if maps is not None and self.tta:
-            wrong = np.flatnonzero(np.argmax(probs, axis=1) != np.argmax(plain, axis=1))
-            if len(wrong):  # explain the class the averaged views predict, not the plain view's
+        if maps is not None:
+            called = self.inner.policy.decide(probs)
+            wrong = np.flatnonzero(called != np.argmax(plain, axis=1))
+            if len(wrong):  # explain the call (averaged views, class offsets), not the plain view's argmax
                 with self._lock:
-                    _, fixed = self._explain_given(x[wrong], np.argmax(probs[wrong], axis=1).astype(np.int32))
+                    _, fixed = self._explain_given(x[wrong], called[wrong].astype(np.int32))
                 maps[wrong] = np.asarray(fixed)
         return probs, maps
 
     def risk(self, probs: np.ndarray) -> tuple[str | None, float]:
         assessed = self.inner.policy.assess(np.asarray(probs))
         return assessed["risk"], float(assessed["malignantP"])
+
+    def rank(self, probs: np.ndarray) -> np.ndarray:
+        return self.inner.policy.rank(probs)
 
 
 def load_model(model_dir: Path) -> CloudModel:

@@ -169,7 +169,7 @@ def record(item: Prepared, result: Inferred, heatmap_path: str | None, now_ms: i
     if result.probs is None:  # declined: no classification to show, only why
         return {**base, "probs": None, "top": [], "risk": None, "malignantP": None}
     probs = result.probs
-    order = np.argsort(-probs)[:3]
+    order = model.rank(probs)[:3]
     risk, malignant_p = model.risk(probs)
     return {
         **base,

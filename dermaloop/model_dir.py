@@ -128,7 +128,7 @@ class _Model:
         """Image file or bytes -> calibrated probabilities, top 3 and risk tier (the shared device/cloud path)."""
         pixels = to_model_input(load_image(source), box=box, config=self.preprocess)
         probs = self.predict(pixels[None])[0]
-        order = np.argsort(-probs)[:3]
+        order = self.policy.rank(probs)[:3]
         return {"modelVersion": self.version,
                 "probs": {cid: float(p) for cid, p in zip(self.taxonomy.ids, probs, strict=True)},
                 "top": [{"label": self.taxonomy.ids[i], "name": self.taxonomy.classes[i].name,

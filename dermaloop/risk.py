@@ -10,6 +10,13 @@ calibration split turn it into tiers:
 * ``high``     p_malignant >= high_threshold (chosen for a target specificity, e.g. 0.95);
 * ``moderate`` in between.
 
+The model's *call* (the one class it names) is the argmax of log-probability plus a per-class
+offset (``class_offsets``, 0 by default). A positive offset is a cost-sensitive Bayes decision: a
+missed melanoma costs more than an over-called nevus, so melanoma is named whenever its probability
+is within a factor ``exp(offset)`` of the largest. ``fit_class_offsets`` chooses the smallest
+offsets that reach a target recall on the calibration split. Probabilities, the malignancy
+probability and the tiers are untouched by offsets.
+
 A ``RiskPolicy`` is stored in the model card so the device, the cloud worker and reports agree.
 """
 
@@ -21,7 +28,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["RiskPolicy", "softmax", "fit_temperature", "threshold_for_sensitivity",
-           "threshold_for_specificity", "fit_policy", "policy_from_probabilities", "RISK_TIERS"]
+           "threshold_for_specificity", "fit_policy", "policy_from_probabilities", "fit_class_offsets",
+           "decide", "RISK_TIERS"]
 
 RISK_TIERS = ("low", "moderate", "high")
 
@@ -68,6 +76,42 @@ def threshold_for_specificity(scores: np.ndarray, positive: np.ndarray, target: 
     return float(np.nextafter(neg[k - 1], np.inf)) if k >= 1 else float(neg[0])
 
 
+def decide(probs: np.ndarray, offsets: tuple[float, ...] | np.ndarray | None = None) -> np.ndarray:
+    """The called class of each row of ``probs`` (or of one probability vector): argmax of
+    log-probability plus ``offsets``; no offsets is plain argmax."""
+    p = np.asarray(probs, np.float64)
+    if offsets is None or not np.any(offsets):
+        return p.argmax(axis=-1)
+    offsets = np.asarray(offsets, np.float64)
+    if offsets.shape != p.shape[-1:]:
+        raise ValueError(f"{len(offsets)} class offsets for {p.shape[-1]} classes")
+    return (np.log(np.clip(p, 1e-12, 1.0)) + offsets).argmax(axis=-1)
+
+
+def fit_class_offsets(probs: np.ndarray, labels: np.ndarray, targets: dict[int, float], step: float = 0.05,
+                      largest: float = 3.0) -> tuple[float, ...]:
+    """Per-class offsets for :func:`decide`: for each class in ``targets`` (class index -> recall),
+    the smallest multiple of ``step`` whose call reaches that recall on ``labels``, the other offsets
+    held as already chosen. Smallest, because every step up trades the other classes' recall away.
+
+    Raises ValueError when a class has no examples or cannot reach its target below ``largest``:
+    a silent best effort would put a promise in the card that the data never kept."""
+    p = np.asarray(probs, np.float64)
+    labels = np.asarray(labels, np.int64)
+    offsets = np.zeros(p.shape[1])
+    for c, target in sorted(targets.items()):
+        rows = labels == c
+        if not rows.any():
+            raise ValueError(f"class {c} has no calibration examples to choose its recall offset on")
+        for value in np.arange(0.0, largest + step / 2, step):
+            offsets[c] = value
+            if (decide(p[rows], offsets) == c).mean() >= target - 1e-12:
+                break
+        else:
+            raise ValueError(f"class {c} does not reach recall {target:.2f} with an offset up to {largest}")
+    return tuple(round(float(v), 6) for v in offsets)
+
+
 @dataclass(frozen=True)
 class RiskPolicy:
     temperature: float
@@ -76,6 +120,7 @@ class RiskPolicy:
     high_threshold: float
     target_sensitivity: float = 0.90
     target_specificity: float = 0.95
+    class_offsets: tuple[float, ...] = ()  # () = no offsets: the call is the most probable class
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         return softmax(logits, self.temperature)
@@ -90,6 +135,16 @@ class RiskPolicy:
             return "high"
         return "moderate" if p_malignant >= self.moderate_threshold else "low"
 
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """The called class index (see :func:`decide`) of one probability vector or of each row."""
+        return decide(probs, self.class_offsets or None)
+
+    def rank(self, probs: np.ndarray) -> np.ndarray:
+        """One image's class indices in the order results list them: the call first, then by the same
+        offset score (plain probability order when there are no offsets)."""
+        score = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0))
+        return np.argsort(-(score + np.asarray(self.class_offsets or 0.0)), kind="stable")
+
     def assess(self, probs: np.ndarray) -> dict[str, Any]:
         """Tier and malignancy probability of one image's calibrated class probabilities."""
         p = float(self.malignant_probability(np.asarray(probs, np.float64)))
@@ -98,13 +153,23 @@ class RiskPolicy:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["malignant_mask"] = list(self.malignant_mask)
+        d["class_offsets"] = list(self.class_offsets)
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RiskPolicy:
+        raw = data.get("class_offsets") or ()
+        try:
+            offsets = tuple(float(v) for v in raw)
+        except (TypeError, ValueError):
+            offsets = None
+        if offsets is None or (offsets and (len(offsets) != len(data["malignant_mask"])
+                                            or not all(np.isfinite(offsets)))):
+            raise ValueError(f"class_offsets must be {len(data['malignant_mask'])} finite numbers, got {raw!r}")
         return cls(float(data["temperature"]), tuple(bool(v) for v in data["malignant_mask"]),
                    float(data["moderate_threshold"]), float(data["high_threshold"]),
-                   float(data.get("target_sensitivity", 0.9)), float(data.get("target_specificity", 0.95)))
+                   float(data.get("target_sensitivity", 0.9)), float(data.get("target_specificity", 0.95)),
+                   offsets)
 
 
 def policy_from_probabilities(temperature: float, probs: np.ndarray, labels: np.ndarray,

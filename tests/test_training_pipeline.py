@@ -326,3 +326,53 @@ def test_cloud_ensemble_averages_the_cloud_and_device_networks(data, tmp_path):
     probs, maps = load_model(out).classify(x)
     assert probs.shape == (4, len(HAM)) and maps is not None and maps.shape[0] == 4
     assert card["cloud"]["metrics"]["n"] == card["data"]["split"]["val"]
+
+
+def test_class_recall_fits_offsets_the_runtimes_and_reports_apply(tmp_path):
+    """``--class-recall mel=1.0``: the smallest melanoma offset whose call finds every calib
+    melanoma goes into both cards' risk policies; the runtimes list the call first, and the val
+    report's recalls are those of the call, not of the plain argmax."""
+    from dermaloop.risk import RiskPolicy, decide
+    from training.evaluate import predict_dataset
+
+    data = generate(tmp_path / "syn", per_class=20, photos_per_lesion=1, seed=1)  # a few melanomas in calib
+    out = tmp_path / "cr"
+    assert main(["train", "--data", str(data), "--out", str(out), "--device-backbone", "tiny", "--cloud-backbone",
+                 "tiny", "--class-recall", "mel=1.0", "--cloud-ensemble", "--cache-dir", str(tmp_path / "cache"),
+                 "--quiet"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    ds = open_dataset(data, HAM)
+    mel = HAM.ids.index("mel")
+    rows = {s.id: i for i, s in enumerate(ds.samples)}
+    split = {k: np.array([rows[i] for i in v]) for k, v in json.loads((out / "split.json").read_text()).items()}
+    cloud = load_cloud_model(out)
+    decision = card["cloud"]["decision"]
+    assert decision["class_offsets"]["mel"] > 0 and decision["calib_recall"] == {"mel": 1.0}
+    assert cloud.policy.class_offsets[mel] == decision["class_offsets"]["mel"]
+    x = np.stack([model_input(ds.samples[i], cloud.preprocess) for i in split["calib"]])
+    probs = cloud.predict(x)
+    is_mel = ds.labels[split["calib"]] == mel
+    assert (cloud.policy.decide(probs)[is_mel] == mel).all()  # the promise, kept by the runtime
+    assert not (probs.argmax(1)[is_mel] == mel).all()  # and it needed the offset
+    step_less = list(cloud.policy.class_offsets)
+    step_less[mel] -= 0.05
+    assert not (decide(probs, step_less)[is_mel] == mel).all()  # the smallest offset that keeps it
+    # the top list starts with the call: a calib melanoma the argmax misses is named first
+    missed = split["calib"][np.flatnonzero(is_mel & (probs.argmax(1) != mel))[0]]
+    assert cloud.diagnose(ds.samples[missed].path)["top"][0]["label"] == "mel"
+    # the val report counts the call
+    val_probs, val_labels, _ = predict_dataset(cloud, ds.subset(split["val"]), progress=False)
+    called = RiskPolicy.from_dict(card["cloud"]["risk"]).decide(val_probs)
+    recall = {c: float((called[val_labels == i] == i).mean()) for i, c in enumerate(HAM.ids) if (val_labels == i).any()}
+    assert card["cloud"]["metrics"]["per_class_recall"] == pytest.approx({**card["cloud"]["metrics"]["per_class_recall"],
+                                                                           **recall}, abs=1e-9)
+    assert card["device"]["risk"]["class_offsets"][mel] > 0  # the device model gets its own offsets
+
+
+def test_class_recall_refuses_unknown_classes(data, tmp_path, capsys):
+    for bad in ("melanoma=0.8", "mel=1.5"):
+        assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--device-backbone", "tiny",
+                     "--cloud-backbone", "tiny", "--class-recall", bad, "--quiet"]) == 2
+        assert "--class-recall" in capsys.readouterr().out and not (tmp_path / "m").exists()
+    with pytest.raises(SystemExit, match="CLASS=RECALL"):
+        main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--class-recall", "mel"])

@@ -55,6 +55,27 @@ def test_batched_grad_cam_matches_the_analysis_module(model):
         np.testing.assert_allclose(result.heatmap, ref.heatmap, atol=1e-4)
 
 
+def test_the_record_and_the_heatmap_follow_the_cards_decision_rule(model, tmp_path):
+    """With class offsets in the card (``dermaloop train --class-recall``) the worker lists the call
+    first and Grad-CAM explains the call; the calibrated probabilities and the risk are unchanged."""
+    from dermaloop.analysis.gradcam import grad_cam
+    from dermaloop.taxonomy import load_taxonomy
+
+    df = load_taxonomy("ham10000").ids.index("df")
+    offsets = tuple(30.0 if i == df else 0.0 for i in range(7))  # so large that df is always the call
+    biased = load_model(tiny_model_dir(tmp_path / "biased", class_offsets=offsets))  # same weights (seed 0)
+    items = [prepare(lesion_jpeg(s), NoAnalysis()) for s in (3, 4)]
+    plain, called = infer(model, items), infer(biased, items)
+    for item, a, b in zip(items, plain, called, strict=True):
+        assert int(np.argmax(a.probs)) != df  # the premise: df is not simply the most probable class
+        np.testing.assert_allclose(b.probs, a.probs, atol=1e-6)
+        rec, ref = record(item, b, None, 1), record(item, a, None, 1)
+        assert rec["top"][0]["label"] == "df" and ref["top"][0]["label"] != "df"
+        assert (rec["risk"], rec["malignantP"]) == (ref["risk"], ref["malignantP"])
+        np.testing.assert_allclose(b.heatmap, grad_cam(biased.inner.model, item.pixels, df).heatmap, atol=1e-4)
+        assert not np.allclose(b.heatmap, a.heatmap, atol=1e-3)
+
+
 class _Declines:
     def check(self, img: Image.Image) -> Checked:
         return Checked(img, {"ok": False, "issues": ["blurry"]}, {"is_lesion": True, "score": 0.9}, None,

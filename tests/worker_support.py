@@ -27,7 +27,8 @@ from dermaloop.settings import PROJECT_ROOT, Settings
 from dermaloop.taxonomy import load_taxonomy
 
 
-def tiny_model_dir(path: Path, version: str = "tiny-1", size: int = 32, seed: int = 0) -> Path:
+def tiny_model_dir(path: Path, version: str = "tiny-1", size: int = 32, seed: int = 0,
+                   class_offsets: tuple[float, ...] = ()) -> Path:
     """A small but real Keras classifier over the HAM10000 classes in the model-directory layout the
     training pipeline writes (``dermaloop.model_dir``), with a ``head_activation`` layer for Grad-CAM.
     Fast enough for tests with many jobs on 2 shared cores."""
@@ -46,7 +47,7 @@ def tiny_model_dir(path: Path, version: str = "tiny-1", size: int = 32, seed: in
     outputs = keras.layers.Dense(len(taxonomy), activation="softmax")(x)
     keras.Model(inputs, outputs).save(path / "cloud" / "model.keras")
     (path / "labels.json").write_text((TAXONOMY_DIR / "ham10000.json").read_text())
-    policy = RiskPolicy(1.0, tuple(taxonomy.malignant_mask), 0.3, 0.5)
+    policy = RiskPolicy(1.0, tuple(taxonomy.malignant_mask), 0.3, 0.5, class_offsets=class_offsets)
     card = {"version": version,
             "cloud": {"preprocess": {"size": size}, "risk": policy.to_dict(), "tta": ["flip"]}}
     (path / "card.json").write_text(json.dumps(card, indent=1))

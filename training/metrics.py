@@ -54,7 +54,7 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy,
     probs = np.asarray(probs, np.float64)
     labels = np.asarray(labels, np.int64)
     k = len(taxonomy)
-    pred = probs.argmax(axis=1)
+    pred = policy.decide(probs) if policy is not None else probs.argmax(axis=1)
     classes = list(range(k))
     present = sorted(set(labels.tolist()))
     precision, recall, f1, support = precision_recall_fscore_support(labels, pred, labels=classes, zero_division=0)

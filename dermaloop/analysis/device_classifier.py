@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from dermaloop.analysis.localiser import Box
@@ -33,7 +32,7 @@ class DeviceClassifier:
         t = time.perf_counter()
         probs = self.model.predict(pixels[None])[0]
         t_inf = (time.perf_counter() - t) * 1000.0
-        order = np.argsort(-probs)[:3]
+        order = self.model.policy.rank(probs)[:3]
         classes = self.model.taxonomy.classes
         top = [{"label": classes[i].id, "name": classes[i].name, "p": float(probs[i])} for i in order]
         risk = self.model.policy.assess(probs)["risk"]
