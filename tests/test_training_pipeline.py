@@ -328,7 +328,7 @@ def test_cloud_ensemble_averages_the_cloud_and_device_networks(data, tmp_path):
     assert card["cloud"]["metrics"]["n"] == card["data"]["split"]["val"]
 
 
-def test_class_recall_fits_offsets_the_runtimes_and_reports_apply(tmp_path):
+def test_class_recall_fits_offsets_the_runtimes_and_reports_apply(tmp_path, trained):
     """``--class-recall mel=1.0``: the smallest melanoma offset whose call finds every calib
     melanoma goes into both cards' risk policies; the runtimes list the call first, and the val
     report's recalls are those of the call, not of the plain argmax."""
@@ -367,6 +367,9 @@ def test_class_recall_fits_offsets_the_runtimes_and_reports_apply(tmp_path):
     assert card["cloud"]["metrics"]["per_class_recall"] == pytest.approx({**card["cloud"]["metrics"]["per_class_recall"],
                                                                            **recall}, abs=1e-9)
     assert card["device"]["risk"]["class_offsets"][mel] > 0  # the device model gets its own offsets
+    report = (out / "reports" / "cloud" / "report.md").read_text()
+    assert "count the model's call: log-probability + class offsets" in report and '"mel"' in report
+    assert "count the model's call: most probable class" in (trained / "reports" / "cloud" / "report.md").read_text()
 
 
 def test_class_recall_refuses_unknown_classes(data, tmp_path, capsys):

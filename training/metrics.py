@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,10 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy,
         "malignant_auc": _safe_auc(is_mal.astype(int), p_mal),
         "ece": expected_calibration_error(probs, labels),
         "confusion_matrix": confusion_matrix(labels, pred, labels=classes).tolist(),
+        # what the class-level figures count as the model's answer (dermaloop.risk.decide)
+        "decision_rule": "most probable class" if policy is None or not any(policy.class_offsets) else
+        "log-probability + class offsets " + json.dumps({taxonomy.ids[c]: v for c, v in enumerate(policy.class_offsets)
+                                                         if v}),
     }
     if policy is not None and mask.any():
         flagged = p_mal >= policy.moderate_threshold

@@ -93,6 +93,9 @@ def write_report(out_dir: str | Path, title: str, probs: np.ndarray, labels: np.
     for k in ("n", "balanced_accuracy", "accuracy", "macro_f1", "auc_ovr", "malignant_auc",
               "malignant_threshold", "malignant_sensitivity", "malignant_specificity", "ece"):
         lines.append(f"| {k} | {_fmt(metrics.get(k))} |")
+    if metrics.get("decision_rule"):
+        lines += ["", f"Class-level figures (accuracy, recall, F1, confusion matrix) count the model's call: "
+                      f"{metrics['decision_rule']}."]
     lines += ["", "## Per class", "", "| class | support | precision | recall | F1 | AUC |", "|---|---|---|---|---|---|"]
     for cid in taxonomy.ids:
         lines.append(f"| {cid} | {metrics['support'][cid]} | {_fmt(metrics['per_class_precision'][cid])} | "
