@@ -41,6 +41,9 @@ def _human(name: str, res: dict[str, Any]) -> str:
                      + f" (confidence {res['box_confidence']:.2f})")
     for t in res["top"]:
         lines.append(f"  {t['p']:6.1%}  {t['name']} ({t['label']})")
+    if len(res["top"]) > 1 and res["top"][0]["p"] < max(t["p"] for t in res["top"][1:]):
+        lines.append(f"  ({res['top'][0]['name']} is listed first on purpose: the model names it even when it is "
+                     "less probable, because missing it costs more)")
     if res["risk"]:
         lines.append(f"  risk: {res['risk']}")
     if res["message"]:

@@ -205,3 +205,15 @@ def test_models_dir_without_a_localiser_builds_one(tmp_path, monkeypatch, models
     assert main(["diagnose", str(img), "--json"]) == 0
     (rec,) = _json_lines(capsys.readouterr().out)
     assert rec["lesion"]["is_lesion"] is False
+
+
+def test_human_output_explains_a_call_that_is_not_the_most_probable():
+    from dermaloop.diagnose_cli import _human
+
+    res = {"quality": {"ok": True, "issues": []}, "lesion": {"score": None}, "box": None, "risk": "moderate",
+           "message": None, "timings_ms": {},
+           "top": [{"label": "mel", "name": "Melanoma", "p": 0.31}, {"label": "nv", "name": "Mole", "p": 0.52}]}
+    text = _human("a.jpg", res)
+    assert "Melanoma is listed first on purpose" in text and "not a diagnosis" in text
+    res["top"] = res["top"][::-1]
+    assert "on purpose" not in _human("a.jpg", res)
