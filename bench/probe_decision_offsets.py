@@ -4,7 +4,8 @@ picked, fitted on the calib split) help balanced accuracy or melanoma recall on 
 An offline experiment, not part of any runtime: it runs a model directory's cloud model (with its
 TTA) on its own calib and val splits, then fits (a) all 7 offsets for calib balanced accuracy by
 coordinate ascent and (b) one melanoma offset, the smallest that gives calib melanoma recall >= the
-target. Only calib chooses; val is reported. Results: docs/MODEL_REPORT.md.
+target (``dermaloop.risk.fit_class_offsets``, which ``dermaloop train --class-recall`` now builds in).
+Only calib chooses; val is reported. Results: docs/MODEL_REPORT.md.
 
     .venv/bin/python bench/probe_decision_offsets.py --model var/models/ham-l2full12 --data ../shared/data/ham10000
 """
@@ -60,11 +61,10 @@ def main() -> int:
         for c in range(k):
             b[c] = max(grid, key=lambda g, c=c: (ba(lc, yc, np.where(np.arange(k) == c, g, b)), -abs(g)))
     report("all classes, fitted for calib balanced accuracy", b)
-    for g in np.linspace(0, 2, 41):
-        m = np.where(np.arange(k) == mel, g, 0.0)
-        if recall_score(yc, (lc + m).argmax(1), average=None, labels=range(k))[mel] >= args.target_recall:
-            report(f"melanoma only, smallest with calib recall >= {args.target_recall}", m)
-            break
+    from dermaloop.risk import fit_class_offsets
+
+    m = np.array(fit_class_offsets(np.exp(lc), yc, {mel: args.target_recall}))  # what train --class-recall fits
+    report(f"melanoma only, smallest with calib recall >= {args.target_recall}", m)
     return 0
 
 
