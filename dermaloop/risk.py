@@ -79,13 +79,18 @@ def threshold_for_specificity(scores: np.ndarray, positive: np.ndarray, target: 
 def decide(probs: np.ndarray, offsets: tuple[float, ...] | np.ndarray | None = None) -> np.ndarray:
     """The called class of each row of ``probs`` (or of one probability vector): argmax of
     log-probability plus ``offsets``; no offsets is plain argmax."""
-    p = np.asarray(probs, np.float64)
     if offsets is None or not np.any(offsets):
-        return p.argmax(axis=-1)
+        return np.asarray(probs).argmax(axis=-1)
+    return _call_scores(probs, offsets).argmax(axis=-1)
+
+
+def _call_scores(probs: np.ndarray, offsets: tuple[float, ...] | np.ndarray) -> np.ndarray:
+    """Log-probability plus the class offsets: the score the call and the listed order follow."""
+    p = np.asarray(probs, np.float64)
     offsets = np.asarray(offsets, np.float64)
-    if offsets.shape != p.shape[-1:]:
-        raise ValueError(f"{len(offsets)} class offsets for {p.shape[-1]} classes")
-    return (np.log(np.clip(p, 1e-12, 1.0)) + offsets).argmax(axis=-1)
+    if offsets.size and offsets.shape != p.shape[-1:]:
+        raise ValueError(f"{offsets.size} class offsets for {p.shape[-1]} classes")
+    return np.log(np.clip(p, 1e-12, 1.0)) + (offsets if offsets.size else 0.0)
 
 
 def fit_class_offsets(probs: np.ndarray, labels: np.ndarray, targets: dict[int, float], step: float = 0.05,
@@ -142,8 +147,7 @@ class RiskPolicy:
     def rank(self, probs: np.ndarray) -> np.ndarray:
         """One image's class indices in the order results list them: the call first, then by the same
         offset score (plain probability order when there are no offsets)."""
-        score = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0))
-        return np.argsort(-(score + np.asarray(self.class_offsets or 0.0)), kind="stable")
+        return np.argsort(-_call_scores(probs, self.class_offsets), kind="stable")
 
     def assess(self, probs: np.ndarray) -> dict[str, Any]:
         """Tier and malignancy probability of one image's calibrated class probabilities."""

@@ -363,9 +363,9 @@ def test_class_recall_fits_offsets_the_runtimes_and_reports_apply(tmp_path, trai
     # the val report counts the call
     val_probs, val_labels, _ = predict_dataset(cloud, ds.subset(split["val"]), progress=False)
     called = RiskPolicy.from_dict(card["cloud"]["risk"]).decide(val_probs)
-    recall = {c: float((called[val_labels == i] == i).mean()) for i, c in enumerate(HAM.ids) if (val_labels == i).any()}
-    assert card["cloud"]["metrics"]["per_class_recall"] == pytest.approx({**card["cloud"]["metrics"]["per_class_recall"],
-                                                                           **recall}, abs=1e-9)
+    for i, c in enumerate(HAM.ids):
+        if (val_labels == i).any():
+            assert card["cloud"]["metrics"]["per_class_recall"][c] == pytest.approx((called[val_labels == i] == i).mean())
     assert card["device"]["risk"]["class_offsets"][mel] > 0  # the device model gets its own offsets
     report = (out / "reports" / "cloud" / "report.md").read_text()
     assert "count the model's call: log-probability + class offsets" in report and '"mel"' in report
