@@ -271,11 +271,11 @@ def _head(x, name: str, include_top: bool, pooling: str | None, classes: int = 1
     return x
 
 
-def _build_keras(name: str, include_top: bool, pooling: str | None, classes: int = 1000):
+def _build_keras(name: str, include_top: bool, pooling: str | None, classes: int = 1000, size: int | None = None):
     import keras
 
-    spec = _spec(name)
-    inputs = keras.Input(shape=(spec.size, spec.size, 3), name="image")
+    side = int(size or _spec(name).size)
+    inputs = keras.Input(shape=(side, side, 3), name="image")
     # Lite normalisation inside the model: raw pixels in, (x - 127) / 128 applied here.
     x = keras.layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="normalise")(inputs)
     x = keras.layers.Conv2D(_STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
@@ -388,16 +388,17 @@ def _seeded_init(model, seed: int = 0) -> None:
 
 
 def build_backbone(name: str = "lite0", weights: str | None = "imagenet", include_top: bool = False,
-                   pooling: str | None = "avg"):
+                   pooling: str | None = "avg", size: int | None = None):
     """A Keras EfficientNet-Lite taking raw RGB floats in [0, 255] of shape (size, size, 3).
 
     ``include_top=True`` gives the 1000-class ImageNet logits model (no softmax). The ``tiny`` test
     backbone has no checkpoint: ``"imagenet"`` gives it fixed seeded weights instead. Otherwise the output
     is the 1280-d pooled feature (``pooling="avg"``/``"max"``) or the last feature map
     (``pooling=None``, layer ``FEATURE_LAYER``). ``weights`` is ``"imagenet"``, ``None`` (random) or
-    a path to a Keras ``.weights.h5`` file.
+    a path to a Keras ``.weights.h5`` file. ``size`` overrides the input side the backbone was trained at
+    (the convolutions do not care; ``bench/probe_test_resolution.py`` measures what it does to accuracy).
     """
-    model = _build_keras(name, include_top, pooling)
+    model = _build_keras(name, include_top, pooling, size=size)
     if weights == "imagenet" and _spec(name).wheel_module is None:
         _seeded_init(model)
     elif weights == "imagenet":

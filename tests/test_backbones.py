@@ -62,6 +62,20 @@ def test_feature_outputs_and_sizes():
         backbones.input_size("resnet50")
 
 
+def test_another_input_size_keeps_the_same_network():
+    """``size`` only changes the input side (bench/probe_test_resolution.py): same layers, same weights, and
+    a photo fed at the native size gives the same features as before."""
+    native = backbones.build_backbone("tiny")
+    larger = backbones.build_backbone("tiny", size=96)
+    assert larger.input_shape == (None, 96, 96, 3) and larger.output_shape == native.output_shape
+    for a, b in zip(native.get_weights(), larger.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    same = backbones.build_backbone("tiny", size=backbones.input_size("tiny"))
+    x = reference_inputs(64)
+    np.testing.assert_allclose(np.asarray(same(x)), np.asarray(native(x)), atol=1e-6)
+    assert np.asarray(larger(reference_inputs(96))).shape == (2, native.output_shape[-1])
+
+
 def test_trainable_parameter_counts_match_the_published_architecture():
     model = backbones.build_backbone("lite0", weights=None, include_top=True)
     assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 4_652_008

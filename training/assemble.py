@@ -16,11 +16,13 @@ PROBS_LAYER = "probabilities"
 
 
 def full_classifier(name: str, n_classes: int, temperature: float = 1.0, tail_model=None,
-                    head: tuple[np.ndarray, np.ndarray] | None = None, with_probabilities: bool = True):
-    """``tail_model``: fine-tuned tail (see training.finetune); else ``head``: (kernel, bias) of a linear head."""
+                    head: tuple[np.ndarray, np.ndarray] | None = None, with_probabilities: bool = True,
+                    size: int | None = None):
+    """``tail_model``: fine-tuned tail (see training.finetune); else ``head``: (kernel, bias) of a linear head.
+    ``size``: input side, if not the backbone's own."""
     import keras
 
-    base = backbones.build_backbone(name, weights="imagenet", pooling="avg")
+    base = backbones.build_backbone(name, weights="imagenet", pooling="avg", size=size)
     logits = keras.layers.Dense(n_classes, name=LOGITS_LAYER)(base.output)
     outputs = logits
     if with_probabilities:
