@@ -44,10 +44,8 @@ def main() -> int:
     args = parser.parse_args()
     from probe_decision_offsets import split_log_probs
 
-    from dermaloop.datasets import open_dataset
     from dermaloop.model_dir import ModelDir
     from dermaloop.risk import fit_class_offsets
-    from training.evaluate import own_split
 
     md = ModelDir.open(args.model)
     ids, mel = md.taxonomy.ids, md.taxonomy.ids.index(args.melanoma)
@@ -59,12 +57,8 @@ def main() -> int:
     meta = LogisticRegression(max_iter=2000).fit(metadata_features(train, sites), y_train)
     log_prior = np.log(np.bincount(y_train, minlength=len(ids)) / len(y_train))
 
-    ds = open_dataset(args.data, md.taxonomy)
-    logp = split_log_probs(args.model, args.data)
-    parts = {}
-    for part, (lp, y) in logp.items():
-        subset = [rows[s.id] for s in own_split(ds, args.model, part).samples]
-        parts[part] = (lp, y, meta.predict_log_proba(metadata_features(subset, sites)) - log_prior)
+    parts = {part: (lp, y, meta.predict_log_proba(metadata_features([rows[i] for i in ids], sites)) - log_prior)
+             for part, (lp, y, ids) in split_log_probs(args.model, args.data).items()}
     (lc, yc, mc), (lv, yv, mv) = parts["calib"], parts["val"]
     print(f"metadata alone: calib BA {balanced_accuracy_score(yc, mc.argmax(1)):.3f}, "
           f"val BA {balanced_accuracy_score(yv, mv.argmax(1)):.3f}")

@@ -18,8 +18,9 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
 
-def split_log_probs(model_dir: str, data: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The cloud runtime's log-probabilities and labels on the model's own calib and val splits."""
+def split_log_probs(model_dir: str, data: str) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
+    """The cloud runtime's log-probabilities, labels and image ids on the model's own calib and val
+    splits. An unreadable image is an error: a probe must not quietly score a smaller split."""
     from dermaloop.datasets import open_dataset
     from dermaloop.model_dir import load_cloud_model
     from training.evaluate import own_split, predict_dataset
@@ -28,8 +29,11 @@ def split_log_probs(model_dir: str, data: str) -> dict[str, tuple[np.ndarray, np
     ds = open_dataset(data, model.taxonomy)
     out = {}
     for part in ("calib", "val"):
-        probs, labels, _ = predict_dataset(model, own_split(ds, model_dir, part), desc=part)
-        out[part] = (np.log(probs + 1e-9), labels)
+        subset = own_split(ds, model_dir, part)
+        probs, labels, failed = predict_dataset(model, subset, desc=part)
+        if failed:
+            raise SystemExit(f"{len(failed)} unreadable {part} images, e.g. {failed[0]}")
+        out[part] = (np.log(probs + 1e-9), labels, [s.id for s in subset.samples])
     return out
 
 
@@ -44,7 +48,7 @@ def main() -> int:
 
     ids = ModelDir.open(args.model).taxonomy.ids
     parts = split_log_probs(args.model, args.data)
-    (lc, yc), (lv, yv) = parts["calib"], parts["val"]
+    (lc, yc, _), (lv, yv, _) = parts["calib"], parts["val"]
     k, mel = lc.shape[1], ids.index(args.melanoma)
 
     def ba(logp, y, b):

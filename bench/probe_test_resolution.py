@@ -25,28 +25,25 @@ def _temperature(layer) -> float:
     return 1.0 / float(layer.scale)
 
 
-def rebuilt_cloud(saved, primary_name: str, size: int):
+def rebuilt_cloud(saved, members: list[str], size: int):
     """The saved cloud Keras model (a ``full_classifier`` or an ``ensemble_classifier``) rebuilt with
-    input side ``size``; ensemble members keep their size relative to the primary's."""
+    input side ``size``. ``members``: the backbones in the card's order, primary first; the others keep
+    their size relative to the primary's."""
     import keras
 
     from training.assemble import ensemble_classifier, full_classifier
 
     k = int(saved.output_shape[-1])
     own = int(saved.input.shape[1])
-    primary = full_classifier(primary_name, k, _temperature(saved.get_layer("temperature")), tail_model=saved,
+    primary = full_classifier(members[0], k, _temperature(saved.get_layer("temperature")), tail_model=saved,
                               size=size)
-    names = {layer.name for layer in saved.layers}
-    if "ensemble_temperature" not in names:
+    nested = [layer for layer in saved.layers if isinstance(layer, keras.Model)]
+    if not nested:
         return primary
-    members = []
-    for layer in saved.layers:
-        if isinstance(layer, keras.Model) and layer.name.startswith("member"):
-            name = layer.name.rsplit("dermaloop_", 1)[1]
-            side = round(int(layer.input.shape[1]) * size / own)
-            members.append(full_classifier(name, k, _temperature(layer.get_layer("temperature")), tail_model=layer,
-                                           size=side))
-    return ensemble_classifier(primary, members, _temperature(saved.get_layer("ensemble_temperature")))
+    others = [full_classifier(name, k, _temperature(net.get_layer("temperature")), tail_model=net,
+                              size=round(int(net.input.shape[1]) * size / own))
+              for name, net in zip(members[1:], nested, strict=True)]
+    return ensemble_classifier(primary, others, _temperature(saved.get_layer("ensemble_temperature")))
 
 
 def scores(probs: np.ndarray, labels: np.ndarray, policy) -> dict[str, float]:
@@ -73,11 +70,12 @@ def main() -> int:
     from training.evaluate import own_split, predict_dataset
 
     runtime = load_cloud_model(args.model)
-    saved, primary_name = runtime.model, runtime.model_dir.section("cloud")["backbone"]
+    cloud = runtime.model_dir.section("cloud")
+    saved, members = runtime.model, cloud.get("ensemble", {}).get("members", [cloud["backbone"]])
     ds = open_dataset(args.data, runtime.taxonomy)
     parts = {part: own_split(ds, args.model, part) for part in ("calib", "val")}
     for size in (int(s) for s in args.sizes.split(",")):
-        runtime.model = rebuilt_cloud(saved, primary_name, size)
+        runtime.model = rebuilt_cloud(saved, members, size)
         runtime.preprocess = dataclasses.replace(runtime.preprocess, size=size)
         for part, subset in parts.items():
             probs, labels, _ = predict_dataset(runtime, subset, desc=f"{part} at {size} px")
