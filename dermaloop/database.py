@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any
 
 import requests
 
+from dermaloop.rtdb_wire import PushIds, sort_children
 from dermaloop.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -39,39 +39,6 @@ def admin_reference(path: str = "/", settings: Settings | None = None, app_name:
     from dermaloop.admin_app import get_app
 
     return db.reference(path, app=get_app(settings, name=app_name))
-
-
-_PUSH_CHARS = "-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
-
-
-class PushIds:
-    """Firebase push ids (what the SDKs' ``push()`` makes locally): 8 characters of millisecond
-    timestamp and 12 random ones, incremented within one millisecond, so ids sort by creation time.
-    Apps use them as case ids before anything reaches the server (offline capture)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last_ms = -1
-        self._last_rand = [0] * 12
-
-    def next(self, now_ms: int | None = None) -> str:
-        now = int(time.time() * 1000) if now_ms is None else now_ms
-        with self._lock:
-            if now <= self._last_ms:
-                now = self._last_ms
-                for i in range(11, -1, -1):
-                    if self._last_rand[i] != 63:
-                        self._last_rand[i] += 1
-                        break
-                    self._last_rand[i] = 0
-            else:
-                self._last_ms = now
-                self._last_rand = [secrets.randbelow(64) for _ in range(12)]
-            stamp = []
-            for _ in range(8):
-                stamp.append(_PUSH_CHARS[now % 64])
-                now //= 64
-            return "".join(reversed(stamp)) + "".join(_PUSH_CHARS[i] for i in self._last_rand)
 
 
 _push_ids = PushIds()
@@ -190,7 +157,7 @@ class UserDatabase:
         value = self._request("GET", path, params).json()
         # Priorities are not in the answer, so "$priority" keeps the server's order.
         if order_by not in (None, "$priority") and isinstance(value, dict):
-            value = dict(sorted(value.items(), key=lambda kv: _order_key(order_by, kv)))
+            value = dict(sort_children(value, order_by))
         return value
 
     def get_with_etag(self, path: str) -> tuple[Any, str]:
@@ -232,27 +199,6 @@ class UserDatabase:
         ``path``, in order, from a background thread. ``on_cancel`` gets a reason when the server
         refuses or ends access (rules). Reconnects on network errors and expired tokens."""
         return Listener(self, path, callback, on_cancel)
-
-
-def _order_key(order_by: str, item: tuple[str, Any]) -> tuple:
-    key, value = item
-    key_rank = (0, int(key), "") if key.lstrip("-").isdigit() and abs(int(key)) < 2**31 else (1, 0, key)
-    if order_by == "$key":
-        return key_rank
-    if order_by not in ("$value", "$priority"):
-        for part in order_by.split("/"):
-            value = value.get(part) if isinstance(value, dict) else None
-    if value is None:
-        rank: tuple = (0, 0)
-    elif isinstance(value, bool):
-        rank = (1 + int(value), 0)
-    elif isinstance(value, int | float):
-        rank = (3, value)
-    elif isinstance(value, str):
-        rank = (4, value)
-    else:
-        rank = (5, 0)
-    return (rank, key_rank)
 
 
 class Listener:

@@ -1,6 +1,6 @@
 """RTDB REST queries: ``orderBy`` + range filters + limits with Firebase's ordering rules.
 
-Ordering (the same the Python SDK re-applies client-side): by value or child, nulls first, then
+Ordering (``dermaloop.rtdb_wire``, the one copy the client re-applies too): by value or child, nulls first, then
 false, true, numbers ascending, strings lexicographically, objects; ties by key. Keys order
 32-bit-integer keys numerically before all other keys, which sort lexicographically.
 """
@@ -12,43 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dermaloop.rtdb_wire import key_order, priority_order, value_order
 from localbase.rtdb.values import Path, bad_request, get_at
 
-_MISSING = object()
-_INT32 = 2**31
 
 FILTERS = ("startAt", "endAt", "equalTo", "startAfter", "endBefore")
 QUERY_PARAMS = (*FILTERS, "orderBy", "limitToFirst", "limitToLast")
-
-
-def key_order(key: str) -> tuple:
-    if key.lstrip("-").isdigit() and (key == "0" or not key.lstrip("-").startswith("0")) and key != "-0":
-        n = int(key)
-        if -_INT32 <= n < _INT32:
-            return (0, n, "")
-    return (1, 0, key)
-
-
-def value_order(value: Any) -> tuple:
-    if value is None:
-        return (0, 0)
-    if value is False:
-        return (1, 0)
-    if value is True:
-        return (2, 0)
-    if isinstance(value, int | float):
-        return (3, value)
-    if isinstance(value, str):
-        return (4, value)
-    return (5, 0)
-
-
-def priority_order(prio: Any) -> tuple:
-    if prio is None:
-        return (0, 0)
-    if isinstance(prio, int | float) and not isinstance(prio, bool):
-        return (1, prio)
-    return (2, str(prio))
 
 
 @dataclass

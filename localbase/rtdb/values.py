@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dermaloop.database import PushIds  # noqa: F401 - the same push-id algorithm the apps use
+from dermaloop.rtdb_wire import PushIds  # noqa: F401 - the same push-id algorithm the apps use
 
 Path = tuple[str, ...]
 
