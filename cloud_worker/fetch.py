@@ -13,6 +13,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 
 from cloud_worker.errors import permanent, transient
+from dermaloop import cases
 from dermaloop.preprocess import MAX_BYTES
 
 
@@ -29,8 +30,9 @@ def expected_image(case: dict[str, Any], uid: str, case_id: str) -> tuple[str, s
     if not isinstance(image, dict):
         raise permanent("missing_upload", "the case has no image record")
     path, digest = image.get("path"), image.get("sha256")
-    if not isinstance(path, str) or not path.startswith(f"cases/{uid}/{case_id}/"):
-        raise permanent("missing_upload", f"image path {path!r} is not under cases/{uid}/{case_id}/")
+    folder = cases.case_folder(uid, case_id)
+    if not isinstance(path, str) or not path.startswith(f"{folder}/"):
+        raise permanent("missing_upload", f"image path {path!r} is not under {folder}/")
     if not isinstance(digest, str) or len(digest) != 64:
         raise permanent("hash_mismatch", "the case carries no valid sha256 of its image")
     return path, digest.lower()

@@ -23,9 +23,10 @@ from typing import Any
 from firebase_admin import db
 from firebase_admin import exceptions as fb_exceptions
 
-QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
-# Case statuses after which the worker has nothing left to do.
-FINISHED_CASE_STATUSES = frozenset({"diagnosed", "reviewed", "labelled"})
+from dermaloop import cases
+from dermaloop.cases import JobState, Status
+
+QUEUED, RUNNING = JobState.QUEUED.value, JobState.RUNNING.value
 
 
 def now_ms() -> int:
@@ -143,7 +144,7 @@ class JobQueue:
             return new
 
         try:
-            self.ref(f"jobs/{case_id}").transaction(update)
+            self.ref(cases.job_path(case_id)).transaction(update)
         except _Abort:
             return None
         attempts = int(seen.get("attempts") or 0)
@@ -173,69 +174,41 @@ class JobQueue:
             return new
 
         try:
-            self.ref(f"jobs/{claim.case_id}").transaction(update)
+            self.ref(cases.job_path(claim.case_id)).transaction(update)
         except _Abort as exc:
             raise LeaseLost(f"job {claim.case_id}: {exc.why}") from None
 
     def renew(self, claim: Claim) -> None:
         self._fence(claim)
 
-    # ---- outcomes (each one fenced, then one atomic multi-path update) ---------------------
-    def _case(self, claim: Claim) -> str:
-        return f"cases/{claim.uid}/{claim.case_id}"
-
+    # ---- outcomes (each one fenced, then one atomic multi-path update from the case domain) ---
     def complete(self, claim: Claim, cloud: dict[str, Any], queue_entry: dict[str, Any]) -> None:
         """Write the cloud result, move the case to ``diagnosed`` and the job to ``done``, at once."""
         self._fence(claim)
-        now = now_ms()
-        case = self._case(claim)
-        self.ref("/").update({
-            f"{case}/cloud": cloud,
-            f"{case}/status": "diagnosed",
-            f"{case}/failure": None,
-            f"queue/{claim.case_id}": queue_entry,
-            f"jobs/{claim.case_id}/state": DONE,
-            f"jobs/{claim.case_id}/lease": None,
-            f"jobs/{claim.case_id}/error": None,
-            f"jobs/{claim.case_id}/updatedAt": now,
-        })
+        self.ref("/").update(cases.diagnosed_writes(claim.uid, claim.case_id, cloud, queue_entry, now_ms()))
 
     def fail(self, claim: Claim, reason: str, detail: str, case_exists: bool = True) -> None:
         """Give up on a job: the case shows ``failed`` with a reason the patient app can explain."""
         self._fence(claim)
-        now = now_ms()
-        updates: dict[str, Any] = {
-            f"jobs/{claim.case_id}/state": FAILED,
-            f"jobs/{claim.case_id}/lease": None,
-            f"jobs/{claim.case_id}/error": f"{reason}: {detail}"[:500],
-            f"jobs/{claim.case_id}/updatedAt": now,
-        }
-        if case_exists:
-            case = self._case(claim)
-            updates[f"{case}/status"] = "failed"
-            updates[f"{case}/failure"] = {"reason": reason, "detail": detail[:500], "attempts": claim.attempt, "at": now}
-        self.ref("/").update(updates)
+        self.ref("/").update(cases.failed_writes(claim.uid, claim.case_id, reason, detail, claim.attempt, now_ms(),
+                                                 case_exists=case_exists))
 
     def mark_done(self, claim: Claim) -> None:
         """The case was already diagnosed (a crash came between result and bookkeeping): just settle."""
         self._fence(claim)
-        self.ref("/").update({
-            f"jobs/{claim.case_id}/state": DONE,
-            f"jobs/{claim.case_id}/lease": None,
-            f"jobs/{claim.case_id}/updatedAt": now_ms(),
-        })
+        self.ref("/").update(cases.done_writes(claim.case_id, now_ms()))
 
     def set_processing(self, claim: Claim) -> None:
         """Show the patient that the cloud has the case. A transaction, so that a worker that stalled
         past its lease can never move a case that another worker already diagnosed back."""
 
         def update(status: Any) -> Any:
-            if status not in (None, QUEUED, "processing"):
+            if status not in (None, Status.QUEUED, Status.PROCESSING):
                 raise _Abort(f"case is {status}")
-            return "processing"
+            return Status.PROCESSING.value
 
         try:
-            self.ref(f"{self._case(claim)}/status").transaction(update)
+            self.ref(f"{cases.case_path(claim.uid, claim.case_id)}/status").transaction(update)
         except _Abort as exc:
             raise LeaseLost(f"job {claim.case_id}: {exc.why}") from None
 
@@ -243,21 +216,9 @@ class JobQueue:
         """Put the job back with a backoff; the attempt stays counted."""
         self._fence(claim)
         now = now_ms()
-        self.ref("/").update({
-            f"jobs/{claim.case_id}/state": QUEUED,
-            f"jobs/{claim.case_id}/lease": None,
-            f"jobs/{claim.case_id}/retryAt": now + delay_ms,
-            f"jobs/{claim.case_id}/error": error[:500],
-            f"jobs/{claim.case_id}/updatedAt": now,
-            f"{self._case(claim)}/status": "queued",
-        })
+        self.ref("/").update(cases.requeue_writes(claim.uid, claim.case_id, now, retry_at=now + delay_ms, error=error))
 
     def release(self, claim: Claim) -> None:
         """Hand a job back untouched (graceful shutdown): it does not count as an attempt."""
         self._fence(claim, release_attempt=True)
-        self.ref("/").update({
-            f"jobs/{claim.case_id}/state": QUEUED,
-            f"jobs/{claim.case_id}/lease": None,
-            f"jobs/{claim.case_id}/updatedAt": now_ms(),
-            f"{self._case(claim)}/status": "queued",
-        })
+        self.ref("/").update(cases.requeue_writes(claim.uid, claim.case_id, now_ms()))

@@ -19,6 +19,7 @@ from PIL import Image
 
 from cloud_worker.errors import permanent
 from cloud_worker.model import CloudModel
+from dermaloop import cases
 from dermaloop.preprocess import ImageError, crop_box, load_image, to_model_input
 
 
@@ -153,28 +154,21 @@ def heatmap_png(item: Prepared, result: Inferred, max_side: int = 768, alpha: fl
 
 
 def record(item: Prepared, result: Inferred, heatmap_path: str | None, now_ms: int) -> dict[str, Any]:
-    """The ``cloud`` field of a case (docs/ARCHITECTURE.md)."""
+    """The ``cloud`` field of a case, from what the checks and the model found."""
     model = result.model
     checked = item.checked
-    base: dict[str, Any] = {
-        "modelVersion": model.version,
-        "quality": checked.quality,
-        "lesion": checked.lesion,
-        "box": checked.box,
-        "heatmapPath": heatmap_path,
-        "timingsMs": item.timings_ms,
-        "message": checked.message,
-        "at": now_ms,
-    }
+    base: dict[str, Any] = dict(model_version=model.version, quality=checked.quality, lesion=checked.lesion,
+                                box=checked.box, heatmap_path=heatmap_path, timings_ms=item.timings_ms,
+                                message=checked.message, at=now_ms)
     if result.probs is None:  # declined: no classification to show, only why
-        return {**base, "probs": None, "top": [], "risk": None, "malignantP": None}
+        return cases.cloud_record(**base)
     probs = result.probs
-    order = model.rank(probs)[:3]
     risk, malignant_p = model.risk(probs)
-    return {
+    return cases.cloud_record(
         **base,
-        "probs": {label.id: round(float(p), 6) for label, p in zip(model.labels, probs, strict=True)},
-        "top": [{"label": model.labels[i].id, "name": model.labels[i].name, "p": round(float(probs[i]), 6)} for i in order],
-        "risk": risk,
-        "malignantP": round(malignant_p, 6),
-    }
+        probs={label.id: float(p) for label, p in zip(model.labels, probs, strict=True)},
+        top=[{"label": model.labels[i].id, "name": model.labels[i].name, "p": float(probs[i])}
+             for i in model.rank(probs)[:3]],
+        risk=risk,
+        malignant_p=malignant_p,
+    )

@@ -2,8 +2,8 @@
 
 It does exactly what the patient app does after a photo is taken, with the patient's own rights
 (the security rules apply): sign in through Auth REST, upload the photo through the Storage ``/v0``
-API with the ID token to ``cases/{uid}/{caseId}/image.jpg``, then create the case and its job in
-one multi-path write. With ``--wait`` it listens to the patient's cases and prints each cloud result
+API with the ID token, then create the case and its job in one multi-path write (the records and
+paths are ``dermaloop.cases``). With ``--wait`` it listens to the patient's cases and prints each cloud result
 as it arrives. Tests and benchmarks drive the system through it.
 """
 
@@ -20,11 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dermaloop import DISCLAIMER
+from dermaloop import DISCLAIMER, cases
 
-SETTLED = ("diagnosed", "failed", "reviewed", "labelled")
-_CONTENT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
-                  "BMP": "image/bmp", "TIFF": "image/tiff"}
+_CONTENT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +65,7 @@ def describe_image(data: bytes) -> tuple[str, int, int]:
     except (ImageError, OSError, SyntaxError, ValueError) as exc:
         raise SubmitError(f"not a usable photo: {exc}") from exc
     if fmt not in _CONTENT_TYPES:
-        raise SubmitError(f"unsupported image format {fmt!r}")
+        raise SubmitError(f"unsupported image format {fmt!r}: send a JPEG, PNG or WebP photo")
     return _CONTENT_TYPES[fmt], width, height
 
 
@@ -94,23 +92,15 @@ class Patient:
         if content_type is None or width is None or height is None:
             content_type, width, height = describe_image(data)
         case_id = new_push_id()
-        path = f"cases/{self.uid}/{case_id}/image.jpg"
         digest = hashlib.sha256(data).hexdigest()
-        self.storage.upload(path, data, content_type)
-        now = {".sv": "timestamp"}
-        case: dict[str, Any] = {
-            "caseId": case_id, "patientUid": self.uid, "createdAt": now, "status": "queued",
-            "consent": {"research": bool(research), "at": now},
-            "image": {"path": path, "sha256": digest, "contentType": content_type, "bytes": len(data),
-                      "width": int(width), "height": int(height)},
-        }
-        if site or note:
-            case["note"] = {k: v for k, v in (("site", site), ("text", note)) if v}
-        if device:
-            case["device"] = device
+        try:  # the whole record is checked before anything leaves the machine
+            image = cases.image_record(self.uid, case_id, digest, content_type, len(data), width, height)
+            case = cases.new_case(self.uid, case_id, image, research, note=cases.note_record(site, note), device=device)
+        except cases.CaseError as exc:
+            raise SubmitError(str(exc)) from exc
+        self.storage.upload(image["path"], data, content_type)
         # One multi-path write: the case and its job appear together or not at all.
-        self.db.update("/", {f"cases/{self.uid}/{case_id}": case,
-                             f"jobs/{case_id}": {"uid": self.uid, "caseId": case_id, "createdAt": now}})
+        self.db.update("/", cases.new_case_writes(case))
         return Submitted(case_id, source, digest, time.time())
 
     def follow(self, on_change: Callable[[str], None]):
@@ -118,13 +108,13 @@ class Patient:
         case an event touched. Returns the listener; ``close()`` it."""
 
         def on_event(event) -> None:
-            for case_id in touched_cases(event.path, event.data):
+            for case_id in cases.touched_cases(event.path, event.data):
                 on_change(case_id)
 
-        return self.db.listen(f"cases/{self.uid}", on_event)
+        return self.db.listen(cases.patient_cases_path(self.uid), on_event)
 
     def case(self, case_id: str) -> dict[str, Any] | None:
-        case = self.db.get(f"cases/{self.uid}/{case_id}")
+        case = self.db.get(cases.case_path(self.uid, case_id))
         return case if isinstance(case, dict) else None
 
     def wait(self, case_ids: list[str], on_result: Callable[[str, dict[str, Any]], None],
@@ -140,7 +130,7 @@ class Patient:
                 if case_id not in remaining:
                     return
             case = self.case(case_id)
-            if case is not None and case.get("status") in SETTLED:
+            if case is not None and case.get("status") in cases.SETTLED:
                 with lock:
                     if case_id not in remaining:
                         return
@@ -164,17 +154,6 @@ class Patient:
             listener.close()
 
 
-def touched_cases(path: str, data: Any) -> set[str]:
-    """Case ids an RTDB event on ``/cases/{uid}`` touched. Multi-path writes arrive as a ``patch``
-    at the listened path whose keys are deeper paths (``"{caseId}/status"``), so keys are split."""
-    parts = [p for p in path.split("/") if p]
-    if parts:
-        return {parts[0]}
-    if isinstance(data, dict):
-        return {key.split("/")[0] for key in data if key}
-    return set()
-
-
 def _summary(source: str, case_id: str, case: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"image": source, "caseId": case_id, "status": case.get("status")}
     if case.get("cloud"):
@@ -182,10 +161,8 @@ def _summary(source: str, case_id: str, case: dict[str, Any]) -> dict[str, Any]:
         out.update(risk=cloud.get("risk"), top=cloud.get("top"), modelVersion=cloud.get("modelVersion"),
                    quality=cloud.get("quality"), lesion=cloud.get("lesion"), heatmapPath=cloud.get("heatmapPath"))
     if case.get("failure"):
-        from cloud_worker.errors import REASONS
-
         failure = case["failure"]
-        out["failure"] = dict(failure, message=REASONS.get(failure.get("reason"), failure.get("reason")))
+        out["failure"] = dict(failure, message=cases.failure_message(failure.get("reason")))
     return out
 
 
@@ -227,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"dermaloop submit: {name}: upload failed: {exc}", file=sys.stderr)
             return 1
         submitted[s.case_id] = s
-        _print({"image": name, "caseId": s.case_id, "status": "queued"}, args.json)
+        _print({"image": name, "caseId": s.case_id, "status": cases.Status.QUEUED.value}, args.json)
     if not args.wait:
         return 0
     outcome = {"failed": 0}

@@ -18,9 +18,10 @@ import pytest
 from firebase_admin import db
 from PIL import Image
 
-from cloud_worker.errors import REASONS
 from dermaloop.admin_app import get_app
+from dermaloop.cases import FAILURE_REASONS
 from dermaloop.database import new_push_id
+from dermaloop.registry import publish
 from dermaloop.storage import admin_bucket
 from dermaloop.taxonomy import load_taxonomy
 from tests.worker_support import (
@@ -214,7 +215,7 @@ def test_poison_uploads_fail_with_reasons_while_good_jobs_go_on(app, bucket, mai
         case = cases[ids[name]]
         assert case["status"] == "failed", name
         assert case["failure"]["reason"] == reason, (name, case["failure"])
-        assert reason in REASONS and case["failure"]["detail"]
+        assert reason in FAILURE_REASONS and case["failure"]["detail"]
         assert "cloud" not in case
     assert cases[ids["wrong hash"]]["failure"]["attempts"] == 2  # transient: retried once, then failed
     assert cases[ids["missing object"]]["failure"]["attempts"] == 2
@@ -256,13 +257,7 @@ def test_worker_follows_the_published_model(app, bucket, localbase, tmp_path, ma
         wait_until(lambda: _case(app, uid, first).get("status") == "diagnosed", "a result from the local model")
         assert _case(app, uid, first)["cloud"]["modelVersion"] == "local-1"
 
-        for f in v2.rglob("*"):
-            if f.is_file():
-                bucket.blob(f"models/cloud/cloud-v2/{f.relative_to(v2).as_posix()}").upload_from_filename(str(f))
-        db.reference("models/cloud", app=app).update({
-            "versions/cloud-v2": {"storagePath": "models/cloud/cloud-v2", "createdAt": 1},
-            "current": "cloud-v2",
-        })
+        publish(v2, "cloud", app=app, bucket=bucket)  # files, version record, then the pointer
         wait_until(lambda: any('"event": "model swapped"' in line for line in worker.lines), "the model swap")
         second = new_push_id()
         seed_case(app, bucket, uid, second, lesion_jpeg(12))

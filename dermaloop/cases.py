@@ -1,0 +1,374 @@
+"""The case domain: one vocabulary for every program that touches a case.
+
+A *case* is one photographed skin problem of one patient. The patient app, ``dermaloop submit``, the
+cloud worker, the reviewer portal and retraining all read and write the same records, so their
+shape lives here once: where each record is (RTDB and Storage paths), which statuses exist and which
+moves between them are allowed, how each record is built, and which multi-path writes move a case
+from one status to the next. docs/ARCHITECTURE.md draws the same model; database.rules.json enforces
+it for end users.
+
+Nothing here does I/O: builders return plain JSON-ready dicts (``SERVER_TIMESTAMP`` where a client
+lets the server stamp the time), so a phone build, the worker (firebase-admin) and the tests can all
+use them with their own transport.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+from typing import Any
+
+SERVER_TIMESTAMP: dict[str, str] = {".sv": "timestamp"}
+
+# Limits the rules enforce (database.rules.json); checked here first so a caller gets a clear
+# message instead of the server's bare "Permission denied".
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_SITE_CHARS = 100
+MAX_NOTE_CHARS = 2000
+MAX_MESSAGE_CHARS = 4000
+MAX_RECOMMENDATION_CHARS = 4000
+IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp")
+
+
+class CaseError(ValueError):
+    """A record that would break the data model (too long, unknown label, forbidden move)."""
+
+
+# ---- statuses and their life cycle --------------------------------------------------------------
+
+
+class Status(StrEnum):
+    CAPTURED = "captured"  # app's local store only
+    DIAGNOSED_ON_DEVICE = "diagnosed_on_device"  # app's local store only, works offline
+    UPLOADING = "uploading"  # app's local store only
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DIAGNOSED = "diagnosed"
+    FAILED = "failed"
+    REVIEWED = "reviewed"
+    LABELLED = "labelled"
+
+
+LOCAL_STATUSES = frozenset({Status.CAPTURED, Status.DIAGNOSED_ON_DEVICE, Status.UPLOADING})
+# The patient has an answer from the cloud side (or its reason for failing): nothing left to wait for.
+SETTLED = frozenset({Status.DIAGNOSED, Status.FAILED, Status.REVIEWED, Status.LABELLED})
+# The worker has nothing left to do for a case in one of these.
+WORKER_FINISHED = frozenset({Status.DIAGNOSED, Status.REVIEWED, Status.LABELLED})
+
+# Allowed moves, and who makes them (ARCHITECTURE.md "Case life cycle").
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.CAPTURED: frozenset({Status.DIAGNOSED_ON_DEVICE, Status.UPLOADING}),
+    Status.DIAGNOSED_ON_DEVICE: frozenset({Status.UPLOADING}),
+    Status.UPLOADING: frozenset({Status.QUEUED}),
+    Status.QUEUED: frozenset({Status.PROCESSING, Status.FAILED, Status.REVIEWED}),
+    # back to queued: a retry with backoff, a released or expired lease
+    Status.PROCESSING: frozenset({Status.QUEUED, Status.DIAGNOSED, Status.FAILED}),
+    Status.DIAGNOSED: frozenset({Status.REVIEWED}),
+    # a dermatologist can still look at a photo the analysis could not handle
+    Status.FAILED: frozenset({Status.REVIEWED}),
+    Status.REVIEWED: frozenset({Status.REVIEWED, Status.LABELLED}),  # a changed review stays reviewed
+    Status.LABELLED: frozenset(),
+}
+
+
+def can_move(current: str | None, new: str) -> bool:
+    """Whether a case may go from ``current`` (None: not on the server yet) to ``new``."""
+    if current is None:
+        return new in (Status.QUEUED, Status.CAPTURED)
+    try:
+        return Status(new) in TRANSITIONS[Status(current)]
+    except ValueError:
+        return False
+
+
+def check_move(current: str | None, new: str) -> None:
+    if not can_move(current, new):
+        raise CaseError(f"a case cannot go from {current or 'nothing'} to {new}")
+
+
+# ---- the worker's job queue ---------------------------------------------------------------------
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"  # also: no state yet (a job as the patient created it)
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# ---- why a job did not produce a diagnosis --------------------------------------------------------
+
+# reason code -> the sentence shown to the patient. ``reason`` is stable (apps map it to their own
+# wording); ``detail`` is for logs and support.
+FAILURE_REASONS: dict[str, str] = {
+    "not_an_image": "The upload is not a photo we can read. Please take the photo again.",
+    "corrupt_image": "The photo arrived damaged or incomplete. Please upload it again.",
+    "image_too_large": "The photo is too large to analyse. Please send a smaller photo.",
+    "hash_mismatch": "The photo we received differs from the one your phone sent. Please upload it again.",
+    "missing_upload": "We could not find the uploaded photo. Please upload it again.",
+    "case_missing": "The case record is missing.",
+    "model_error": "The analysis failed on our side. A dermatologist can still look at your photo.",
+    "worker_crashed": "The analysis stopped repeatedly on our side. A dermatologist can still look at your photo.",
+    "internal_error": "Something went wrong on our side. A dermatologist can still look at your photo.",
+}
+
+
+def failure_message(reason: str | None) -> str:
+    """The patient-facing sentence for a failure reason (an unknown code still says something)."""
+    return FAILURE_REASONS.get(reason or "", "The analysis did not finish. A dermatologist can still look at your photo.")
+
+
+# ---- where things are ---------------------------------------------------------------------------
+
+
+def _key(name: str, value: str) -> str:
+    if not isinstance(value, str) or not value or any(c in value for c in "/.#$[]"):
+        raise CaseError(f"{name} {value!r} is not a valid database key")
+    return value
+
+
+def user_path(uid: str) -> str:
+    return f"users/{_key('uid', uid)}"
+
+
+def patient_cases_path(uid: str) -> str:
+    return f"cases/{_key('uid', uid)}"
+
+
+def case_path(uid: str, case_id: str) -> str:
+    return f"{patient_cases_path(uid)}/{_key('caseId', case_id)}"
+
+
+def job_path(case_id: str) -> str:
+    return f"jobs/{_key('caseId', case_id)}"
+
+
+def queue_path(case_id: str) -> str:
+    return f"queue/{_key('caseId', case_id)}"
+
+
+def messages_path(uid: str, case_id: str) -> str:
+    return f"messages/{_key('uid', uid)}/{_key('caseId', case_id)}"
+
+
+def case_folder(uid: str, case_id: str) -> str:
+    """The Storage folder of one case (photo, heatmap)."""
+    return f"cases/{_key('uid', uid)}/{_key('caseId', case_id)}"
+
+
+def image_object(uid: str, case_id: str) -> str:
+    """The Storage path of the patient's photo (whatever its format, as the rules require)."""
+    return f"{case_folder(uid, case_id)}/image.jpg"
+
+
+def heatmap_object(uid: str, case_id: str) -> str:
+    return f"{case_folder(uid, case_id)}/heatmap.png"
+
+
+# ---- records --------------------------------------------------------------------------------------
+
+
+def image_record(uid: str, case_id: str, sha256: str, content_type: str, size: int, width: int, height: int) -> dict:
+    if content_type not in IMAGE_CONTENT_TYPES:
+        raise CaseError(f"photos must be one of {', '.join(IMAGE_CONTENT_TYPES)}, not {content_type!r}")
+    if not 0 < size <= MAX_IMAGE_BYTES:
+        raise CaseError(f"a photo must be 1 byte to {MAX_IMAGE_BYTES // (1024 * 1024)} MiB, not {size} bytes")
+    if len(sha256) != 64:
+        raise CaseError("the photo's sha256 must be 64 hex digits")
+    return {"path": image_object(uid, case_id), "sha256": sha256.lower(), "contentType": content_type,
+            "bytes": int(size), "width": int(width), "height": int(height)}
+
+
+def note_record(site: str | None, text: str | None) -> dict[str, str] | None:
+    """Body site and the patient's own words; None when neither was given."""
+    if site is not None and len(site) > MAX_SITE_CHARS:
+        raise CaseError(f"the body site is limited to {MAX_SITE_CHARS} characters ({len(site)} given)")
+    if text is not None and len(text) > MAX_NOTE_CHARS:
+        raise CaseError(f"the note is limited to {MAX_NOTE_CHARS} characters ({len(text)} given)")
+    note = {k: v for k, v in (("site", site), ("text", text)) if v}
+    return note or None
+
+
+def _round(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def device_record(result: Mapping[str, Any], model_version: str | None = None, at: Any = None) -> dict[str, Any]:
+    """The case's ``device`` field from the on-device answer (``DeviceResult.to_json()`` or
+    ``DeviceAnswer.to_json()``), in the shape the rules accept: ``modelVersion``, ``top``, ``at``
+    and, when known, ``risk``, ``quality`` and ``box``."""
+    version = model_version or result.get("modelVersion") or result.get("model_version")
+    if not isinstance(version, str) or not version:
+        raise CaseError("a device result must name the model version that produced it")
+    quality = result.get("quality") or {}
+    record: dict[str, Any] = {
+        "modelVersion": version[:100],
+        "top": [{"label": str(t["label"]), "name": str(t.get("name", t["label"])), "p": _round(t["p"]) or 0.0}
+                for t in (result.get("top") or [])[:3]],
+        "risk": result.get("risk"),
+        "quality": {"ok": bool(quality.get("ok")), "issues": list(quality.get("issues") or [])},
+        "box": None if result.get("box") is None else [_round(v) for v in result["box"]],
+        "at": SERVER_TIMESTAMP if at is None else at,
+    }
+    # RTDB stores no empty list: a photo the checks declined has no ``top`` at all.
+    return {k: v for k, v in record.items() if v is not None and v != []}
+
+
+def new_case(uid: str, case_id: str, image: dict[str, Any], research_consent: bool, *,
+             note: dict[str, str] | None = None, device: dict[str, Any] | None = None,
+             created_at: Any = None) -> dict[str, Any]:
+    """A case as the patient creates it on the server (status ``queued``)."""
+    now = SERVER_TIMESTAMP if created_at is None else created_at
+    case: dict[str, Any] = {
+        "caseId": _key("caseId", case_id), "patientUid": _key("uid", uid), "createdAt": now,
+        "status": Status.QUEUED.value,
+        "consent": {"research": bool(research_consent), "at": now},
+        "image": image,
+    }
+    if note:
+        case["note"] = note
+    if device:
+        case["device"] = device
+    return case
+
+
+def job_record(uid: str, case_id: str, created_at: Any = None) -> dict[str, Any]:
+    """A new job, exactly as the rules let the patient create it (state and lease are the worker's)."""
+    return {"uid": _key("uid", uid), "caseId": _key("caseId", case_id),
+            "createdAt": SERVER_TIMESTAMP if created_at is None else created_at}
+
+
+def new_case_writes(case: dict[str, Any]) -> dict[str, Any]:
+    """The one multi-path write that puts a case and its job on the server together or not at all.
+    Safe to repeat: the rules let the patient re-send it while the worker has not touched the case."""
+    uid, case_id = case["patientUid"], case["caseId"]
+    return {case_path(uid, case_id): case, job_path(case_id): job_record(uid, case_id, case["createdAt"])}
+
+
+def cloud_record(*, model_version: str, quality: dict | None, lesion: dict | None, box: list[float] | None,
+                 heatmap_path: str | None, timings_ms: dict[str, float], message: str | None, at: int,
+                 probs: Mapping[str, float] | None = None, top: list[dict[str, Any]] | None = None,
+                 risk: str | None = None, malignant_p: float | None = None) -> dict[str, Any]:
+    """The case's ``cloud`` field (worker only). A declined photo has no probabilities, an empty
+    top list and no risk: only why it was declined (``quality``, ``lesion``, ``message``)."""
+    return {
+        "modelVersion": model_version,
+        "quality": quality,
+        "lesion": lesion,
+        "box": box,
+        "heatmapPath": heatmap_path,
+        "timingsMs": timings_ms,
+        "message": message,
+        "at": at,
+        "probs": None if probs is None else {label: _round(p) for label, p in probs.items()},
+        "top": [{"label": t["label"], "name": t["name"], "p": _round(t["p"])} for t in (top or [])],
+        "risk": risk,
+        "malignantP": _round(malignant_p),
+    }
+
+
+def queue_entry(uid: str, status: str, risk: str | None, score: float, created_at: Any, now: int) -> dict[str, Any]:
+    """The dermatologists' triage index entry of a case (worker only)."""
+    return {"uid": uid, "status": str(status), "risk": risk, "score": score,
+            "createdAt": created_at if isinstance(created_at, int | float) else now, "updatedAt": now}
+
+
+def failure_record(reason: str, detail: str, attempts: int, at: int) -> dict[str, Any]:
+    if reason not in FAILURE_REASONS:
+        raise CaseError(f"unknown failure reason {reason!r}")
+    return {"reason": reason, "detail": detail[:500], "attempts": int(attempts), "at": at}
+
+
+REVIEW_URGENCIES = ("routine", "soon", "urgent")
+REVIEW_SPECIAL_LABELS = ("other", "ungradable")
+
+
+def review_record(reviewer_uid: str, label: str, recommendation: str, urgency: str, *,
+                  taxonomy_labels: Iterable[str], at: Any = None) -> dict[str, Any]:
+    """A dermatologist's review; the label is a taxonomy class id or "other"/"ungradable"."""
+    allowed = set(taxonomy_labels) | set(REVIEW_SPECIAL_LABELS)
+    if label not in allowed:
+        raise CaseError(f"unknown diagnosis {label!r}; expected one of {', '.join(sorted(allowed))}")
+    if urgency not in REVIEW_URGENCIES:
+        raise CaseError(f"urgency must be one of {', '.join(REVIEW_URGENCIES)}, not {urgency!r}")
+    if len(recommendation) > MAX_RECOMMENDATION_CHARS:
+        raise CaseError(f"the recommendation is limited to {MAX_RECOMMENDATION_CHARS} characters "
+                        f"({len(recommendation)} given)")
+    return {"reviewerUid": reviewer_uid, "label": label, "recommendation": recommendation, "urgency": urgency,
+            "at": SERVER_TIMESTAMP if at is None else at}
+
+
+SENDER_ROLES = ("patient", "dermatologist")
+
+
+def message_record(sender_uid: str, sender_role: str, text: str, at: Any = None) -> dict[str, Any]:
+    """One chat message about a case."""
+    if sender_role not in SENDER_ROLES:
+        raise CaseError(f"a message is sent by a patient or a dermatologist, not {sender_role!r}")
+    text = text.strip()
+    if not 1 <= len(text) <= MAX_MESSAGE_CHARS:
+        raise CaseError(f"a message must have 1 to {MAX_MESSAGE_CHARS} characters ({len(text)} given)")
+    return {"senderUid": sender_uid, "senderRole": sender_role, "text": text,
+            "at": SERVER_TIMESTAMP if at is None else at}
+
+
+# ---- the worker's outcomes: each one multi-path write that moves the job and the case together ----
+
+
+def _job_fields(case_id: str, now: int, **fields: Any) -> dict[str, Any]:
+    base = job_path(case_id)
+    return {f"{base}/{name}": value for name, value in {**fields, "updatedAt": now}.items()}
+
+
+def diagnosed_writes(uid: str, case_id: str, cloud: dict[str, Any], entry: dict[str, Any], now: int) -> dict:
+    case = case_path(uid, case_id)
+    return {
+        f"{case}/cloud": cloud,
+        f"{case}/status": Status.DIAGNOSED.value,
+        f"{case}/failure": None,
+        queue_path(case_id): entry,
+        **_job_fields(case_id, now, state=JobState.DONE.value, lease=None, error=None),
+    }
+
+
+def failed_writes(uid: str, case_id: str, reason: str, detail: str, attempts: int, now: int,
+                  case_exists: bool = True) -> dict:
+    writes = _job_fields(case_id, now, state=JobState.FAILED.value, lease=None, error=f"{reason}: {detail}"[:500])
+    if case_exists:
+        case = case_path(uid, case_id)
+        writes[f"{case}/status"] = Status.FAILED.value
+        writes[f"{case}/failure"] = failure_record(reason, detail, attempts, now)
+    return writes
+
+
+def done_writes(case_id: str, now: int) -> dict:
+    """Settle a job whose case was already diagnosed (a crash between result and bookkeeping)."""
+    return _job_fields(case_id, now, state=JobState.DONE.value, lease=None)
+
+
+def requeue_writes(uid: str, case_id: str, now: int, retry_at: int | None = None, error: str | None = None) -> dict:
+    """Put a job back (retry later with backoff, or a released lease) and show the case as queued."""
+    fields: dict[str, Any] = {"state": JobState.QUEUED.value, "lease": None}
+    if retry_at is not None:
+        fields["retryAt"] = retry_at
+    if error is not None:
+        fields["error"] = error[:500]
+    return {**_job_fields(case_id, now, **fields), f"{case_path(uid, case_id)}/status": Status.QUEUED.value}
+
+
+# ---- reading events ---------------------------------------------------------------------------------
+
+
+def touched_cases(path: str, data: Any) -> set[str]:
+    """Case ids an RTDB event on ``/cases/{uid}`` touched. Multi-path writes arrive as a ``patch``
+    at the listened path whose keys are deeper paths (``"{caseId}/status"``), so keys are split."""
+    parts = [p for p in path.split("/") if p]
+    if parts:
+        return {parts[0]}
+    if isinstance(data, dict):
+        return {key.split("/")[0] for key in data if key}
+    return set()
