@@ -47,9 +47,9 @@ def main() -> None:
     from dermaloop.analysis import quality
     from dermaloop.analysis.device_classifier import load_device_classifier
     from dermaloop.analysis.device_path import Analyser, DevicePath
-    from dermaloop.analysis.examples import lesion_photo
     from dermaloop.analysis.features import frame_input
     from dermaloop.preprocess import load_image, to_model_input
+    from tests.example_photos import lesion_photo
 
     img, box = lesion_photo((4000, 3000), (0.42, 0.4, 0.58, 0.62))
     buf = io.BytesIO()

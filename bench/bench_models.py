@@ -50,9 +50,9 @@ def _twelve_mp_jpeg() -> bytes:
 def _extraction(args: argparse.Namespace) -> dict[str, float]:
     """Backbone feature throughput with all cores, batch 32, shared preprocessing included."""
     from dermaloop import backbones
-    from dermaloop.datasets import open_dataset
     from dermaloop.model_dir import ModelDir
     from dermaloop.preprocess import PreprocessConfig
+    from training.datasets import open_dataset
     from training.embeddings import extract_features
 
     ds = open_dataset(args.data, ModelDir.open(args.model).taxonomy).subset(range(args.extract_images))

@@ -21,8 +21,8 @@ from sklearn.metrics import balanced_accuracy_score, recall_score
 def split_log_probs(model_dir: str, data: str) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
     """The cloud runtime's log-probabilities, labels and image ids on the model's own calib and val
     splits. An unreadable image is an error: a probe must not quietly score a smaller split."""
-    from dermaloop.datasets import open_dataset
     from dermaloop.model_dir import load_cloud_model
+    from training.datasets import open_dataset
     from training.evaluate import own_split, predict_dataset
 
     model = load_cloud_model(model_dir)

@@ -65,8 +65,8 @@ def main() -> int:
 
     import keras
 
-    from dermaloop.datasets import open_dataset
     from dermaloop.model_dir import load_cloud_model
+    from training.datasets import open_dataset
     from training.evaluate import own_split, predict_dataset
 
     runtime = load_cloud_model(args.model)

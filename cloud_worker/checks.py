@@ -49,6 +49,6 @@ class ImageChecks:
 def load_checks(models_dir: Path) -> ImageChecks:
     """The checks with the newest analysis model under ``models_dir/localiser`` (built by
     ``dermaloop diagnose`` or the run command); the quality gate alone where there is none."""
-    from training.localiser_train import find_localiser
+    from dermaloop.analysis.on_device import find_analysis_model
 
-    return ImageChecks(find_localiser(models_dir))
+    return ImageChecks(find_analysis_model(models_dir))

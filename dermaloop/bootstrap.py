@@ -1,4 +1,7 @@
-"""First-run preparation for ``dermaloop run``: demo accounts and starter models (both idempotent)."""
+"""First-run preparation for ``dermaloop run`` that the shared library can do itself: demo accounts.
+
+Model preparation needs Keras and lives in ``training.prepare``; ``dermaloop.services`` names both.
+"""
 
 from __future__ import annotations
 
@@ -19,17 +22,3 @@ def demo_accounts(settings: Settings, options: dict[str, Any]) -> str:
     for account in DEMO_ACCOUNTS:
         auth.create_user(settings=settings, **account)
     return "Demo sign-ins: " + "; ".join(f"{a['role']} {a['email']} / {a['password']}" for a in DEMO_ACCOUNTS)
-
-
-def starter_models(settings: Settings, options: dict[str, Any]) -> str:
-    from training.starter import ensure_starter_models
-
-    model_dir = ensure_starter_models(settings.models_dir, options.get("ham10000"))
-    return f"Models: {model_dir}"
-
-
-def analysis_model(settings: Settings, options: dict[str, Any]) -> str:
-    """The device analysis model (lesion box + not-skin check) the worker and ``diagnose`` use."""
-    from training.localiser_train import ensure_localiser
-
-    return f"Image-analysis model: {ensure_localiser(settings.models_dir)}"

@@ -54,28 +54,30 @@ def _human(name: str, res: dict[str, Any]) -> str:
 
 
 def _load(args: argparse.Namespace):
-    from dermaloop.analysis.device_classifier import load_device_classifier
-    from dermaloop.analysis.device_path import Analyser, DevicePath
+    from dermaloop.analysis.on_device import AnalysisModelMissing, open_device_path
+    from dermaloop.services import prepare_step
     from dermaloop.settings import load_settings
 
     settings = load_settings()
-    analyser = None
-    if not args.no_localise:
-        path = args.analysis_model
-        if path is None:
-            from training.localiser_train import ensure_localiser, find_localiser
 
-            path = find_localiser(settings.models_dir)
-            if path is None:
-                print(f"dermaloop diagnose: building the localiser model under {settings.models_dir} "
-                      "(first run only)...", file=sys.stderr)
-                path = ensure_localiser(settings.models_dir)
-        analyser = Analyser(path, threads=args.threads)
-    classifier = load_device_classifier(args.model, settings.models_dir, threads=args.threads)
-    if classifier is None:
+    def open_path():
+        return open_device_path(settings.models_dir, args.model, analysis_model=args.analysis_model,
+                                localise=not args.no_localise, threads=args.threads)
+
+    try:
+        path = open_path()
+    except AnalysisModelMissing:
+        step = prepare_step("image-analysis model")
+        if args.analysis_model is not None or step is None:
+            raise
+        print(f"dermaloop diagnose: building the localiser model under {settings.models_dir} "
+              "(first run only)...", file=sys.stderr)
+        step(settings, {})
+        path = open_path()
+    if path.classifier is None:
         print("dermaloop diagnose: no device model found (pass --model MODEL_DIR from `dermaloop train`); "
               "running the photo checks only.", file=sys.stderr)
-    return DevicePath(analyser, classifier)
+    return path
 
 
 def run(args: argparse.Namespace) -> int:

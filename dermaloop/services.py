@@ -110,6 +110,12 @@ SERVICES: list[Service] = [
 
 PREPARE: list[PrepareStep] = [
     PrepareStep("demo accounts", "dermaloop.bootstrap:demo_accounts", requires="dermaloop.auth", embedded_only=True),
-    PrepareStep("starter models", "dermaloop.bootstrap:starter_models", requires="training.starter"),
-    PrepareStep("image-analysis model", "dermaloop.bootstrap:analysis_model", requires="training.localiser_train"),
+    PrepareStep("starter models", "training.prepare:starter_models", requires="training.starter"),
+    PrepareStep("image-analysis model", "training.prepare:analysis_model", requires="training.localiser_train"),
 ]
+
+
+def prepare_step(name: str) -> PrepareStep | None:
+    """A prepare step by name, if it is built here (a phone build has no training package)."""
+    step = next((s for s in PREPARE if s.name == name), None)
+    return step if step is not None and step.available else None

@@ -33,7 +33,7 @@ def analysis_models_dir(tmp_path_factory) -> Path:
     """A models directory holding the analysis model (localiser + not-skin), built from the packaged
     heads (float32, no data needed), as ``dermaloop run`` prepares it."""
     pytest.importorskip("tensorflow")
-    from dermaloop.analysis.analysis_model import HEAD_WEIGHTS
+    from training.analysis_model import HEAD_WEIGHTS
 
     if not HEAD_WEIGHTS.is_file():
         pytest.skip("localiser head weights not trained")

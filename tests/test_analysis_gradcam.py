@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dermaloop.analysis import gradcam
-from dermaloop.analysis.examples import lesion_photo
+from tests.example_photos import lesion_photo
 
 keras = pytest.importorskip("keras")
 

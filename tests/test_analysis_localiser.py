@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dermaloop.analysis import localiser
-from dermaloop.analysis.examples import lesion_photo
+from tests.example_photos import lesion_photo
 
 
 def test_iou_basics():
@@ -107,7 +107,7 @@ def test_exif_orientation_puts_the_crop_on_the_lesion(orientation):
 @pytest.fixture(scope="module")
 def analysis_model():
     pytest.importorskip("keras")
-    from dermaloop.analysis.analysis_model import HEAD_WEIGHTS, build_analysis_model
+    from training.analysis_model import HEAD_WEIGHTS, build_analysis_model
 
     if not HEAD_WEIGHTS.is_file():
         pytest.skip("localiser head weights not trained (python -m training.localiser_train --data DIR)")
@@ -131,7 +131,7 @@ def test_trained_localiser_finds_the_example_spot(analysis_model, size, box):
 
 @pytest.mark.ham10000
 def test_trained_localiser_on_held_out_real_photos(analysis_model, ham10000):
-    from dermaloop.analysis.hamdata import lesion_split, read_records
+    from training.hamdata import lesion_split, read_records
 
     records = read_records(ham10000)
     _, val = lesion_split(records)

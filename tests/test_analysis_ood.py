@@ -7,13 +7,13 @@ import pytest
 from PIL import Image
 
 from dermaloop.analysis import ood
-from dermaloop.analysis.examples import blank_photo, document_photo, noise_photo
+from tests.example_photos import blank_photo, document_photo, noise_photo
 
 
 @pytest.fixture(scope="module")
 def analysis_model():
     pytest.importorskip("keras")
-    from dermaloop.analysis.analysis_model import HEAD_WEIGHTS, build_analysis_model
+    from training.analysis_model import HEAD_WEIGHTS, build_analysis_model
 
     if not HEAD_WEIGHTS.is_file() or not ood.OOD_FILE.is_file():
         pytest.skip("analysis heads not trained (training/localiser_train.py, training/ood_train.py)")
@@ -68,7 +68,7 @@ def test_everyday_photo_is_rejected(analysis_model):
 
 @pytest.mark.ham10000
 def test_real_lesions_are_kept(analysis_model, ham10000):
-    from dermaloop.analysis.hamdata import lesion_split, read_records
+    from training.hamdata import lesion_split, read_records
 
     records = read_records(ham10000)
     _, val = lesion_split(records)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermaloop.analysis import degrade, quality
-from dermaloop.analysis.examples import lesion_photo
+from dermaloop.analysis import quality
+from tests.example_photos import lesion_photo
+from training import degrade
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_calibration_file_records_its_evidence():
 
 @pytest.mark.ham10000
 def test_real_photos_clean_pass_and_blurred_fail(ham10000):
-    from dermaloop.analysis.hamdata import lesion_split, read_records
+    from training.hamdata import lesion_split, read_records
 
     records = read_records(ham10000)
     _, val = lesion_split(records)

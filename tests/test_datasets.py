@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermaloop.datasets import detect_layout, grouped_split, open_dataset, read_reviewed_cases
-from dermaloop.synthetic import _cues_for as cues_for
-from dermaloop.synthetic import generate, render_lesion
 from dermaloop.taxonomy import load_taxonomy
+from training.datasets import detect_layout, grouped_split, open_dataset, read_reviewed_cases
+from training.synthetic import _cues_for as cues_for
+from training.synthetic import generate, render_lesion
 
 HAM = load_taxonomy()
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermaloop.analysis.examples import document_photo, lesion_photo
 from dermaloop.cli import main
+from tests.example_photos import document_photo, lesion_photo
 
 pytest.importorskip("tensorflow")
 
@@ -217,3 +217,46 @@ def test_human_output_explains_a_call_that_is_not_the_most_probable():
     assert "Melanoma is listed first on purpose" in text and "not a diagnosis" in text
     res["top"] = res["top"][::-1]
     assert "on purpose" not in _human("a.jpg", res)
+
+
+_ON_DEVICE_SNIPPET = """
+import json, sys
+from dermaloop.analysis.on_device import open_device_path
+path = open_device_path(sys.argv[1], sys.argv[2])
+result = path.run(sys.argv[3], force=True)
+heavy = sorted(m for m in ("keras", "tensorflow", "training") if m in sys.modules)
+print(json.dumps({"answer": result.to_json(), "record": result.case_record(at=1), "heavy": heavy}))
+"""
+
+
+def test_the_public_on_device_factory_needs_no_keras_and_answers_as_diagnose_does(env, model_dir, tmp_path,
+                                                                                     capsys):
+    """What a phone build runs: a fresh process opens the whole device path through the public
+    factory, answers, and has loaded neither Keras, TensorFlow nor the training package."""
+    import subprocess
+    import sys
+
+    from dermaloop.settings import PROJECT_ROOT
+
+    photo = _save(lesion_photo((640, 480), (0.3, 0.25, 0.7, 0.75), seed=5)[0], tmp_path / "spot.jpg", quality=92)
+    done = subprocess.run([sys.executable, "-c", _ON_DEVICE_SNIPPET, str(env), str(model_dir), str(photo)],
+                          capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["heavy"] == []
+    assert main(["diagnose", str(photo), "--model", str(model_dir), "--json", "--force"]) == 0
+    (cli,) = _json_lines(capsys.readouterr().out)
+    answer = out["answer"]
+    assert [t["label"] for t in answer["top"]] == [t["label"] for t in cli["top"]]
+    assert answer["risk"] == cli["risk"] and answer["box"] == cli["box"] and answer["quality"] == cli["quality"]
+    record = out["record"]  # the case's device field, in the shape database.rules.json accepts
+    assert record["modelVersion"] == "tiny-1" and record["at"] == 1 and len(record["top"]) == 3
+
+
+def test_a_missing_analysis_model_is_a_clear_error(tmp_path, model_dir):
+    from dermaloop.analysis.on_device import AnalysisModelMissing, open_device_path
+
+    with pytest.raises(AnalysisModelMissing, match="dermaloop run"):
+        open_device_path(tmp_path, model_dir)
+    path = open_device_path(tmp_path, model_dir, localise=False)
+    assert path.analyser is None and path.classifier.version == "tiny-1"

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from dermaloop.cli import main
-from dermaloop.datasets import open_dataset
 from dermaloop.preprocess import PreprocessConfig
-from dermaloop.synthetic import generate
 from dermaloop.taxonomy import load_taxonomy
+from training.datasets import open_dataset
 from training.finetune_images import (
     FullFinetuneConfig,
     build_full_network,
@@ -21,6 +20,7 @@ from training.finetune_images import (
     finetune_full,
     image_logits,
 )
+from training.synthetic import generate
 
 PRE = PreprocessConfig(size=64)
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from dermaloop.cli import main
-from dermaloop.datasets import open_dataset
 from dermaloop.model_dir import ModelDir, ModelError, load_cloud_model, load_device_model, sha256_file
 from dermaloop.preprocess import load_image, to_model_input
 from dermaloop.risk import RISK_TIERS
-from dermaloop.synthetic import generate
 from dermaloop.taxonomy import load_taxonomy
+from training.datasets import open_dataset
 from training.embeddings import extract_features, extractor, model_input
+from training.synthetic import generate
 
 HAM = load_taxonomy()
 METRIC_KEYS = {"balanced_accuracy", "accuracy", "per_class_recall", "macro_f1", "auc_ovr",

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-WEIGHTS_DIR = Path(__file__).with_name("weights")
+# The trained heads ship with the shared library (the runtime reads the not-skin threshold there too).
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "dermaloop" / "analysis" / "weights"
 HEAD_WEIGHTS = WEIGHTS_DIR / "localiser_head.npz"
 OUTPUTS = ("x0", "y0", "x1", "y1", "box_confidence", "p_lesion_tempered")
 
@@ -20,9 +21,9 @@ OUTPUTS = ("x0", "y0", "x1", "y1", "box_confidence", "p_lesion_tempered")
 def build_analysis_model(head_weights: str | Path = HEAD_WEIGHTS, ood_file: str | Path | None = None):
     import keras
 
-    from dermaloop.analysis.features import FRAME_SIZE, build_trunk
-    from dermaloop.analysis.localiser import build_head, load_head_weights
+    from dermaloop.analysis.features import FRAME_SIZE
     from dermaloop.analysis.ood import TEMPER, load_head
+    from training.analysis_net import build_head, build_trunk, load_head_weights
 
     head_weights = Path(head_weights)
     if not head_weights.is_file():

@@ -20,8 +20,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dermaloop import backbones
-from dermaloop.datasets import Dataset, Sample
 from dermaloop.preprocess import SYMMETRIES, PreprocessConfig, load_image, symmetric_image, to_model_input
+from training.datasets import Dataset, Sample
 
 CACHE_VERSION = 1
 VIEWS = SYMMETRIES  # label-preserving transforms of a dermoscopic image (dermoscopy has no "up")

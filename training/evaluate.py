@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dermaloop.datasets import Dataset
 from dermaloop.model_dir import CloudModel, DeviceModel, ModelDir
 from dermaloop.preprocess import ImageError, load_image, to_model_input
+from training.datasets import Dataset
 from training.metrics import compute_metrics
 from training.report import write_report
 

@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dermaloop.datasets import open_dataset
     from dermaloop.model_dir import ModelDir, ModelError
+    from training.datasets import open_dataset
     from training.evaluate import evaluate, load_runtime, own_split
 
     try:

@@ -24,7 +24,6 @@ def run(args: argparse.Namespace) -> int:
     import keras
     import numpy as np
 
-    from dermaloop.datasets import open_dataset
     from dermaloop.model_dir import (
         CARD,
         DEVICE_FP32,
@@ -35,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         ModelError,
         sha256_file,
     )
+    from training.datasets import open_dataset
     from training.embeddings import model_input
     from training.evaluate import predict_dataset
     from training.export import export_fp32, export_int8

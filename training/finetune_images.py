@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dermaloop.datasets import Dataset
 from dermaloop.preprocess import PreprocessConfig, load_image, symmetric_pixels, to_model_input
+from training.datasets import Dataset
 from training.embeddings import augment, model_input
 from training.finetune import EpochLoop
 

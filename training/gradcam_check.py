@@ -5,8 +5,8 @@ preprocessing, no lesion box), the Grad-CAM map of the predicted class is upsamp
 and its mass inside the true lesion box is compared with what a uniform map would put there (the
 box's share of the input area). A meaningful map beats uniform on most photos.
 
-    python -m dermaloop.analysis.gradcam_check --data ../shared/data/ham10000 --model MODEL_DIR
-    python -m dermaloop.analysis.gradcam_check --data ../shared/data/ham10000   # linear probe (see below)
+    python -m training.gradcam_check --data ../shared/data/ham10000 --model MODEL_DIR
+    python -m training.gradcam_check --data ../shared/data/ham10000   # linear probe (see below)
 
 Without ``--model`` the check runs on a stand-in: the ImageNet Lite0 backbone with a 7-class
 logistic-regression head fitted on the training split's cached pooled features, so the method can be
@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dermaloop.analysis import gradcam
-from dermaloop.analysis.hamdata import lesion_split, read_records
+from training.hamdata import lesion_split, read_records
 
 
 def box_in_crop(box, region, size: tuple[int, int]) -> tuple[float, float, float, float]:

@@ -16,9 +16,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dermaloop.analysis import degrade
-from dermaloop.analysis.features import MAP_SHAPE, MID_LAYER, MID_SHAPE, build_trunk, frame_input
-from dermaloop.analysis.hamdata import lesion_split, read_records
+from dermaloop.analysis.features import MAP_SHAPE, MID_LAYER, MID_SHAPE, frame_input
+from training import degrade
+from training.analysis_net import build_trunk
+from training.hamdata import lesion_split, read_records
 
 CACHE_VERSION = 1
 

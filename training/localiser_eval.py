@@ -18,11 +18,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dermaloop.analysis import degrade, quality
+from dermaloop.analysis import quality
 from dermaloop.analysis.device_path import Analyser
-from dermaloop.analysis.hamdata import lesion_split, read_records
 from dermaloop.analysis.localiser import MIN_CONFIDENCE, average_precision, iou
-from dermaloop.analysis.quality_calibrate import degraded_variants
+from training import degrade
+from training.hamdata import lesion_split, read_records
+from training.quality_calibrate import degraded_variants
 
 
 def evaluate(data_dir: str | Path, tflite: str | Path, n_quality: int = 500, seed: int = 0) -> dict[str, Any]:

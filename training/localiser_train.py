@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from dermaloop.analysis.localiser import average_precision, build_head, iou, save_head_weights
+from dermaloop.analysis.localiser import average_precision, iou
+from training.analysis_net import build_head, save_head_weights
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "dermaloop" / "analysis" / "weights"
 HEAD_WEIGHTS = WEIGHTS_DIR / "localiser_head.npz"
@@ -191,9 +192,9 @@ def _representative_frames(data_dir: Path, n: int = 240, seed: int = 0):
     and not-skin pictures (low lesion scores). Without the small ones, int8 clips small box sizes."""
     from PIL import Image
 
-    from dermaloop.analysis import degrade
     from dermaloop.analysis.features import frame_input
-    from dermaloop.analysis.hamdata import lesion_split, read_records
+    from training import degrade
+    from training.hamdata import lesion_split, read_records
     from training.ood_negatives import document, noise, random_crop, sample_photos
 
     records = read_records(data_dir)
@@ -223,7 +224,7 @@ def export_tflite(out_dir: Path, data_dir: Path | None = None) -> Path:
 
     import tensorflow as tf
 
-    from dermaloop.analysis.analysis_model import build_analysis_model
+    from training.analysis_model import build_analysis_model
 
     model = build_analysis_model()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -263,9 +264,9 @@ def ensure_localiser(models_dir: str | Path, data_dir: str | Path | None = None,
     if (out_dir / name).is_file() and (out_dir / "card.json").is_file():
         return out_dir / name
     path = export_tflite(out_dir, Path(data_dir) if quantised and data_dir else None)
-    from dermaloop.analysis.analysis_model import OUTPUTS
     from dermaloop.analysis.features import FRAME_SIZE, TRUNK
     from dermaloop.analysis.ood import OOD_FILE
+    from training.analysis_model import OUTPUTS
 
     card = {
         "kind": "localiser", "version": version, "file": path.name,
@@ -279,17 +280,6 @@ def ensure_localiser(models_dir: str | Path, data_dir: str | Path | None = None,
     }
     (out_dir / "card.json").write_text(json.dumps(card, indent=1) + "\n")
     return path
-
-
-def find_localiser(models_dir: str | Path) -> Path | None:
-    """The newest analysis model already under ``models_dir/localiser`` (float32 preferred: it meets
-    the localisation targets; int8 is the smaller, faster option), if any."""
-    root = Path(models_dir) / "localiser"
-    if not root.is_dir():
-        return None
-    found = sorted(root.glob("*/analysis_fp32.tflite"), key=lambda p: p.stat().st_mtime)
-    found = found or sorted(root.glob("*/analysis_int8.tflite"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
 
 
 if __name__ == "__main__":

@@ -76,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dermaloop.datasets import grouped_split, open_dataset
     from dermaloop.preprocess import PreprocessConfig
     from dermaloop.taxonomy import load_taxonomy
+    from training.datasets import grouped_split, open_dataset
     from training.embeddings import extract_features
     from training.finetune import build_tail_classifier
     from training.train_cli import default_cache_dir

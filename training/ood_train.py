@@ -23,8 +23,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from dermaloop.analysis.features import build_trunk, extract_maps, frame_input
+from dermaloop.analysis.features import frame_input
 from dermaloop.analysis.ood import OOD_FILE
+from training.analysis_net import build_trunk, extract_maps
 from training.localiser_data import load_cache
 from training.ood_negatives import held_out, negatives
 

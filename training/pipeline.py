@@ -21,7 +21,6 @@ import numpy as np
 from tqdm import tqdm
 
 from dermaloop import backbones
-from dermaloop.datasets import Dataset, grouped_split, open_dataset
 from dermaloop.model_dir import (
     CARD,
     CLOUD_KERAS,
@@ -44,6 +43,7 @@ from dermaloop.risk import (
 )
 from dermaloop.taxonomy import load_taxonomy
 from training.assemble import ensemble_classifier, full_classifier
+from training.datasets import Dataset, grouped_split, open_dataset
 from training.embeddings import TAIL_STAGE, extract_features, map_stage, model_input
 from training.finetune import FinetuneConfig, finetune, predict_logits
 from training.finetune_images import FullFinetuneConfig, checkpoint_dir, finetune_full, image_logits

@@ -5,7 +5,7 @@ randomly degraded copies; each threshold is the score that flags only ``CLEAN_FL
 training photos. Then measure on the VALIDATION split with the fixed "strong" degradations the issue
 names (Gaussian blur, motion blur, gamma 0.3 and 3.0, downscaled lesion, plus flash glare).
 
-    python -m dermaloop.analysis.quality_calibrate --data ../shared/data/ham10000
+    python -m training.quality_calibrate --data ../shared/data/ham10000
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from dermaloop.analysis import degrade
-from dermaloop.analysis.hamdata import lesion_split, read_records
 from dermaloop.analysis.quality import CALIBRATION_FILE, assess, box_geometry, image_metrics
+from training import degrade
+from training.hamdata import lesion_split, read_records
 
 CLEAN_FLAG_RATE = 0.01  # per check; five image checks stay under the 5% clean budget together
 

@@ -36,9 +36,9 @@ def ensure_starter_models(models_dir: Path, data_dir: Path | None = None, *, dev
 
     ``data_dir``: a dataset in a supported layout (HAM10000 recommended) or None for synthetic data.
     """
-    from dermaloop.datasets import open_dataset
     from dermaloop.model_dir import newest_model_dir
     from dermaloop.taxonomy import load_taxonomy
+    from training.datasets import open_dataset
 
     models_dir = Path(models_dir)
     target = models_dir / STARTER
@@ -49,7 +49,7 @@ def ensure_starter_models(models_dir: Path, data_dir: Path | None = None, *, dev
     cache = Path(cache_dir) if cache_dir else models_dir.parent / "cache" / "embeddings"
     synthetic = data_dir is None
     if synthetic:
-        from dermaloop.synthetic import generate
+        from training.synthetic import generate
 
         data_dir = generate(models_dir / "_synthetic_data", per_class=synthetic_per_class)
     n = len(open_dataset(data_dir, load_taxonomy()))

@@ -142,6 +142,6 @@ def generate(out_dir: str | Path, taxonomy: Taxonomy | None = None, per_class: i
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "README.md").write_text("Synthetic lesion-like images from dermaloop.synthetic (seed "
+    (out / "README.md").write_text("Synthetic lesion-like images from training.synthetic (seed "
                                    f"{seed}). For tests and first runs only; never for reporting accuracy.\n")
     return out

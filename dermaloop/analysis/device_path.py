@@ -90,6 +90,12 @@ class DeviceResult:
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
         }
 
+    def case_record(self, at: Any = None) -> dict[str, Any]:
+        """The case's ``device`` field (``dermaloop.cases.device_record``): what the app uploads."""
+        from dermaloop.cases import device_record
+
+        return device_record(self.to_json(), self.model_version, at)
+
 
 @dataclass
 class Inspection:

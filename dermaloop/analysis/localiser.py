@@ -22,38 +22,6 @@ Box = tuple[float, float, float, float]
 MIN_CONFIDENCE = 0.35
 
 
-def build_head(dropout: float = 0.3, mid: bool = True):
-    """Keras head: trunk maps -> [x0, y0, x1, y1, confidence] in [0, 1].
-
-    Inputs: the 7x7x1280 last map and (``mid=True``) the 14x14x112 map of ``MID_LAYER``, whose finer
-    grid places box edges better (validation mean IoU 0.754 -> 0.819; docs/MODEL_REPORT.md)."""
-    import keras
-    from keras import layers
-
-    top = keras.Input((7, 7, 1280), name="trunk_map")
-    x = layers.Conv2D(64, 1, activation="relu", name="loc_reduce")(top)
-    x = layers.Dropout(dropout, name="loc_drop0")(x)
-    if mid:
-        fine = keras.Input((14, 14, 112), name="trunk_mid")
-        x = layers.UpSampling2D(2, name="loc_up")(x)
-        y = layers.Conv2D(32, 1, activation="relu", name="loc_mid_reduce")(fine)
-        x = layers.Concatenate(name="loc_concat")([x, y])
-        x = layers.Conv2D(32, 3, padding="same", activation="relu", name="loc_conv")(x)
-        x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="loc_conv2")(x)
-        inputs = [top, fine]
-    else:
-        x = layers.Conv2D(32, 3, padding="same", activation="relu", name="loc_conv")(x)
-        inputs = [top]
-    x = layers.Flatten(name="loc_flat")(x)
-    x = layers.Dense(128, activation="relu", name="loc_dense")(x)
-    x = layers.Dropout(dropout, name="loc_drop1")(x)
-    cxcywh = layers.Dense(4, activation="sigmoid", name="loc_box")(x)
-    conf = layers.Dense(1, activation="sigmoid", name="loc_conf")(x)
-    centre, size = cxcywh[:, :2], cxcywh[:, 2:]
-    corners = keras.ops.clip(keras.ops.concatenate([centre - size / 2, centre + size / 2], axis=-1), 0.0, 1.0)
-    return keras.Model(inputs, keras.ops.concatenate([corners, conf], axis=-1), name="localiser_head")
-
-
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of box arrays (..., 4) as x0, y0, x1, y1."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -120,19 +88,3 @@ def adjust_box(box: Sequence[float], dx: float = 0.0, dy: float = 0.0, scale: fl
     cx = min(max(cx, min(hw, 0.5)), max(1 - hw, 0.5))
     cy = min(max(cy, min(hh, 0.5)), max(1 - hh, 0.5))
     return clip_box((cx - hw, cy - hh, cx + hw, cy + hh))
-
-
-def save_head_weights(head, path) -> None:
-    """Head weights as a small float16 .npz (kept in the package; about 0.6 MB)."""
-    arrays = {w.path.replace("/", "__"): np.asarray(w.numpy(), np.float16) for w in head.weights}
-    np.savez_compressed(path, **arrays)
-
-
-def load_head_weights(head, path) -> None:
-    with np.load(path) as data:
-        stored = {k.replace("__", "/"): data[k] for k in data.files}
-    missing = [w.path for w in head.weights if w.path not in stored]
-    if missing:
-        raise ValueError(f"{path}: weights do not match the head (missing {missing[:3]})")
-    for w in head.weights:
-        w.assign(stored[w.path].astype(np.float32))

@@ -173,7 +173,7 @@ def load_calibration(path: str | None = None) -> dict[str, Any]:
     """The calibrated thresholds; a missing file is an error, never silently replaced by guesses."""
     p = Path(path) if path else CALIBRATION_FILE
     if not p.is_file():
-        raise FileNotFoundError(f"{p} missing: run `python -m dermaloop.analysis.quality_calibrate --data DIR`")
+        raise FileNotFoundError(f"{p} missing: run `python -m training.quality_calibrate --data DIR`")
     return json.loads(p.read_text())
 
 
