@@ -1,19 +1,34 @@
-"""The expression language shared by Firebase security rules (RTDB rules strings, Storage conditions).
+"""The one expression core of both Firebase rules languages: database.rules.json strings and storage.rules.
 
-Both rule languages are JavaScript-like expressions with strict typing: ``==`` never coerces, an
+The two languages are cousins: JavaScript-like syntax and strict typing (``==`` never coerces; an
 ordered comparison of different types, arithmetic on non-numbers or a member of ``null`` is an
-evaluation error, and an evaluation error makes the whole rule ``false`` (the caller catches
-:class:`RuleError`). Expressions are compiled once into an AST of tuples; what a name or a member means
-(``auth``, ``data.child(...)``, ``request.resource``) is decided by the caller through :class:`Scope`
-and by objects implementing :class:`Member`, so the RTDB and Storage engines share this core.
+evaluation error; an evaluation error makes the rule false). One tokenizer, one parser and one
+evaluator serve both, so a fix lands in both engines at once and the places where production really
+differs are named instead of hidden in two copies:
+
+* syntax differences are data in a :class:`Dialect`: the operator table (JavaScript precedence and
+  ``===`` for the database, one relational level with ``in`` for Storage), number literals, ``$`` in
+  names, regex literals, comments, trailing commas, and a lexer hook for a statement layer's tokens;
+* semantic differences are a few :class:`Evaluator` hooks and switches that each engine sets: what a
+  missing field is, which built-in methods exist, integer division, list ``+``, Storage's forgiving
+  ``&&``/``||``, and what a bare call ``f(x)`` means.
+
+Expressions compile once into an AST of tuples: ``("lit", v)``, ``("name", n)``, ``("member", e, n)``,
+``("index", e, k)``, ``("call", name-or-member, args)``, ``("list", items)``, ``("unary", op, e)``,
+``("bin", op, a, b)``, ``("cond", c, a, b)``. What ``auth``, ``data.child(...)`` or
+``request.resource`` mean is up to the caller's scope and to objects implementing :class:`Member`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, ClassVar
+
+Node = tuple
+Scope = Mapping[str, Any]
 
 
 class RuleError(Exception):
@@ -21,7 +36,20 @@ class RuleError(Exception):
 
 
 class RuleSyntaxError(ValueError):
-    """A rules expression that does not parse (reported when the rules file is loaded)."""
+    """A rules expression or file that does not parse; says where, because it stops start-up."""
+
+    def __init__(self, message: str, source: str | None = None, pos: int | None = None):
+        self.message, self.source, self.pos = message, source, pos
+        self.line = self.column = None
+        if source is not None and pos is not None:
+            self.line, self.column = line_column(source, pos)
+            message = f"{message} at line {self.line}, column {self.column}"
+        super().__init__(message)
+
+
+def line_column(text: str, pos: int) -> tuple[int, int]:
+    """1-based line and column of an offset, as editors show them."""
+    return text.count("\n", 0, pos) + 1, pos - (text.rfind("\n", 0, pos) + 1) + 1
 
 
 class Member:
@@ -44,28 +72,61 @@ class Regex:
     pattern: re.Pattern
 
 
-_TOKEN = re.compile(
-    r"""\s*(?:
-        (?P<num>\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+(?:[eE][+-]?\d+)?)
-      | (?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
-      | (?P<name>[A-Za-z_$][A-Za-z0-9_$]*)
-      | (?P<op>===|!==|==|!=|<=|>=|&&|\|\||[-+*/%<>!?:.,()\[\]])
-    )""",
-    re.VERBOSE,
-)
-_REGEX_LITERAL = re.compile(r"\s*/((?:[^/\\\n]|\\.)+)/([a-z]*)")
+# ---------------------------------------------------------------------------------------------
+# Tokens
+
+@dataclass(frozen=True, slots=True)
+class Tok:
+    kind: str  # num str name op regex end, or a kind a dialect's lexer hook adds (Storage's "path")
+    value: Any
+    pos: int
+
+
+LexerHook = Callable[[list[Tok], str, int], "tuple[Tok, int] | None"]
+
+# Operators of both languages; a dialect adds its own (``===``, or ``{ } ; =`` for statements).
+_CORE_OPERATORS = ("==", "!=", "<=", ">=", "&&", "||", *"-+*/%<>!?:.,()[]")
+_STRING = r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'"""
+_SPACE = re.compile(r"\s+")
+_SPACE_AND_COMMENTS = re.compile(r"(?:\s+|//[^\n]*|/\*.*?\*/)+", re.DOTALL)
+_REGEX_LITERAL = re.compile(r"/((?:[^/\\\n]|\\.)+)/([a-z]*)")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "v": "\v", "0": "\0"}
 
 
-def _unquote(text: str) -> str:
+@dataclass(frozen=True)
+class Dialect:
+    """The syntax one rules language adds to or takes from the core (see the module docstring)."""
+
+    name: str
+    binary: Mapping[str, int]  # infix operator (or word, like ``in``) -> binding power, higher binds tighter
+    operators: tuple[str, ...] = ()  # punctuation beyond the core's
+    identifier: str = r"[A-Za-z_][A-Za-z0-9_]*"
+    number: str = r"\d+\.\d+|\d+"  # both languages read these; JavaScript adds 1., .5 and 1e3
+    regex_literals: bool = False  # ``matches(/re/i)``; without them ``matches`` takes a string
+    comments: bool = False  # ``//`` and ``/* */`` between tokens
+    trailing_commas: bool = False  # ``[a, b,]`` and ``f(a, b,)``
+    lexer_hook: LexerHook | None = None  # raw tokens a statement layer needs, e.g. Storage's match paths
+    token: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ops = sorted(set(_CORE_OPERATORS + self.operators), key=len, reverse=True)
+        pattern = (rf"(?P<num>{self.number})|(?P<str>{_STRING})|(?P<name>{self.identifier})"
+                   rf"|(?P<op>{'|'.join(map(re.escape, ops))})")
+        object.__setattr__(self, "token", re.compile(pattern))
+
+
+def _unquote(text: str, source: str, pos: int) -> str:
     body = text[1:-1]
     out, i = [], 0
     while i < len(body):
         ch = body[i]
         if ch == "\\" and i + 1 < len(body):
             nxt = body[i + 1]
-            if nxt == "u" and i + 5 < len(body) + 0:
-                out.append(chr(int(body[i + 2 : i + 6], 16)))
+            if nxt == "u":
+                digits = body[i + 2 : i + 6]
+                if not re.fullmatch(r"[0-9a-fA-F]{4}", digits):
+                    raise RuleSyntaxError("\\u needs four hex digits", source, pos + 1 + i)
+                out.append(chr(int(digits, 16)))
                 i += 6
                 continue
             out.append(_ESCAPES.get(nxt, nxt))
@@ -76,179 +137,201 @@ def _unquote(text: str) -> str:
     return "".join(out)
 
 
-def _tokenize(source: str) -> list[tuple[str, Any]]:
-    tokens: list[tuple[str, Any]] = []
+def _regex_literal(source: str, pos: int) -> tuple[Tok, int] | None:
+    m = _REGEX_LITERAL.match(source, pos)
+    if not m:
+        return None
+    if set(m.group(2)) - {"i"}:
+        raise RuleSyntaxError(f"unsupported regex flags {m.group(2)!r}", source, m.start(2))
+    try:
+        compiled = re.compile(m.group(1), re.IGNORECASE if "i" in m.group(2) else 0)
+    except re.error as exc:
+        raise RuleSyntaxError(f"bad regex /{m.group(1)}/: {exc}", source, pos) from None
+    return Tok("regex", Regex(compiled), pos), m.end()
+
+
+def tokenize(source: str, dialect: Dialect) -> list[Tok]:
+    """Tokens with their offsets (for error positions), ending with an ``end`` token."""
+    space = _SPACE_AND_COMMENTS if dialect.comments else _SPACE
+    tokens: list[Tok] = []
     pos = 0
-    while pos < len(source):
-        if source[pos:].strip() == "":
+    while True:
+        m = space.match(source, pos)
+        if m:
+            pos = m.end()
+        if pos >= len(source):
             break
-        # A regex literal can only be the argument of matches(...).
-        if len(tokens) >= 2 and tokens[-1] == ("op", "(") and tokens[-2] == ("name", "matches"):
-            m = _REGEX_LITERAL.match(source, pos)
-            if m:
-                flags = re.IGNORECASE if "i" in m.group(2) else 0
-                if set(m.group(2)) - {"i"}:
-                    raise RuleSyntaxError(f"unsupported regex flags {m.group(2)!r}")
-                try:
-                    tokens.append(("regex", Regex(re.compile(m.group(1), flags))))
-                except re.error as exc:
-                    raise RuleSyntaxError(f"bad regex /{m.group(1)}/: {exc}") from None
-                pos = m.end()
-                continue
-        m = _TOKEN.match(source, pos)
-        if not m or m.end() == pos:
-            raise RuleSyntaxError(f"unexpected character at {pos}: {source[pos:pos + 20]!r}")
-        kind = m.lastgroup
-        text = m.group(kind)
+        special = dialect.lexer_hook(tokens, source, pos) if dialect.lexer_hook else None
+        if special is None and dialect.regex_literals and [(t.kind, t.value) for t in tokens[-2:]] == [
+                ("name", "matches"), ("op", "(")]:
+            special = _regex_literal(source, pos)  # a regex literal can only be the argument of matches()
+        if special is not None:
+            tok, pos = special
+            tokens.append(tok)
+            continue
+        m = dialect.token.match(source, pos)
+        if not m:
+            raise RuleSyntaxError(f"unexpected character {source[pos]!r}", source, pos)
+        kind, text = m.lastgroup, m.group(m.lastgroup)
         if kind == "num":
-            value: Any = float(text) if any(c in text for c in ".eE") else int(text)
-            tokens.append(("num", value))
+            tokens.append(Tok("num", float(text) if any(c in text for c in ".eE") else int(text), pos))
         elif kind == "str":
-            tokens.append(("str", _unquote(text)))
+            tokens.append(Tok("str", _unquote(text, source, pos), pos))
         else:
-            tokens.append((kind, text))
+            tokens.append(Tok(kind, text, pos))
         pos = m.end()
-    tokens.append(("end", None))
+    tokens.append(Tok("end", None, len(source)))
     return tokens
 
 
-# Binding powers for binary operators (higher binds tighter).
-_BINARY = {
-    "||": 1, "&&": 2, "==": 3, "!=": 3, "===": 3, "!==": 3,
-    "<": 4, "<=": 4, ">": 4, ">=": 4, "+": 5, "-": 5, "*": 6, "/": 6, "%": 6,
-}
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+_KIND_NAMES = {"name": "a name", "str": "a string", "num": "a number", "path": "a path", "end": "end of input"}
 
 
-class _Parser:
-    def __init__(self, source: str):
+def _describe(tok: Tok) -> str:
+    if tok.kind == "end":
+        return "end of input"
+    if tok.kind == "regex":
+        return f"/{tok.value.pattern.pattern}/"
+    return repr(tok.value)
+
+
+class Parser:
+    """Expressions by precedence climbing over the dialect's operator table.
+
+    Storage's statement parser subclasses this, so statements and the expressions inside them are
+    read from one token stream and report positions the same way."""
+
+    def __init__(self, source: str, dialect: Dialect):
         self.source = source
-        self.tokens = _tokenize(source)
+        self.dialect = dialect
+        self.tokens = tokenize(source, dialect)
         self.i = 0
 
-    def peek(self) -> tuple[str, Any]:
-        return self.tokens[self.i]
+    def peek(self, offset: int = 0) -> Tok:
+        return self.tokens[min(self.i + offset, len(self.tokens) - 1)]
 
-    def take(self) -> tuple[str, Any]:
+    def next(self) -> Tok:
         tok = self.tokens[self.i]
-        self.i += 1
+        self.i = min(self.i + 1, len(self.tokens) - 1)
         return tok
 
-    def expect(self, op: str) -> None:
-        tok = self.take()
-        if tok != ("op", op):
-            raise RuleSyntaxError(f"expected {op!r} but found {tok[1]!r} in {self.source!r}")
+    def at(self, kind: str, value: Any = None) -> bool:
+        tok = self.peek()
+        return tok.kind == kind and (value is None or tok.value == value)
 
-    def parse(self) -> tuple:
+    def error(self, message: str, tok: Tok | None = None) -> RuleSyntaxError:
+        return RuleSyntaxError(message, self.source, (tok or self.peek()).pos)
+
+    def expect(self, kind: str, value: Any = None) -> Tok:
+        if not self.at(kind, value):
+            wanted = repr(value) if value is not None else _KIND_NAMES.get(kind, kind)
+            raise self.error(f"expected {wanted}, got {_describe(self.peek())}")
+        return self.next()
+
+    def parse(self) -> Node:
+        """One whole expression (a database rule string)."""
         node = self.expression()
-        if self.peek()[0] != "end":
-            raise RuleSyntaxError(f"unexpected {self.peek()[1]!r} in {self.source!r}")
+        if not self.at("end"):
+            raise self.error(f"unexpected {_describe(self.peek())}")
         return node
 
-    def expression(self) -> tuple:
-        cond = self.binary(0)
-        if self.peek() == ("op", "?"):
-            self.take()
+    def expression(self) -> Node:
+        cond = self._binary(0)
+        if self.at("op", "?"):
+            self.next()
             yes = self.expression()
-            self.expect(":")
-            no = self.expression()
-            return ("cond", cond, yes, no)
+            self.expect("op", ":")
+            return ("cond", cond, yes, self.expression())
         return cond
 
-    def binary(self, min_power: int) -> tuple:
-        left = self.unary()
-        while True:
-            kind, op = self.peek()
-            power = _BINARY.get(op) if kind == "op" else None
-            if power is None or power <= min_power:
-                return left
-            self.take()
-            right = self.binary(power)
-            left = ("bin", op, left, right)
-
-    def unary(self) -> tuple:
-        if self.peek() in (("op", "!"), ("op", "-")):
-            op = self.take()[1]
-            return ("unary", op, self.unary())
-        return self.postfix(self.primary())
-
-    def primary(self) -> tuple:
-        kind, value = self.take()
-        if kind in ("num", "str"):
-            return ("lit", value)
-        if kind == "regex":
-            return ("lit", value)
-        if kind == "name":
-            if value in ("true", "false"):
-                return ("lit", value == "true")
-            if value == "null":
-                return ("lit", None)
-            return ("name", value)
-        if (kind, value) == ("op", "("):
-            node = self.expression()
-            self.expect(")")
-            return node
-        if (kind, value) == ("op", "["):
-            items = []
-            if self.peek() != ("op", "]"):
-                items.append(self.expression())
-                while self.peek() == ("op", ","):
-                    self.take()
-                    items.append(self.expression())
-            self.expect("]")
-            return ("list", tuple(items))
-        if kind == "end":
-            raise RuleSyntaxError(f"unexpected end of expression in {self.source!r}")
-        raise RuleSyntaxError(f"unexpected {value!r} in {self.source!r}")
-
-    def postfix(self, node: tuple) -> tuple:
+    def _binary(self, min_power: int) -> Node:
+        left = self._unary()
         while True:
             tok = self.peek()
-            if tok == ("op", "."):
-                self.take()
-                kind, name = self.take()
-                if kind != "name":
-                    raise RuleSyntaxError(f"expected a name after '.' in {self.source!r}")
-                node = ("member", node, name)
-            elif tok == ("op", "["):
-                self.take()
-                index = self.expression()
-                self.expect("]")
-                node = ("index", node, index)
-            elif tok == ("op", "("):
-                self.take()
-                args = []
-                if self.peek() != ("op", ")"):
-                    args.append(self.expression())
-                    while self.peek() == ("op", ","):
-                        self.take()
-                        args.append(self.expression())
-                self.expect(")")
-                node = ("call", node, tuple(args))
+            power = self.dialect.binary.get(tok.value) if tok.kind in ("op", "name") else None
+            if power is None or power <= min_power:
+                return left
+            self.next()
+            left = ("bin", tok.value, left, self._binary(power))
+
+    def _unary(self) -> Node:
+        if self.at("op", "!") or self.at("op", "-"):
+            return ("unary", self.next().value, self._unary())
+        return self._postfix(self._primary())
+
+    def _primary(self) -> Node:
+        tok = self.next()
+        if tok.kind in ("num", "str", "regex"):
+            return ("lit", tok.value)
+        if tok.kind == "name":
+            keywords = {"true": True, "false": False, "null": None}
+            return ("lit", keywords[tok.value]) if tok.value in keywords else ("name", tok.value)
+        if (tok.kind, tok.value) == ("op", "("):
+            node = self.expression()
+            self.expect("op", ")")
+            return node
+        if (tok.kind, tok.value) == ("op", "["):
+            return ("list", self._items("]"))
+        raise self.error(f"expected an expression, got {_describe(tok)}", tok)
+
+    def _items(self, close: str) -> tuple[Node, ...]:
+        """Comma-separated expressions up to ``close`` (already past the opening bracket)."""
+        items: list[Node] = []
+        while not self.at("op", close):
+            items.append(self.expression())
+            if self.at("op", close):
+                break
+            self.expect("op", ",")
+            if not self.dialect.trailing_commas and self.at("op", close):
+                raise self.error(f"expected an expression, got {_describe(self.peek())}")
+        self.expect("op", close)
+        return tuple(items)
+
+    def _postfix(self, node: Node) -> Node:
+        while True:
+            if self.at("op", "."):
+                self.next()
+                node = ("member", node, self.expect("name").value)
+            elif self.at("op", "["):
+                self.next()
+                key = self.expression()
+                self.expect("op", "]")
+                node = ("index", node, key)
+            elif self.at("op", "("):
+                if node[0] not in ("name", "member"):  # nothing else could ever hold a function
+                    raise self.error("only a function or a method can be called")
+                self.next()
+                node = ("call", node, self._items(")"))
             else:
                 return node
 
 
-def parse(source: str) -> tuple:
-    """The AST of one rules expression; raises RuleSyntaxError."""
-    return _Parser(source).parse()
+def parse(source: str, dialect: Dialect) -> Node:
+    """The AST of one expression; raises RuleSyntaxError naming the position."""
+    return Parser(source, dialect).parse()
 
 
-def names_used(ast: tuple) -> set[str]:
+def names_used(node: Node) -> set[str]:
     """Top-level variable names an expression reads (e.g. to know if a rule depends on data)."""
     found: set[str] = set()
 
-    def walk(node: Any) -> None:
-        if isinstance(node, tuple) and node:
-            if node[0] == "name":
-                found.add(node[1])
+    def walk(part: Any) -> None:
+        if isinstance(part, tuple):
+            if len(part) == 2 and part[0] == "name":
+                found.add(part[1])
                 return
-            for part in node[1:]:
-                if isinstance(part, tuple):
-                    walk(part)
+            for sub in part:
+                walk(sub)
 
-    walk(ast)
+    walk(node)
     return found
 
+
+# ---------------------------------------------------------------------------------------------
+# Values and built-in methods
 
 def kind(value: Any) -> str:
     if value is None:
@@ -261,96 +344,77 @@ def kind(value: Any) -> str:
         return "string"
     if isinstance(value, list | tuple):
         return "list"
+    if isinstance(value, Mapping):
+        return "map"
     return "object"
 
 
-def _string_member(s: str, name: str) -> Any:
-    if name == "length":
-        return len(s)
-
-    def need_str(arg: Any) -> str:
-        if not isinstance(arg, str):
-            raise RuleError(f"{name}() needs a string")
-        return arg
-
-    methods: dict[str, Callable[..., Any]] = {
-        "contains": lambda x: need_str(x) in s,
-        "beginsWith": lambda x: s.startswith(need_str(x)),
-        "endsWith": lambda x: s.endswith(need_str(x)),
-        "replace": lambda a, b: s.replace(need_str(a), need_str(b)),
-        "toLowerCase": lambda: s.lower(),
-        "toUpperCase": lambda: s.upper(),
-        "lower": lambda: s.lower(),
-        "upper": lambda: s.upper(),
-        "size": lambda: len(s),
-        "trim": lambda: s.strip(),
-        "split": lambda sep: s.split(need_str(sep)),
-    }
-
-    def matches(rx: Any) -> bool:
-        if isinstance(rx, Regex):
-            return rx.pattern.search(s) is not None
-        if isinstance(rx, str):  # Storage rules pass a string that must match the whole value
-            try:
-                return re.fullmatch(rx, s) is not None
-            except re.error as exc:
-                raise RuleError(f"bad regex {rx!r}: {exc}") from None
-        raise RuleError("matches() needs a regex")
-
-    methods["matches"] = matches
-    if name in methods:
-        return Method(name, methods[name])
-    raise RuleError(f"strings have no member {name!r}")
+def _need(value: Any, wanted: str, what: str) -> Any:
+    if kind(value) != wanted:
+        raise RuleError(f"{what} needs a {wanted}, not {kind(value)}")
+    return value
 
 
-def _member(obj: Any, name: str) -> Any:
-    if obj is None:
-        raise RuleError(f"cannot read {name!r} of null")
-    if isinstance(obj, Member):
-        return obj.rule_member(name)
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    if isinstance(obj, str):
-        return _string_member(obj, name)
-    if isinstance(obj, list | tuple) and name in ("size", "length"):
-        return Method(name, lambda: len(obj)) if name == "size" else len(obj)
-    if isinstance(obj, list | tuple) and name == "hasAll":
-        return Method(name, lambda other: all(x in obj for x in other))
-    if isinstance(obj, list | tuple) and name == "hasAny":
-        return Method(name, lambda other: any(x in obj for x in other))
-    raise RuleError(f"{kind(obj)} has no member {name!r}")
+def _boolean(value: Any, what: str) -> bool:
+    if value is True or value is False:  # the hot path of every rule: no kind() needed
+        return value
+    raise RuleError(f"{what} needs a bool, not {kind(value)}")
 
 
-def _equal(a: Any, b: Any) -> bool:
+def _matches(s: str, rx: Any) -> bool:
+    if isinstance(rx, Regex):  # a literal /re/ (database rules): anchors are explicit
+        return rx.pattern.search(s) is not None
+    try:  # a string (Storage rules) must match the whole value
+        return re.fullmatch(_need(rx, "string", "matches()"), s) is not None
+    except re.error as exc:
+        raise RuleError(f"bad regex {rx!r}: {exc}") from None
+
+
+# receiver kind -> method -> implementation(receiver, *args). Each dialect lists the names its
+# language has (Evaluator.methods), so one implementation serves both without one language's
+# methods leaking into the other.
+BUILTINS: dict[str, dict[str, Callable[..., Any]]] = {
+    "string": {
+        "matches": _matches,
+        "size": len,
+        "lower": str.lower,
+        "upper": str.upper,
+        "trim": str.strip,
+        "toLowerCase": str.lower,
+        "toUpperCase": str.upper,
+        "contains": lambda s, x: _need(x, "string", "contains()") in s,
+        "beginsWith": lambda s, x: s.startswith(_need(x, "string", "beginsWith()")),
+        "endsWith": lambda s, x: s.endswith(_need(x, "string", "endsWith()")),
+        "replace": lambda s, a, b: s.replace(_need(a, "string", "replace()"), _need(b, "string", "replace()")),
+        "split": lambda s, sep: s.split(_need(sep, "string", "split()")),
+    },
+    "list": {
+        "size": len,
+        "hasAny": lambda xs, other: any(x in xs for x in _need(other, "list", "hasAny()")),
+        "hasAll": lambda xs, other: all(x in xs for x in _need(other, "list", "hasAll()")),
+        "hasOnly": lambda xs, other: all(x in _need(other, "list", "hasOnly()") for x in xs),
+    },
+    "map": {
+        "size": len,
+        "keys": list,
+        "get": lambda m, key, default: m.get(key, default),
+    },
+}
+
+
+def equal(a: Any, b: Any) -> bool:
+    """``==``: values of different kinds are never equal (``1 == '1'`` and ``1 == true`` are false)."""
     ka, kb = kind(a), kind(b)
     if ka != kb:
         return False
     if ka in ("null", "bool", "number", "string", "list"):
         return a == b
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
+    if ka == "map":
         return dict(a) == dict(b)
     return a is b
 
 
-def _arith(op: str, a: Any, b: Any) -> Any:
-    if op == "+" and isinstance(a, str) and isinstance(b, str):
-        return a + b
-    if kind(a) != "number" or kind(b) != "number":
-        raise RuleError(f"{op} needs numbers")
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    if b == 0:
-        raise RuleError("division by zero")
-    if op == "/":
-        return a / b
-    return a % b
-
-
-def _compare(op: str, a: Any, b: Any) -> bool:
+def _order(op: str, a: Any, b: Any) -> bool:
     ka = kind(a)
     if ka != kind(b) or ka not in ("number", "string"):
         raise RuleError(f"cannot compare {ka} with {kind(b)}")
@@ -363,108 +427,171 @@ def _compare(op: str, a: Any, b: Any) -> bool:
     return a >= b
 
 
-Scope = Mapping[str, Any]
+# ---------------------------------------------------------------------------------------------
+# Evaluator
 
+class Evaluator:
+    """Evaluates ASTs over a scope; each rules engine subclasses it and sets the hooks below."""
 
-def evaluate(ast: tuple, scope: Scope) -> Any:
-    """Value of an expression; raises RuleError on any evaluation error."""
-    tag = ast[0]
-    if tag == "lit":
-        return ast[1]
-    if tag == "name":
-        if ast[1] not in scope:
-            raise RuleError(f"unknown variable {ast[1]!r}")
-        return scope[ast[1]]
-    if tag == "member":
-        return _member(evaluate(ast[1], scope), ast[2])
-    if tag == "index":
-        obj, key = evaluate(ast[1], scope), evaluate(ast[2], scope)
+    # receiver kind ("string", "list", "map") -> names from BUILTINS this language has
+    methods: ClassVar[Mapping[str, frozenset[str]]] = {}
+    int_division: ClassVar[bool] = False  # 7 / 2 == 3 (Storage's integers) rather than 3.5
+    list_concat: ClassVar[bool] = False  # [1] + [2] == [1, 2]
+    # Storage: an error on one side of && / || is forgiven when the other side decides on its own.
+    forgiving_logic: ClassVar[bool] = False
+
+    def __init__(self, scope: Scope):
+        self.scope = scope
+
+    def check(self, node: Node) -> bool:
+        """True only if the expression evaluates to exactly ``true``; errors and non-booleans deny."""
+        try:
+            return self.evaluate(node) is True
+        except (RuleError, RecursionError, OverflowError, ValueError, ZeroDivisionError, TypeError):
+            return False  # a rule that cannot be evaluated grants nothing
+
+    # ---- hooks ----------------------------------------------------------------------------------
+
+    def lookup(self, obj: Mapping[str, Any], name: str) -> Any:
+        """``map.name`` and ``map['name']``; a missing key is an error unless a dialect says null."""
+        if name not in obj:
+            raise RuleError(f"no field {name!r}")
+        return obj[name]
+
+    def attribute(self, obj: Any, name: str) -> Any:
+        """``value.name`` on a value that is neither a map nor a :class:`Member`."""
+        raise RuleError(f"cannot read {name!r} of {kind(obj)}")
+
+    def call_function(self, name: str, args: list[Any], scope: Scope) -> Any:
+        """``name(args)``: by default the name must hold a :class:`Method`."""
+        return self.invoke(self.variable(name, scope), args)
+
+    # ---- shared semantics -----------------------------------------------------------------------
+
+    def variable(self, name: str, scope: Scope) -> Any:
+        if name not in scope:
+            raise RuleError(f"unknown variable {name!r}")
+        return scope[name]
+
+    def builtin(self, obj: Any, name: str) -> Method:
+        receiver = kind(obj)
+        if name in self.methods.get(receiver, ()):
+            return Method(name, partial(BUILTINS[receiver][name], obj))
+        raise RuleError(f"{receiver} has no method {name}()")
+
+    def member(self, obj: Any, name: str) -> Any:
+        if obj is None:
+            raise RuleError(f"cannot read {name!r} of null")
+        if isinstance(obj, Member):
+            return obj.rule_member(name)
+        if isinstance(obj, Mapping):
+            return self.lookup(obj, name)
+        return self.attribute(obj, name)
+
+    def index(self, obj: Any, key: Any) -> Any:
         if isinstance(obj, Mapping) and isinstance(key, str):
-            return obj.get(key)
-        if isinstance(obj, list | tuple) and isinstance(key, int) and not isinstance(key, bool):
+            return self.lookup(obj, key)
+        if isinstance(obj, list | tuple) and kind(key) == "number" and isinstance(key, int):
             if -len(obj) <= key < len(obj):
                 return obj[key]
             raise RuleError("index out of range")
         if isinstance(obj, Member) and isinstance(key, str):
             return obj.rule_member(key)
-        raise RuleError("bad index")
-    if tag == "call":
-        func = evaluate(ast[1], scope)
+        raise RuleError(f"cannot index {kind(obj)} with {kind(key)}")
+
+    def call_method(self, obj: Any, name: str, args: list[Any]) -> Any:
+        if obj is None:
+            raise RuleError(f"cannot call {name}() on null")
+        return self.invoke(obj.rule_member(name) if isinstance(obj, Member) else self.builtin(obj, name), args)
+
+    def invoke(self, func: Any, args: list[Any]) -> Any:
         if not isinstance(func, Method):
             raise RuleError("not a function")
-        args = [evaluate(a, scope) for a in ast[2]]
         try:
             return func.func(*args)
         except TypeError as exc:
             raise RuleError(f"{func.name}(): {exc}") from None
-    if tag == "list":
-        return [evaluate(a, scope) for a in ast[1]]
-    if tag == "unary":
-        value = evaluate(ast[2], scope)
-        if ast[1] == "!":
-            if not isinstance(value, bool):
-                raise RuleError("! needs a boolean")
-            return not value
-        if kind(value) != "number":
-            raise RuleError("unary - needs a number")
-        return -value
-    if tag == "cond":
-        test = evaluate(ast[1], scope)
-        if not isinstance(test, bool):
-            raise RuleError("condition must be a boolean")
-        return evaluate(ast[2] if test else ast[3], scope)
-    if tag == "bin":
-        op = ast[1]
+
+    def evaluate(self, node: Node, scope: Scope | None = None) -> Any:
+        """Value of an expression; raises RuleError on any evaluation error."""
+        scope = self.scope if scope is None else scope
+        tag = node[0]
+        if tag == "member":
+            return self.member(self.evaluate(node[1], scope), node[2])
+        if tag == "lit":
+            return node[1]
+        if tag == "name":
+            return self.variable(node[1], scope)
+        if tag == "bin":
+            return self._binary(node[1], node[2], node[3], scope)
+        if tag == "call":
+            callee = node[1]
+            if callee[0] == "member":
+                obj = self.evaluate(callee[1], scope)
+                return self.call_method(obj, callee[2], [self.evaluate(a, scope) for a in node[2]])
+            return self.call_function(callee[1], [self.evaluate(a, scope) for a in node[2]], scope)
+        if tag == "unary":
+            value = self.evaluate(node[2], scope)
+            return not _boolean(value, "!") if node[1] == "!" else -_need(value, "number", "unary -")
+        if tag == "cond":
+            test = _boolean(self.evaluate(node[1], scope), "a condition")
+            return self.evaluate(node[2] if test else node[3], scope)
+        if tag == "index":
+            return self.index(self.evaluate(node[1], scope), self.evaluate(node[2], scope))
+        if tag == "list":
+            return [self.evaluate(item, scope) for item in node[1]]
+        raise RuleError(f"unknown node {tag}")  # pragma: no cover
+
+    def _binary(self, op: str, left: Node, right: Node, scope: Scope) -> Any:
         if op in ("&&", "||"):
-            left = evaluate(ast[2], scope)
-            if not isinstance(left, bool):
-                raise RuleError(f"{op} needs booleans")
-            if (op == "&&" and not left) or (op == "||" and left):
-                return left
-            right = evaluate(ast[3], scope)
-            if not isinstance(right, bool):
-                raise RuleError(f"{op} needs booleans")
-            return right
-        left, right = evaluate(ast[2], scope), evaluate(ast[3], scope)
+            return self._logic(op, left, right, scope)
+        a, b = self.evaluate(left, scope), self.evaluate(right, scope)
         if op in ("==", "==="):
-            return _equal(left, right)
+            return equal(a, b)
         if op in ("!=", "!=="):
-            return not _equal(left, right)
+            return not equal(a, b)
         if op in ("<", "<=", ">", ">="):
-            return _compare(op, left, right)
-        return _arith(op, left, right)
-    raise RuleError(f"unknown node {tag}")  # pragma: no cover
+            return _order(op, a, b)
+        if op == "in":
+            if kind(b) not in ("list", "map"):
+                raise RuleError("the right side of 'in' must be a list or a map")
+            try:
+                return a in b
+            except TypeError:
+                raise RuleError(f"a {kind(a)} cannot be a map key") from None
+        return self._arith(op, a, b)
 
+    def _logic(self, op: str, left: Node, right: Node, scope: Scope) -> bool:
+        decisive = op == "||"  # the value that decides the result on its own
+        try:
+            a = _boolean(self.evaluate(left, scope), op)
+        except RuleError:
+            if not self.forgiving_logic:
+                raise
+            if _boolean(self.evaluate(right, scope), op) is decisive:
+                return decisive
+            raise
+        if a is decisive:
+            return decisive
+        return _boolean(self.evaluate(right, scope), op)
 
-def check(ast: tuple, scope: Scope) -> bool:
-    """True only if the expression evaluates to exactly ``true``; errors and non-booleans deny."""
-    try:
-        return evaluate(ast, scope) is True
-    except RuleError:
-        return False
-    except (RecursionError, OverflowError, ValueError, ZeroDivisionError):
-        return False
-
-
-def strip_comments(text: str) -> str:
-    """Remove // and /* */ comments outside of strings (rules files allow them, JSON does not)."""
-    out: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == '"':
-            j = i + 1
-            while j < n and text[j] != '"':
-                j += 2 if text[j] == "\\" else 1
-            out.append(text[i : j + 1])
-            i = j + 1
-        elif text.startswith("//", i):
-            j = text.find("\n", i)
-            i = n if j < 0 else j
-        elif text.startswith("/*", i):
-            j = text.find("*/", i + 2)
-            i = n if j < 0 else j + 2
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
+    def _arith(self, op: str, a: Any, b: Any) -> Any:
+        ka, kb = kind(a), kind(b)
+        if op == "+" and ka == kb and (ka == "string" or (ka == "list" and self.list_concat)):
+            return a + b
+        if ka != "number" or kb != "number":
+            raise RuleError(f"{op} needs numbers, not {ka} and {kb}")
+        if op == "+":
+            return a + b
+        if op == "-":
+            return a - b
+        if op == "*":
+            return a * b
+        if b == 0:
+            raise RuleError("division by zero")
+        if op == "%":
+            return a % b
+        if self.int_division and isinstance(a, int) and isinstance(b, int):
+            quotient = abs(a) // abs(b)  # truncated toward zero, as CEL's integers
+            return quotient if (a < 0) == (b < 0) else -quotient
+        return a / b

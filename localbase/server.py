@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from dermaloop.settings import PROJECT_ROOT, emulator_ports
+from localbase.config import DEFAULT_PROJECT_ID, PROJECT_ROOT, emulator_ports
 from localbase.context import Context
 
 # service name (as in firebase.json) -> module with create_app(ctx)
@@ -54,9 +54,10 @@ def run(
     data_dir: Path,
     host: str = "127.0.0.1",
     ports: dict[str, int] | None = None,
-    project_id: str = "demo-dermaloop",
+    project_id: str = DEFAULT_PROJECT_ID,
     rules_dir: Path = PROJECT_ROOT,
 ) -> int:
+    """Serve until SIGINT/SIGTERM. Ports not given come from firebase.json, so callers name only overrides."""
     resolved = emulator_ports()
     resolved.update({k: v for k, v in (ports or {}).items() if v is not None})
     ctx = Context(data_dir=Path(data_dir), project_id=project_id, host=host, ports=resolved, rules_dir=rules_dir)

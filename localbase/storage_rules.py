@@ -12,6 +12,11 @@ one ``firebase deploy`` pushes:
   >= + - * / % in``, ``?:``, lists, and the methods ``matches size lower upper trim hasAny hasAll
   hasOnly keys get``.
 
+Expressions are read and evaluated by the core the database rules use too (:mod:`localbase.rules_expr`);
+this module is the statement layer (service, match, allow, function) and the Storage dialect:
+relational operators and ``in`` share one precedence level, a missing map field is an error rather
+than null, integers divide to integers, and a bare call ``f(x)`` is a user function.
+
 As in production, an error inside a condition (say ``request.auth.uid`` when ``request.auth`` is
 null) makes that condition false; ``||`` and ``&&`` still short-circuit around an erroring side.
 """
@@ -19,102 +24,58 @@ null) makes that condition false; ``||`` and ``&&`` still short-circuit around a
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localbase.rules_expr import Dialect, Evaluator, Node, Parser, RuleError, RuleSyntaxError, Scope, Tok
+
 METHODS = {"get", "list", "create", "update", "delete"}
 _EXPAND = {"read": {"get", "list"}, "write": {"create", "update", "delete"}}
 
-
-class RulesSyntaxError(ValueError):
-    """The rules file uses syntax outside the supported subset, or is malformed."""
+_MATCH_PATH = re.compile(r"/\S*")
 
 
-class RulesEvalError(Exception):
-    """A condition could not be evaluated (null access, wrong type...): it counts as false."""
+def _match_path(tokens: list[Tok], source: str, pos: int) -> tuple[Tok, int] | None:
+    """After ``match`` comes a raw path up to the next whitespace: /cases/{uid}/{file=**}."""
+    if not tokens or (tokens[-1].kind, tokens[-1].value) != ("name", "match"):
+        return None
+    m = _MATCH_PATH.match(source, pos)
+    if not m:
+        raise RuleSyntaxError("expected a path after 'match'", source, pos)
+    return Tok("path", m.group(), pos), m.end()
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokenizer
-
-_TOKEN = re.compile(
-    r"""
-    (?P<ws>\s+|//[^\n]*|/\*.*?\*/)
-  | (?P<num>\d+\.\d+|\d+)
-  | (?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
-  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<op>&&|\|\||==|!=|<=|>=|[-+*/%!<>(){}\[\],.;:?=])
-    """,
-    re.VERBOSE | re.DOTALL,
+# storage.rules expressions are CEL-like: ordering, equality and ``in`` share one level (left to
+# right), ``//`` and ``/* */`` comments sit between statements, and lists may end with a comma.
+_RELATIONAL = ("==", "!=", "<", "<=", ">", ">=", "in")
+STORAGE = Dialect(
+    name="storage.rules",
+    binary={"||": 1, "&&": 2, **dict.fromkeys(_RELATIONAL, 3), "+": 4, "-": 4, "*": 5, "/": 5, "%": 5},
+    operators=("{", "}", ";", "="),
+    comments=True,
+    trailing_commas=True,
+    lexer_hook=_match_path,
 )
 
 
-@dataclass
-class Tok:
-    kind: str  # num str name op path end
-    value: Any
-    pos: int
-
-
-def _unescape(text: str) -> str:
-    body = text[1:-1]
-    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), body)
-
-
-def tokenize(source: str) -> list[Tok]:
-    tokens: list[Tok] = []
-    pos = 0
-    while pos < len(source):
-        if tokens and tokens[-1].kind == "name" and tokens[-1].value == "match":
-            # A match path is raw text up to the next whitespace: /cases/{uid}/{file=**}
-            m = re.compile(r"\s*(/\S*)").match(source, pos)
-            if not m:
-                raise RulesSyntaxError(f"expected a path after 'match' at {_where(source, pos)}")
-            tokens.append(Tok("path", m.group(1), m.start(1)))
-            pos = m.end()
-            continue
-        m = _TOKEN.match(source, pos)
-        if not m:
-            raise RulesSyntaxError(f"unexpected character {source[pos]!r} at {_where(source, pos)}")
-        kind = m.lastgroup
-        text = m.group(kind)
-        if kind == "num":
-            tokens.append(Tok("num", float(text) if "." in text else int(text), pos))
-        elif kind == "str":
-            tokens.append(Tok("str", _unescape(text), pos))
-        elif kind in ("name", "op"):
-            tokens.append(Tok(kind, text, pos))
-        pos = m.end()
-    tokens.append(Tok("end", None, len(source)))
-    return tokens
-
-
-def _where(source: str, pos: int) -> str:
-    line = source.count("\n", 0, pos) + 1
-    col = pos - (source.rfind("\n", 0, pos) + 1) + 1
-    return f"line {line}, column {col}"
-
-
 # ---------------------------------------------------------------------------------------------
-# Syntax tree
-
-Expr = tuple  # ("lit", v) ("var", name) ("get", obj, name) ("index", obj, key) ("call", obj|None, name, args)
-# ("un", op, e) ("bin", op, a, b) ("cond", c, a, b) ("list", [e])
+# Statements
 
 
 @dataclass
 class Function:
     name: str
     params: list[str]
-    lets: list[tuple[str, Expr]]
-    body: Expr
+    lets: list[tuple[str, Node]]
+    body: Node
 
 
 @dataclass
 class Allow:
     methods: set[str]
-    condition: Expr | None
+    condition: Node | None
 
 
 @dataclass
@@ -125,36 +86,12 @@ class Match:
     functions: dict[str, Function] = field(default_factory=dict)
 
 
-class _Parser:
+class _Parser(Parser):
+    """The statements of a rules file; the expressions inside them are the core parser's."""
+
     def __init__(self, source: str):
-        self.source = source
-        self.toks = tokenize(source)
-        self.i = 0
+        super().__init__(source, STORAGE)
 
-    # helpers
-    def peek(self, offset: int = 0) -> Tok:
-        return self.toks[min(self.i + offset, len(self.toks) - 1)]
-
-    def next(self) -> Tok:
-        tok = self.toks[self.i]
-        self.i = min(self.i + 1, len(self.toks) - 1)
-        return tok
-
-    def error(self, message: str, tok: Tok | None = None) -> RulesSyntaxError:
-        tok = tok or self.peek()
-        return RulesSyntaxError(f"{message} at {_where(self.source, tok.pos)}")
-
-    def at(self, kind: str, value: Any = None) -> bool:
-        tok = self.peek()
-        return tok.kind == kind and (value is None or tok.value == value)
-
-    def expect(self, kind: str, value: Any = None) -> Tok:
-        if not self.at(kind, value):
-            got = self.peek()
-            raise self.error(f"expected {value or kind!r}, got {got.value!r}")
-        return self.next()
-
-    # statements
     def parse_file(self) -> Match:
         if self.at("name", "rules_version"):
             self.next()
@@ -226,7 +163,7 @@ class _Parser:
         if self.at("op", ":"):
             self.next()
             self.expect("name", "if")
-            condition = self.parse_expr()
+            condition = self.expression()
         self.expect("op", ";")
         return Allow(methods, condition)
 
@@ -241,123 +178,18 @@ class _Parser:
                 self.expect("op", ",")
         self.expect("op", ")")
         self.expect("op", "{")
-        lets: list[tuple[str, Expr]] = []
+        lets: list[tuple[str, Node]] = []
         while self.at("name", "let"):
             self.next()
             var = self.expect("name").value
             self.expect("op", "=")
-            lets.append((var, self.parse_expr()))
+            lets.append((var, self.expression()))
             self.expect("op", ";")
         self.expect("name", "return")
-        body = self.parse_expr()
+        body = self.expression()
         self.expect("op", ";")
         self.expect("op", "}")
         return Function(name, params, lets, body)
-
-    # expressions, lowest precedence first
-    def parse_expr(self) -> Expr:
-        cond = self.parse_or()
-        if self.at("op", "?"):
-            self.next()
-            a = self.parse_expr()
-            self.expect("op", ":")
-            b = self.parse_expr()
-            return ("cond", cond, a, b)
-        return cond
-
-    def parse_or(self) -> Expr:
-        left = self.parse_and()
-        while self.at("op", "||"):
-            self.next()
-            left = ("bin", "||", left, self.parse_and())
-        return left
-
-    def parse_and(self) -> Expr:
-        left = self.parse_rel()
-        while self.at("op", "&&"):
-            self.next()
-            left = ("bin", "&&", left, self.parse_rel())
-        return left
-
-    def parse_rel(self) -> Expr:
-        left = self.parse_add()
-        while self.peek().value in ("==", "!=", "<", "<=", ">", ">=") and self.peek().kind == "op" or self.at(
-            "name", "in"
-        ):
-            op = self.next().value
-            left = ("bin", op, left, self.parse_add())
-        return left
-
-    def parse_add(self) -> Expr:
-        left = self.parse_mul()
-        while self.peek().kind == "op" and self.peek().value in ("+", "-"):
-            op = self.next().value
-            left = ("bin", op, left, self.parse_mul())
-        return left
-
-    def parse_mul(self) -> Expr:
-        left = self.parse_unary()
-        while self.peek().kind == "op" and self.peek().value in ("*", "/", "%"):
-            op = self.next().value
-            left = ("bin", op, left, self.parse_unary())
-        return left
-
-    def parse_unary(self) -> Expr:
-        if self.peek().kind == "op" and self.peek().value in ("!", "-"):
-            op = self.next().value
-            return ("un", op, self.parse_unary())
-        return self.parse_postfix()
-
-    def parse_postfix(self) -> Expr:
-        expr = self.parse_primary()
-        while True:
-            if self.at("op", "."):
-                self.next()
-                name = self.expect("name").value
-                expr = ("call", expr, name, self.parse_args()) if self.at("op", "(") else ("get", expr, name)
-            elif self.at("op", "["):
-                self.next()
-                key = self.parse_expr()
-                self.expect("op", "]")
-                expr = ("index", expr, key)
-            else:
-                return expr
-
-    def parse_args(self) -> list[Expr]:
-        self.expect("op", "(")
-        args: list[Expr] = []
-        while not self.at("op", ")"):
-            args.append(self.parse_expr())
-            if not self.at("op", ")"):
-                self.expect("op", ",")
-        self.expect("op", ")")
-        return args
-
-    def parse_primary(self) -> Expr:
-        tok = self.next()
-        if tok.kind in ("num", "str"):
-            return ("lit", tok.value)
-        if tok.kind == "name":
-            if tok.value in ("true", "false"):
-                return ("lit", tok.value == "true")
-            if tok.value == "null":
-                return ("lit", None)
-            if self.at("op", "("):
-                return ("call", None, tok.value, self.parse_args())
-            return ("var", tok.value)
-        if tok.kind == "op" and tok.value == "(":
-            expr = self.parse_expr()
-            self.expect("op", ")")
-            return expr
-        if tok.kind == "op" and tok.value == "[":
-            items: list[Expr] = []
-            while not self.at("op", "]"):
-                items.append(self.parse_expr())
-                if not self.at("op", "]"):
-                    self.expect("op", ",")
-            self.expect("op", "]")
-            return ("list", items)
-        raise self.error(f"unexpected {tok.value!r} in expression", tok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,165 +198,39 @@ class _Parser:
 _MAX_CALL_DEPTH = 20
 
 
-def _type_check(value: Any, kinds: tuple[type, ...], what: str) -> Any:
-    if isinstance(value, bool) and bool not in kinds:
-        raise RulesEvalError(f"{what}: expected {kinds}, got bool")
-    if not isinstance(value, kinds):
-        raise RulesEvalError(f"{what}: expected {kinds}, got {type(value).__name__}")
-    return value
+class StorageEvaluator(Evaluator):
+    """Storage semantics on the shared core: strict fields, CEL-like integers, forgiving ``&&``/``||``,
+    and the rules file's own functions (each sees the request variables, its arguments and its lets)."""
 
+    methods = {
+        "string": frozenset({"matches", "size", "lower", "upper", "trim"}),
+        "list": frozenset({"size", "hasAny", "hasAll", "hasOnly"}),
+        "map": frozenset({"size", "keys", "get"}),
+    }
+    int_division = True
+    list_concat = True
+    forgiving_logic = True
 
-def _method(obj: Any, name: str, args: list[Any]) -> Any:
-    if isinstance(obj, str):
-        if name == "matches" and len(args) == 1:
-            try:
-                return re.fullmatch(_type_check(args[0], (str,), "matches"), obj) is not None
-            except re.error as exc:
-                raise RulesEvalError(f"bad regex: {exc}") from None
-        if name == "size" and not args:
-            return len(obj)
-        if name in ("lower", "upper", "trim") and not args:
-            return {"lower": obj.lower, "upper": obj.upper, "trim": obj.strip}[name]()
-    if isinstance(obj, list):
-        if name == "size" and not args:
-            return len(obj)
-        if name in ("hasAny", "hasAll", "hasOnly") and len(args) == 1:
-            other = _type_check(args[0], (list,), name)
-            if name == "hasAny":
-                return any(x in obj for x in other)
-            if name == "hasAll":
-                return all(x in obj for x in other)
-            return all(x in other for x in obj)
-    if isinstance(obj, dict):
-        if name == "size" and not args:
-            return len(obj)
-        if name == "keys" and not args:
-            return list(obj)
-        if name == "get" and len(args) == 2:
-            return obj.get(args[0], args[1])
-    raise RulesEvalError(f"no method {name}() with {len(args)} argument(s) on {type(obj).__name__}")
-
-
-def _compare(op: str, a: Any, b: Any) -> bool:
-    if op == "==":
-        return a == b and type(a) is type(b) or (_is_num(a) and _is_num(b) and a == b)
-    if op == "!=":
-        return not _compare("==", a, b)
-    if not ((_is_num(a) and _is_num(b)) or (isinstance(a, str) and isinstance(b, str))):
-        raise RulesEvalError(f"cannot compare {type(a).__name__} and {type(b).__name__}")
-    return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[op]
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
-class _Evaluator:
-    def __init__(self, functions: dict[str, Function], variables: dict[str, Any]):
+    def __init__(self, scope: Scope, functions: dict[str, Function]):
+        super().__init__(scope)
         self.functions = functions
-        self.variables = variables
         self.depth = 0
 
-    def truth(self, expr: Expr) -> bool:
-        value = self.eval(expr)
-        if not isinstance(value, bool):
-            raise RulesEvalError(f"condition is {type(value).__name__}, not bool")
-        return value
-
-    def eval(self, expr: Expr, scope: dict[str, Any] | None = None) -> Any:
-        scope = self.variables if scope is None else scope
-        kind = expr[0]
-        if kind == "lit":
-            return expr[1]
-        if kind == "var":
-            if expr[1] not in scope:
-                raise RulesEvalError(f"unknown variable {expr[1]!r}")
-            return scope[expr[1]]
-        if kind == "list":
-            return [self.eval(e, scope) for e in expr[1]]
-        if kind == "get":
-            obj = self.eval(expr[1], scope)
-            if not isinstance(obj, dict):
-                raise RulesEvalError(f"cannot read .{expr[2]} of {type(obj).__name__}")
-            if expr[2] not in obj:
-                raise RulesEvalError(f"no field {expr[2]!r}")
-            return obj[expr[2]]
-        if kind == "index":
-            obj, key = self.eval(expr[1], scope), self.eval(expr[2], scope)
-            try:
-                return obj[key]
-            except (KeyError, IndexError, TypeError):
-                raise RulesEvalError(f"cannot index {type(obj).__name__} with {key!r}") from None
-        if kind == "call":
-            args = [self.eval(a, scope) for a in expr[3]]
-            if expr[1] is None:
-                return self.call(expr[2], args)
-            return _method(self.eval(expr[1], scope), expr[2], args)
-        if kind == "un":
-            value = self.eval(expr[2], scope)
-            if expr[1] == "!":
-                return not _type_check(value, (bool,), "!")
-            return -_type_check(value, (int, float), "unary -")
-        if kind == "cond":
-            test = self.eval(expr[1], scope)
-            return self.eval(expr[2] if _type_check(test, (bool,), "?:") else expr[3], scope)
-        if kind == "bin":
-            return self.binary(expr[1], expr[2], expr[3], scope)
-        raise RulesEvalError(f"unknown expression {kind}")
-
-    def binary(self, op: str, left: Expr, right: Expr, scope: dict[str, Any]) -> Any:
-        if op in ("&&", "||"):
-            stop = op == "||"  # the value that decides the result on its own
-            try:
-                a = _type_check(self.eval(left, scope), (bool,), op)
-            except RulesEvalError:
-                b = _type_check(self.eval(right, scope), (bool,), op)
-                if b is stop:
-                    return stop
-                raise
-            if a is stop:
-                return stop
-            return _type_check(self.eval(right, scope), (bool,), op)
-        a, b = self.eval(left, scope), self.eval(right, scope)
-        if op in ("==", "!=", "<", "<=", ">", ">="):
-            return _compare(op, a, b)
-        if op == "in":
-            if isinstance(b, list | dict):
-                return a in b
-            raise RulesEvalError("right side of 'in' must be a list or map")
-        if op == "+" and isinstance(a, str) and isinstance(b, str):
-            return a + b
-        if op == "+" and isinstance(a, list) and isinstance(b, list):
-            return a + b
-        if not (_is_num(a) and _is_num(b)):
-            raise RulesEvalError(f"operator {op} needs numbers")
-        if op in ("/", "%") and b == 0:
-            raise RulesEvalError("division by zero")
-        if op == "+":
-            return a + b
-        if op == "-":
-            return a - b
-        if op == "*":
-            return a * b
-        if op == "%":
-            return a % b
-        return int(a / b) if isinstance(a, int) and isinstance(b, int) else a / b
-
-    def call(self, name: str, args: list[Any]) -> Any:
+    def call_function(self, name: str, args: list[Any], scope: Scope) -> Any:
         fn = self.functions.get(name)
         if fn is None:
-            raise RulesEvalError(f"unknown function {name}()")
+            raise RuleError(f"unknown function {name}()")
         if len(args) != len(fn.params):
-            raise RulesEvalError(f"{name}() takes {len(fn.params)} argument(s)")
+            raise RuleError(f"{name}() takes {len(fn.params)} argument(s)")
         if self.depth >= _MAX_CALL_DEPTH:
-            raise RulesEvalError("function calls nested too deeply")
-        scope = dict(self.variables)
-        scope.update(zip(fn.params, args, strict=True))
+            raise RuleError("function calls nested too deeply")
+        local = dict(self.scope)
+        local.update(zip(fn.params, args, strict=True))
         self.depth += 1
         try:
             for var, value in fn.lets:
-                scope[var] = self.eval(value, scope)
-            return self.eval(fn.body, scope)
+                local[var] = self.evaluate(value, local)
+            return self.evaluate(fn.body, local)
         finally:
             self.depth -= 1
 
@@ -540,7 +246,10 @@ class StorageRules:
 
     def __init__(self, source: str, origin: str = "storage.rules"):
         self.origin = origin
-        self.root = _Parser(source).parse_file()
+        try:
+            self.root = _Parser(source).parse_file()
+        except RuleSyntaxError as exc:  # name the file: a malformed one stops start-up
+            raise RuleSyntaxError(f"{origin}: {exc.message}", exc.source, exc.pos) from None
 
     @classmethod
     def from_file(cls, path: Path) -> StorageRules:
@@ -577,17 +286,13 @@ class StorageRules:
                 continue
             if allow.condition is None:
                 return Decision(True, "unconditional allow")
-            scope = {**variables, **bindings}
-            try:
-                if _Evaluator(functions, scope).truth(allow.condition):
-                    return Decision(True, "condition true")
-            except RulesEvalError:
-                continue
+            if StorageEvaluator({**variables, **bindings}, functions).check(allow.condition):
+                return Decision(True, "condition true")
         return Decision(False, f"no rule in {self.origin} allows {method} on {name!r}")
 
     def _applicable(
         self, block: Match, remaining: list[str], bindings: dict[str, str], functions: dict[str, Function]
-    ):
+    ) -> Iterator[tuple[Allow, dict[str, str], dict[str, Function]]]:
         functions = {**functions, **block.functions}
         for child in block.matches:
             for rest, bound in _match_prefix(child.pattern, remaining):
@@ -598,9 +303,9 @@ class StorageRules:
                 yield from self._applicable(child, rest, merged, functions)
 
 
-def _match_prefix(pattern: list[str], segments: list[str]):
+def _match_prefix(pattern: list[str], segments: list[str]) -> Iterator[tuple[list[str], dict[str, str]]]:
     """Ways ``pattern`` matches a prefix of ``segments``: (remaining segments, bindings)."""
-    bound: dict[str, Any] = {}
+    bound: dict[str, str] = {}
     for n, seg in enumerate(pattern):
         if seg.endswith("=**}"):
             bound[seg[1:-4]] = "/".join(segments[n:])

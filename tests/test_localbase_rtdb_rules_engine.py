@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from localbase.rtdb.rules import Rules, Snapshot, load_rules
+from localbase.rtdb.rules import Rules, Snapshot, check_expression, load_rules, parse_expression
 from localbase.rtdb.values import get_at
-from localbase.rules_expr import RuleSyntaxError, check, parse
+from localbase.rules_expr import RuleSyntaxError
 
 
 def holds(expr: str, **scope) -> bool:
-    return check(parse(expr), scope)
+    return check_expression(parse_expression(expr), scope)
 
 
 @pytest.mark.parametrize("expr", [
@@ -59,7 +59,7 @@ def test_short_circuit_guards_null_auth():
 @pytest.mark.parametrize("source", ["auth ===", "(1", "a b", "'unterminated", "x.matches(/[/)"])
 def test_syntax_errors_are_reported(source):
     with pytest.raises(RuleSyntaxError):
-        parse(source)
+        parse_expression(source)
 
 
 def test_snapshot_methods():

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from dermaloop.settings import PROJECT_ROOT
-from localbase.storage_rules import RulesSyntaxError, StorageRules
+from localbase.rules_expr import RuleSyntaxError
+from localbase.storage_rules import StorageRules
 
 BUCKET = "demo-dermaloop.appspot.com"
 MB = 1024 * 1024
@@ -133,7 +134,7 @@ def test_expression_subset():
     ],
 )
 def test_syntax_errors_are_reported_with_position(source, fragment):
-    with pytest.raises(RulesSyntaxError) as info:
+    with pytest.raises(RuleSyntaxError) as info:
         StorageRules(source)
     assert fragment in str(info.value)
     assert "line" in str(info.value)

@@ -15,7 +15,6 @@ from typing import Any
 from dermaloop.rtdb_wire import key_order, priority_order, value_order
 from localbase.rtdb.values import Path, bad_request, get_at
 
-
 FILTERS = ("startAt", "endAt", "equalTo", "startAfter", "endBefore")
 QUERY_PARAMS = (*FILTERS, "orderBy", "limitToFirst", "limitToLast")
 

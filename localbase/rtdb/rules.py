@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,17 +20,61 @@ from typing import Any
 
 from localbase.rtdb.values import Path, get_at
 from localbase.rules_expr import (
+    Dialect,
+    Evaluator,
     Member,
     Method,
+    Node,
     RuleError,
     RuleSyntaxError,
-    check,
+    Scope,
+    line_column,
     names_used,
     parse,
-    strip_comments,
 )
 
 Rule = bool | tuple | None  # True/False literal, a parsed expression, or absent
+
+# database.rules.json strings are JavaScript: equality binds looser than ordering, ``===`` is ``==``,
+# numbers may be 1., .5 or 1e3, ``$`` starts wildcard variables, and ``matches`` takes a regex literal.
+RTDB = Dialect(
+    name="database.rules.json",
+    binary={"||": 1, "&&": 2, "==": 3, "!=": 3, "===": 3, "!==": 3,
+            "<": 4, "<=": 4, ">": 4, ">=": 4, "+": 5, "-": 5, "*": 6, "/": 6, "%": 6},
+    operators=("===", "!=="),
+    identifier=r"[A-Za-z_$][A-Za-z0-9_$]*",
+    number=r"\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+(?:[eE][+-]?\d+)?",
+    regex_literals=True,
+)
+
+
+class RtdbEvaluator(Evaluator):
+    """Database semantics on the shared core: a missing child or claim reads as null, strings and
+    lists have ``length``, and the string methods are JavaScript's names (plus the Storage ones)."""
+
+    methods = {
+        "string": frozenset({"contains", "beginsWith", "endsWith", "replace", "toLowerCase", "toUpperCase",
+                             "matches", "lower", "upper", "size", "trim", "split"}),
+        "list": frozenset({"size", "hasAll", "hasAny"}),
+    }
+
+    def lookup(self, obj: Any, name: str) -> Any:
+        return obj.get(name)
+
+    def attribute(self, obj: Any, name: str) -> Any:
+        if name == "length" and isinstance(obj, str | list | tuple):
+            return len(obj)
+        return self.builtin(obj, name)  # a method named without a call is a value (equal to nothing)
+
+
+def parse_expression(source: str) -> Node:
+    """One rule string compiled; raises RuleSyntaxError naming the column."""
+    return parse(source, RTDB)
+
+
+def check_expression(rule: Node, scope: Scope) -> bool:
+    """Whether a compiled rule grants: exactly ``true``; errors and other values deny."""
+    return RtdbEvaluator(scope).check(rule)
 
 
 @dataclass
@@ -55,25 +100,66 @@ class RuleNode:
 _DATA_NAMES = {"data", "root", "newData"}
 
 
-def _compile(value: Any, where: str) -> Rule:
+def blank_comments(text: str) -> str:
+    """Blank out // and /* */ comments outside of strings (rules files allow them, JSON does not).
+
+    Comments become spaces, not nothing, so offsets in the result are offsets in the file: JSON
+    errors and rule syntax errors then point at the line the author sees."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i : j + 1])
+            i = j + 1
+            continue
+        if text.startswith("//", i):
+            j = text.find("\n", i)
+            end = n if j < 0 else j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            end = n if j < 0 else j + 2
+        else:
+            out.append(text[i])
+            i += 1
+            continue
+        out.append(re.sub(r"[^\n]", " ", text[i:end]))
+        i = end
+    return "".join(out)
+
+
+def _file_position(text: str, value: str, pos: int) -> str | None:
+    """Where character ``pos`` of the rule string ``value`` sits in the file, if the string is found."""
+    start = text.find(json.dumps(value, ensure_ascii=False))
+    if start < 0:
+        return None
+    line, column = line_column(text, start + len(json.dumps(value[:pos], ensure_ascii=False)) - 1)
+    return f"line {line}, column {column}"
+
+
+def _compile(value: Any, where: str, text: str) -> Rule:
     if isinstance(value, bool):
         return value
     if isinstance(value, str):
         try:
-            return parse(value)
+            return parse_expression(value)
         except RuleSyntaxError as exc:
-            raise RuleSyntaxError(f"{where}: {exc}") from None
+            in_file = _file_position(text, value, exc.pos or 0)
+            at = f"{in_file} (column {exc.column} of {value!r})" if in_file else f"column {exc.column} of {value!r}"
+            raise RuleSyntaxError(f"{where}: {exc.message} at {at}") from None
     raise RuleSyntaxError(f"{where}: a rule must be a boolean or an expression string")
 
 
-def _build(spec: Any, where: str) -> RuleNode:
+def _build(spec: Any, where: str, text: str) -> RuleNode:
     if not isinstance(spec, dict):
         raise RuleSyntaxError(f"{where}: expected an object")
     node = RuleNode()
     for key, value in spec.items():
         here = f"{where}/{key}"
         if key in (".read", ".write", ".validate"):
-            setattr(node, key[1:], _compile(value, here))
+            setattr(node, key[1:], _compile(value, here, text))
         elif key == ".indexOn":
             names = [value] if isinstance(value, str) else value
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -84,9 +170,9 @@ def _build(spec: Any, where: str) -> RuleNode:
         elif key.startswith("$"):
             if node.wildcard is not None:
                 raise RuleSyntaxError(f"{where}: more than one $wildcard at one level")
-            node.wildcard = (key, _build(value, here))
+            node.wildcard = (key, _build(value, here, text))
         else:
-            node.children[key] = _build(value, here)
+            node.children[key] = _build(value, here, text)
     if isinstance(node.read, tuple):
         node.read_uses_data = bool(names_used(node.read) & _DATA_NAMES)
     return node
@@ -94,13 +180,14 @@ def _build(spec: Any, where: str) -> RuleNode:
 
 def load_rules(text: str) -> RuleNode:
     """Parse a rules file (comments allowed); raises RuleSyntaxError with the offending path."""
+    text = blank_comments(text)
     try:
-        spec = json.loads(strip_comments(text))
+        spec = json.loads(text)
     except ValueError as exc:
         raise RuleSyntaxError(f"database rules are not valid JSON: {exc}") from None
     if not isinstance(spec, dict) or set(spec) != {"rules"}:
         raise RuleSyntaxError('database rules must be an object with the single key "rules"')
-    return _build(spec["rules"], "rules")
+    return _build(spec["rules"], "rules", text)
 
 
 LOCKED = RuleNode(read=False, write=False)
@@ -237,7 +324,7 @@ class Rules:
             return False
         if rule is True:
             return True
-        return check(rule, scope_fn())
+        return check_expression(rule, scope_fn())
 
     def can_read(self, path: Path, auth: Any, old: Callable[[Path], Any], query: dict | None = None) -> bool:
         node: RuleNode | None = self.root
