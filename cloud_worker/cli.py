@@ -78,9 +78,12 @@ def setup_logging(json_logs: bool | None) -> None:
     handler = logging.StreamHandler(sys.stdout)
     use_json = (not sys.stdout.isatty()) if json_logs is None else json_logs
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    # The shared library's loggers (dermaloop.registry: model downloads and loads, failures) speak
+    # in the worker's format too, rather than in Python's bare last-resort one on stderr.
+    for logger in (log, logging.getLogger("dermaloop")):
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _status(app) -> int:
@@ -100,10 +103,11 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.json_logs)
     from cloud_worker.jobs import JobQueue
     from cloud_worker.model import ModelLoadError, load_model
-    from cloud_worker.registry import ModelProvider, fetch_published, published_version
+    from cloud_worker.registry import ModelProvider
     from cloud_worker.worker import Worker, WorkerConfig
     from dermaloop.admin_app import get_app
     from dermaloop.model_dir import newest_model_dir
+    from dermaloop.registry import RegistryError, current_version, fetch
     from dermaloop.settings import load_settings
     from dermaloop.storage import admin_bucket
 
@@ -125,8 +129,14 @@ def run(args: argparse.Namespace) -> int:
     def find_model() -> Path | None:
         if args.model:
             return Path(args.model)
-        version = published_version(app)
-        return fetch_published(app, bucket, cache_dir, version) if version else newest_model_dir(settings.models_dir)
+        version = current_version("cloud", app=app)
+        if version:
+            try:
+                return fetch("cloud", version, cache_dir, app=app, bucket=bucket)
+            except RegistryError as exc:  # e.g. a file changed after publication: refuse it, serve a local one
+                log.error("cannot fetch the published model; trying the local models directory",
+                          extra={"fields": {"version": version, "error": str(exc)}})
+        return newest_model_dir(settings.models_dir)
 
     model_dir = find_model()
     if model_dir is None:

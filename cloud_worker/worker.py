@@ -27,12 +27,14 @@ import numpy as np
 from firebase_admin import db
 
 from cloud_worker import triage
-from cloud_worker.errors import REASONS, JobError, permanent, transient
+from cloud_worker.errors import JobError, permanent, transient
 from cloud_worker.fetch import download, expected_image
-from cloud_worker.jobs import FINISHED_CASE_STATUSES, Claim, JobQueue, LeaseLost, claimable, now_ms
+from cloud_worker.jobs import Claim, JobQueue, LeaseLost, claimable, now_ms
 from cloud_worker.metrics import Metrics
 from cloud_worker.pipeline import Analysis, Inferred, Prepared, heatmap_png, infer, prepare, record
 from cloud_worker.registry import ModelProvider
+from dermaloop import cases
+from dermaloop.admin_listen import close_listener
 
 log = logging.getLogger("cloud_worker")
 
@@ -62,25 +64,6 @@ class _Work:
 
 def _fields(**kw: Any) -> dict[str, Any]:
     return {"fields": kw}
-
-
-def close_listener(listener, timeout: float = 3.0) -> None:
-    """Close a firebase-admin listener without hanging shutdown: its ``close()`` joins a reader
-    thread that can stay blocked (or keep reconnecting to a backend that is gone)."""
-    if listener is None:
-        return
-
-    def close() -> None:
-        try:
-            listener.close()
-        except Exception:
-            log.exception("closing a database listener failed")
-
-    closer = threading.Thread(target=close, name="close-listener", daemon=True)
-    closer.start()
-    closer.join(timeout)
-    if closer.is_alive():
-        log.warning("a database listener did not close in time; leaving it behind")
 
 
 class Worker:
@@ -177,7 +160,7 @@ class Worker:
                 if len(parts) == 1:
                     if isinstance(value, dict) and ("state" in value or "uid" in value) and claimable(value, now):
                         self._offer(parts[0])
-                elif parts[1:] == ["state"] and value == "queued":
+                elif parts[1:] == ["state"] and value == cases.JobState.QUEUED:
                     self._offer(parts[0])
         except Exception:  # an exception would kill firebase-admin's listener thread
             log.exception("job event handling failed")
@@ -261,16 +244,16 @@ class Worker:
                 return
             if claim.exhausted:
                 reason, _, detail = claim.last_error.partition(": ")
-                if reason not in REASONS:
+                if reason not in cases.FAILURE_REASONS:
                     reason, detail = "worker_crashed", "no result after the maximum number of attempts"
                 raise permanent(reason, f"{detail} (gave up after {claim.attempt - 1} attempts)")
-            case = db.reference(f"cases/{claim.uid}/{claim.case_id}", app=self.app).get()
+            case = db.reference(cases.case_path(claim.uid, claim.case_id), app=self.app).get()
             if not isinstance(case, dict):
-                self._settle(claim, permanent("case_missing", f"no case at cases/{claim.uid}/{claim.case_id}"),
+                self._settle(claim, permanent("case_missing", f"no case at {cases.case_path(claim.uid, claim.case_id)}"),
                              case_exists=False)
                 return
             status = case.get("status")
-            if status in FINISHED_CASE_STATUSES:
+            if status in cases.WORKER_FINISHED:
                 self.jobs.mark_done(claim)  # a previous attempt wrote the result but died before settling
                 log.info("already diagnosed", extra=_fields(caseId=claim.case_id))
                 self._end(claim)
@@ -368,7 +351,7 @@ class Worker:
             heatmap_path = None
             if self.config.heatmaps and result.heatmap is not None:
                 t = time.perf_counter()
-                heatmap_path = f"cases/{claim.uid}/{claim.case_id}/heatmap.png"
+                heatmap_path = cases.heatmap_object(claim.uid, claim.case_id)
                 blob = self.bucket.blob(heatmap_path)
                 blob.upload_from_string(heatmap_png(work.prepared, result), content_type="image/png")
                 work.prepared.timings_ms["heatmapUpload"] = round((time.perf_counter() - t) * 1000.0, 1)
@@ -381,14 +364,8 @@ class Worker:
                 disagreement = triage.disagrees(work.case.get("device"), cloud["top"][0]["label"], cloud["risk"])
                 points = triage.urgency(cloud["risk"], cloud["malignantP"], np.asarray(result.probs), disagreement)
             created = work.case.get("createdAt")
-            entry = {
-                "uid": claim.uid,
-                "status": "diagnosed",
-                "risk": cloud["risk"],
-                "score": triage.score(points, created, now),
-                "createdAt": created if isinstance(created, (int, float)) else now,
-                "updatedAt": now,
-            }
+            entry = cases.queue_entry(claim.uid, cases.Status.DIAGNOSED, cloud["risk"],
+                                      triage.score(points, created, now), created, now)
             self.jobs.complete(claim, cloud, entry)
             latency = now_ms() - claim.created_at if claim.created_at else None
             self.metrics.done(latency)
