@@ -114,14 +114,14 @@ def test_upload_kinds_round_trip(localbase, people):
     alice = people["alice"]
     s = alice.storage
     small = f"cases/{alice.uid}/r1/image.jpg"
-    meta = s.upload(small, JPEG, "image/jpeg", metadata={"site": "arm"})
+    meta = s.upload(small, JPEG, "image/jpeg", metadata={"site": "arm"}, multipart=True)
     assert meta["size"] == str(len(JPEG)) and meta["metadata"] == {"site": "arm"} and meta["downloadTokens"]
     assert s.download(small) == JPEG
     assert s.download(small, start=4, end=99) == JPEG[4:100]
 
     big = b"\xff\xd8" + os.urandom(3 * MB)
     resumable = f"cases/{alice.uid}/r2/image.jpg"
-    meta = s.upload(resumable, big, "image/jpeg", chunk_bytes=256 * KB, resumable_threshold=0)
+    meta = s.upload(resumable, big, "image/jpeg", chunk_bytes=256 * KB)
     assert int(meta["size"]) == len(big)
     assert s.download(resumable) == big
 
@@ -161,7 +161,7 @@ def test_bad_input(localbase, people):
 
     # oversized: refused by the rules at the resumable start (declared size) and for a simple upload
     with pytest.raises(PermissionDenied):
-        s.upload(f"cases/{alice.uid}/big/image.jpg", b"\xff" * (20 * MB + 1), "image/jpeg", resumable_threshold=0)
+        s.upload(f"cases/{alice.uid}/big/image.jpg", b"\xff" * (20 * MB + 1), "image/jpeg")
     too_big = requests.post(s.base, params={"name": f"cases/{alice.uid}/big2/image.jpg"}, data=b"\xff" * (20 * MB + 1),
                             headers={**headers, "Content-Type": "image/jpeg"}, timeout=60)
     assert too_big.status_code == 403
@@ -264,6 +264,6 @@ def test_user_storage_resumes_after_a_dropped_chunk(localbase, people):
     s = UserStorage(alice.session, localbase.settings(), http=flaky)
     data = b"\xff\xd8" + os.urandom(1024 * KB)
     path = f"cases/{alice.uid}/drop/image.jpg"
-    meta = s.upload(path, data, "image/jpeg", chunk_bytes=256 * KB, resumable_threshold=0)
+    meta = s.upload(path, data, "image/jpeg", chunk_bytes=256 * KB)
     assert flaky.dropped == 1 and int(meta["size"]) == len(data)
     assert alice.storage.download(path) == data
