@@ -105,6 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the backend is down or unreachable: one line, not a traceback
+        from dermaloop.unreachable import explain
+
+        line = explain(exc)
+        if line is None:
+            raise
+        print(f"dermaloop {chosen.name}: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

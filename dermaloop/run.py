@@ -22,7 +22,15 @@ from typing import Any
 
 from dermaloop import DISCLAIMER
 from dermaloop.services import BACKEND, PREPARE, SERVICES, Service
-from dermaloop.settings import Settings, emulator_ports, load_settings
+from dermaloop.settings import (
+    Settings,
+    clear_running,
+    emulator_ports,
+    load_settings,
+    read_running,
+    running_file,
+    write_running,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +162,7 @@ def _summary(settings: Settings, started: list[str], skipped: list[str], notes: 
 
 def run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"data_dir": args.data_dir}
-    settings = load_settings(**overrides)
+    settings = load_settings(discover=False, **overrides)
     embedded = not (settings.uses_emulators or settings.credentials_file)
     options: dict[str, Any] = {"ham10000": args.ham10000 or os.environ.get("DERMALOOP_HAM10000")}
     if embedded:
@@ -173,11 +181,17 @@ def run(args: argparse.Namespace) -> int:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         supervisor = Supervisor(env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if embedded:
+            other = read_running(running_file(settings.data_dir)).get("pid")
+            if other:
+                raise ServiceFailed(f"DermaLoop is already running from {settings.data_dir} (pid {other}); "
+                                    "stop it first, or use another --data-dir")
             _check_ports_free(settings.host, options["backend_ports"])
             child = supervisor.start(BACKEND, BACKEND.argv(settings, options))
             real_ports = {m.group(1): int(m.group(3)) for m in child.matches}
             settings = settings.with_local_backend(settings.host, real_ports)
         supervisor.env.update(settings.emulator_env())
+        if embedded:
+            write_running(settings, os.getpid())  # other terminals' commands find this system
         notes: list[str] = []
         if not args.skip_prepare:
             for step in PREPARE:
@@ -220,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[run] error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        clear_running(settings, os.getpid())
         if supervisor is not None:
             supervisor.stop_all()
         for sig, handler in previous.items():

@@ -27,6 +27,11 @@ DERMALOOP_HOST                      interface the local services bind (``127.0.0
 DERMALOOP_CLIENT_PORT               patient web app port (``8550``)
 DERMALOOP_PORTAL_PORT               reviewer portal port (``8551``)
 ==================================  ==================================================================
+
+A command started in another terminal finds the local system that ``dermaloop run`` started: run
+writes ``<data dir>/running.json`` (endpoints, project id, its pid) and removes it on exit. When no
+Firebase setting is given (no emulator variable, no credentials, no database URL or bucket), settings
+loaded from the process environment use that file while its process is alive.
 """
 
 from __future__ import annotations
@@ -167,8 +172,73 @@ def _config_file(environ: dict[str, str]) -> Path | None:
     return local if local.is_file() else None
 
 
-def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
-    """Settings from the environment, the optional TOML file and explicit overrides (highest)."""
+RUNNING_FILE = "running.json"
+# Any of these given means the user chose a backend; the running local system is then not used.
+_BACKEND_CHOICES = ("credentials_file", "database_emulator_host", "auth_emulator_host", "storage_emulator_host",
+                    "database_url", "storage_bucket")
+
+
+def running_file(data_dir: str | Path) -> Path:
+    return Path(data_dir) / RUNNING_FILE
+
+
+def write_running(settings: Settings, pid: int) -> Path:
+    """Record the local system's endpoints for commands started in other terminals (atomically)."""
+    path = running_file(settings.data_dir)
+    record = {"pid": pid, "projectId": settings.project_id, "databaseEmulatorHost": settings.database_emulator_host,
+              "authEmulatorHost": settings.auth_emulator_host, "storageEmulatorHost": settings.storage_emulator_host}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def clear_running(settings: Settings, pid: int) -> None:
+    """Remove the record if it is still ours (a second run may have replaced it)."""
+    path = running_file(settings.data_dir)
+    if read_running(path, alive_only=False).get("pid") == pid:
+        path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def read_running(path: Path, alive_only: bool = True) -> dict[str, Any]:
+    """The record in a running file (empty if absent, unreadable or, with ``alive_only``, stale)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict) or (alive_only and not _pid_alive(record.get("pid"))):
+        return {}
+    return record
+
+
+def running_system(data_dir: str | Path) -> dict[str, Any]:
+    """The settings of the live local system under ``data_dir`` (empty when none is running)."""
+    record = read_running(running_file(data_dir))
+    found = {"project_id": record.get("projectId"), "database_emulator_host": record.get("databaseEmulatorHost"),
+             "auth_emulator_host": record.get("authEmulatorHost"),
+             "storage_emulator_host": record.get("storageEmulatorHost")}
+    return {k: v for k, v in found.items() if isinstance(v, str) and v}
+
+
+def load_settings(environ: dict[str, str] | None = None, discover: bool | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, the optional TOML file and explicit overrides (highest).
+
+    ``discover`` (default: only when reading the real process environment) fills in the running
+    local system's endpoints when no backend was chosen; ``dermaloop run`` itself never discovers."""
+    if discover is None:
+        discover = environ is None
     environ = dict(os.environ if environ is None else environ)
     values: dict[str, Any] = {}
     path = _config_file(environ)
@@ -185,6 +255,8 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
                 values[name] = environ[variable]
                 break
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if discover and not any(values.get(name) for name in _BACKEND_CHOICES):
+        values.update(running_system(values.get("data_dir") or "var"))
     for name in ("client_port", "portal_port"):
         if name in values:
             values[name] = int(values[name])

@@ -59,9 +59,9 @@ def describe_image(data: bytes) -> tuple[str, int, int]:
     from dermaloop.preprocess import ImageError, load_image
 
     try:
+        width, height = load_image(data).size  # first: its errors say what is wrong in plain words
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format or ""
-        width, height = load_image(data).size
     except (ImageError, OSError, SyntaxError, ValueError) as exc:
         raise SubmitError(f"not a usable photo: {exc}") from exc
     if fmt not in _CONTENT_TYPES:

@@ -54,5 +54,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"dermaloop users: no account with email {getattr(args, 'email', '?')}", file=sys.stderr)
         return 1
     except (ValueError, exceptions.FirebaseError) as exc:
-        print(f"dermaloop users: {exc}", file=sys.stderr)
-        return 1
+        from dermaloop.unreachable import explain
+
+        line = explain(exc)
+        print(f"dermaloop users: {line or exc}", file=sys.stderr)
+        return 2 if line else 1
