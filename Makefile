@@ -1,6 +1,6 @@
 # The two set-up commands of the README. Both install everything first (idempotent).
 #   make run    the whole system on the embedded backend (Ctrl-C stops it)
-#   make test   lint + the whole test suite (what CI runs)
+#   make test   lint (ruff, import contracts) + the whole test suite (what CI runs)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,6 +16,7 @@ run: install
 
 test: install system-deps firebase-tools
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 	FIREBASE_TOOLS_BIN=$(if $(wildcard $(FIREBASE_TOOLS)),$(CURDIR)/$(FIREBASE_TOOLS),) $(PY) -m pytest
 
 install: $(STAMP)
@@ -45,6 +46,7 @@ firebase-tools:
 
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache
