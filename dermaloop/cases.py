@@ -15,7 +15,8 @@ use them with their own transport.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -166,6 +167,78 @@ def heatmap_object(uid: str, case_id: str) -> str:
     return f"{case_folder(uid, case_id)}/heatmap.png"
 
 
+# ---- who may read and write what ----------------------------------------------------------------
+
+# The identities a rule can tell apart (admin uses server credentials, bypasses the rules and has
+# no column: it reads and writes everything).
+OWNER = "owner"  # the patient whose uid is in the path (or in the job); a patient where there is none
+PATIENT = "patient"  # any other signed-in patient
+DERMATOLOGIST = "dermatologist"  # the ``role`` claim
+SIGNED_OUT = "signed_out"
+ACCESS_ROLES = (OWNER, PATIENT, DERMATOLOGIST, SIGNED_OUT)
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may read and who may write one path of the data model (docs/ARCHITECTURE.md).
+
+    database.rules.json and storage.rules enforce this table and tests/test_rules_matrix.py tries
+    every role on every row against them, so a rule and the model cannot drift apart silently.
+    ``path`` is spelled as the docs spell it: RTDB paths start with "/", Storage paths do not.
+    ``write`` is who may write there at the point of the case's life where such a write belongs:
+    for a record whose key its writer makes (a case, a job, a message, a photo) that is creating it;
+    for anything else, changing it once its record has left its creator (a diagnosed case, a job
+    as the patient created it). The conditions (statuses, shapes) are in the rules files."""
+
+    path: str
+    read: frozenset[str] = frozenset()
+    write: frozenset[str] = frozenset()
+
+    @property
+    def service(self) -> str:
+        return "database" if self.path.startswith("/") else "storage"
+
+
+_OWNER = frozenset({OWNER})
+_CARE = frozenset({OWNER, DERMATOLOGIST})  # the patient and the dermatologists
+_DERMATOLOGISTS = frozenset({DERMATOLOGIST})
+_SIGNED_IN = frozenset({OWNER, PATIENT, DERMATOLOGIST})
+
+ACCESS: tuple[Access, ...] = (
+    Access("/users/{uid}", read=_CARE),  # a user writes only their displayName, never the record
+    Access("/users/{uid}/displayName", read=_CARE, write=_OWNER),
+    Access("/users/{uid}/role", read=_CARE),  # the claim's mirror
+    Access("/users/{uid}/createdAt", read=_CARE),
+    Access("/cases", read=_DERMATOLOGISTS),
+    Access("/cases/{uid}", read=_CARE),
+    Access("/cases/{uid}/{caseId}", read=_CARE, write=_OWNER),  # created queued, once (or re-sent untouched)
+    Access("/cases/{uid}/{caseId}/status", read=_CARE, write=_DERMATOLOGISTS),  # to reviewed, with the review
+    Access("/cases/{uid}/{caseId}/review", read=_CARE, write=_DERMATOLOGISTS),
+    Access("/cases/{uid}/{caseId}/consent", read=_CARE),
+    Access("/cases/{uid}/{caseId}/image", read=_CARE),
+    Access("/cases/{uid}/{caseId}/note", read=_CARE),
+    Access("/cases/{uid}/{caseId}/device", read=_CARE),
+    Access("/cases/{uid}/{caseId}/cloud", read=_CARE),
+    Access("/cases/{uid}/{caseId}/failure", read=_CARE),
+    Access("/cases/{uid}/{caseId}/training", read=_CARE),
+    Access("/jobs/{caseId}", write=_OWNER),  # with the case, in one write
+    Access("/jobs/{caseId}/state"),
+    Access("/jobs/{caseId}/lease"),
+    Access("/queue", read=_DERMATOLOGISTS),
+    Access("/queue/{caseId}", read=_DERMATOLOGISTS),
+    Access("/messages/{uid}", read=_CARE),
+    Access("/messages/{uid}/{caseId}/{msgId}", read=_CARE, write=_CARE),  # each as themself, never edited
+    Access("/models", read=_SIGNED_IN),
+    Access("/models/{kind}", read=_SIGNED_IN),
+    Access("/models/{kind}/current", read=_SIGNED_IN),
+    Access("/models/{kind}/versions/{version}", read=_SIGNED_IN),
+    Access("/workers/{workerId}"),
+    Access("cases/{uid}/{caseId}/image.jpg", read=_CARE, write=_OWNER),  # IMAGE_CONTENT_TYPES only
+    Access("cases/{uid}/{caseId}/heatmap.png", read=_CARE),
+    Access("models/{kind}/{version}/{file}", read=_SIGNED_IN),
+)
+
+
 # ---- records --------------------------------------------------------------------------------------
 
 
@@ -300,6 +373,41 @@ def review_record(reviewer_uid: str, label: str, recommendation: str, urgency: s
                         f"({len(recommendation)} given)")
     return {"reviewerUid": reviewer_uid, "label": label, "recommendation": recommendation, "urgency": urgency,
             "at": SERVER_TIMESTAMP if at is None else at}
+
+
+TRUSTED_REVIEWER_ROLES = ("dermatologist", "admin")
+
+
+def trusted_review(case: Mapping[str, Any], role_of: Callable[[str], str | None], *,
+                   taxonomy_labels: Iterable[str] | None = None) -> dict[str, Any] | None:
+    """The case's review if retraining may take it as a label, else None.
+
+    The rules let only dermatologists write a review, but a label outlives its write: reviews
+    written under older rules stay in the database (before issue 16 a patient could review their
+    own case), and a role can be withdrawn later (a mistaken grant, someone who left). So the
+    reviewer's role is asked now: ``role_of(uid)`` (retraining passes a firebase-admin look-up of
+    the ``role`` claim; None for no claim or no such user) must say dermatologist or admin. The
+    label must be a class of ``taxonomy_labels`` (default: the default taxonomy) or
+    "other"/"ungradable", and the case must be reviewed or labelled, the only statuses a review
+    leads to. No I/O but ``role_of``, asked last and at most once (and, without
+    ``taxonomy_labels``, reading the packaged default taxonomy)."""
+    if case.get("status") not in (Status.REVIEWED, Status.LABELLED):
+        return None
+    review = case.get("review")
+    if not isinstance(review, Mapping):
+        return None
+    reviewer, label = review.get("reviewerUid"), review.get("label")
+    if not isinstance(reviewer, str) or not reviewer or not isinstance(label, str):
+        return None
+    if taxonomy_labels is None:
+        from dermaloop.taxonomy import DEFAULT_TAXONOMY, load_taxonomy
+
+        taxonomy_labels = load_taxonomy(DEFAULT_TAXONOMY).ids
+    if label not in {*taxonomy_labels, *REVIEW_SPECIAL_LABELS}:
+        return None
+    if role_of(reviewer) not in TRUSTED_REVIEWER_ROLES:
+        return None
+    return dict(review)
 
 
 SENDER_ROLES = ("patient", "dermatologist")

@@ -10,6 +10,7 @@ import uuid
 import pytest
 import requests
 
+from dermaloop import cases
 from dermaloop.admin_app import delete_app
 from dermaloop.database import (
     SERVER_TIMESTAMP,
@@ -244,8 +245,8 @@ def test_user_client_conditional_writes(settings, alice):
     stale, current, current_etag = alice.set_if_match(name_path, "Second", "null_etag")  # create-only
     assert not stale and current == "First" and current_etag == etag
     assert alice.get_with_etag(name_path) == ("First", etag)
-    alice.delete(name_path)
-    assert alice.get(name_path) is None
+    assert denied(alice.delete, name_path)  # a user never removes anything under /users (issue 16)
+    assert alice.get(name_path) == "First"
     with pytest.raises(PermissionDenied):
         alice.set_if_match(f"users/{a}/role", "admin", "null_etag")
 
@@ -316,3 +317,131 @@ def test_database_error_carries_firebase_message(alice):
     with pytest.raises(DatabaseError) as info:
         alice.get("cases", order_by="nope", limit_to_first=-1)
     assert info.value.status == 400 and "limitToFirst" in info.value.message
+
+
+# ---- issue 16: holes an attacker found in the rules (each of these writes was allowed before) -----
+
+
+def _review(reviewer_uid: str) -> dict:
+    return cases.review_record(reviewer_uid, "mel", "excise", "urgent", taxonomy_labels=["mel", "nv"])
+
+
+def test_a_patient_cannot_review_their_own_case(settings, alice):
+    """A review with research consent becomes a training label: only dermatologists write one."""
+    a = uid_of(alice)
+    case_id = create_case(alice)  # queued, untouched: the case's own .write holds for its patient
+    case = cases.case_path(a, case_id)
+    assert denied(alice.update, case, {"review": _review(a), "status": "reviewed"})
+    assert denied(alice.set, f"{case}/review", _review(a))
+    assert denied(alice.update, "/", {case: {**new_case(a, case_id), "review": _review(a), "status": "reviewed"}})
+    assert admin(settings, case).get()["status"] == "queued"
+    assert admin(settings, f"{case}/review").get() is None
+
+
+def test_a_patient_cannot_set_their_own_case_status(settings, alice):
+    """A case the patient calls diagnosed would get no cloud analysis and never reach a dermatologist."""
+    a = uid_of(alice)
+    case_id = create_case(alice)
+    case = cases.case_path(a, case_id)
+    for status in cases.Status:
+        if status is not cases.Status.QUEUED:
+            assert denied(alice.set, f"{case}/status", status.value), status
+            assert denied(alice.update, case, {"status": status.value}), status
+    alice.set(f"{case}/status", "queued")  # the creation's own value, re-sent: harmless and allowed
+    assert admin(settings, case).get()["status"] == "queued"
+    # Nor once the worker has the case: not back to queued (a second analysis), not on to anything.
+    admin(settings, "/").update(cases.diagnosed_writes(a, case_id, {"risk": "low"}, {"uid": a}, 1))
+    for status in ("queued", "reviewed", "labelled"):
+        assert denied(alice.set, f"{case}/status", status), status
+
+
+def test_a_patient_cannot_delete_their_user_record(settings, alice):
+    """Deletes skip .validate, so a grant on the record would let the user drop the admin-only role."""
+    a = uid_of(alice)
+    record = {"displayName": "Alice", "role": "patient", "createdAt": 1}
+    admin(settings, f"users/{a}").set(record)
+    assert denied(alice.delete, f"users/{a}")
+    assert denied(alice.update, "/", {f"users/{a}": None})
+    assert denied(alice.delete, f"users/{a}/role")
+    assert denied(alice.delete, f"users/{a}/displayName")
+    assert denied(alice.update, f"users/{a}", {"displayName": None, "role": None})
+    assert denied(alice.set, f"users/{a}/createdAt", 2)  # admin's, like the role
+    assert admin(settings, f"users/{a}").get() == record
+
+
+def test_dermatologist_moves_to_reviewed_exactly_as_the_transitions_allow(settings, alice, derm):
+    """The rules' "from" statuses for a review are dermaloop.cases.TRANSITIONS', no more, no fewer."""
+    a, d = uid_of(alice), uid_of(derm)
+    for status in cases.Status:
+        case_id = create_case(alice)
+        case = cases.case_path(a, case_id)
+        admin(settings, f"{case}/status").set(status.value)
+        allowed = cases.Status.REVIEWED in cases.TRANSITIONS[status]
+        # A review travels with the move to reviewed: alone, it goes only onto a reviewed case.
+        assert denied(derm.set, f"{case}/review", _review(d)) is (status is not cases.Status.REVIEWED), status
+        assert denied(derm.update, case, {"review": _review(d), "status": "reviewed"}) is not allowed, status
+        if not allowed:
+            assert admin(settings, f"{case}/review").get() is None
+    case_id = create_case(alice)
+    assert denied(derm.set, f"{cases.case_path(a, case_id)}/status", "reviewed")  # no review
+    assert denied(derm.update, cases.case_path(a, case_id), {"review": _review(d), "status": "diagnosed"})
+
+
+def test_a_case_photo_record_names_an_allowed_content_type(alice):
+    a = uid_of(alice)
+    for content_type in ("image/png, text/html", "image/svg+xml", "text/html", "image/gif", "IMAGE/JPEG"):
+        case_id = new_push_id()
+        case = new_case(a, case_id)
+        case["image"]["contentType"] = content_type
+        assert denied(alice.set, cases.case_path(a, case_id), case), content_type
+    for content_type in cases.IMAGE_CONTENT_TYPES:
+        case_id = new_push_id()
+        case = new_case(a, case_id)
+        case["image"]["contentType"] = content_type
+        alice.set(cases.case_path(a, case_id), case)
+
+
+def test_retraining_trusts_a_review_only_from_a_current_dermatologist(settings):
+    """``cases.trusted_review`` with the look-up retraining uses: the reviewer's role claim, now.
+    Reviews the old rules let a patient write, and those of someone whose role was withdrawn, are
+    no labels."""
+    from firebase_admin import auth
+
+    from dermaloop import auth as dl_auth
+    from dermaloop.admin_app import get_app
+
+    app = get_app(settings, name=APP_NAME)
+    asked: list[str] = []
+
+    def role_of(uid: str) -> str | None:
+        asked.append(uid)
+        try:
+            return (auth.get_user(uid, app=app).custom_claims or {}).get("role")
+        except auth.UserNotFoundError:
+            return None
+
+    tag = uuid.uuid4().hex[:8]
+    people = {role: dl_auth.create_user(f"{role}-{tag}@example.com", "secret123", role, settings=settings)[0].uid
+              for role in ("dermatologist", "patient", "admin")}
+
+    def case(reviewer: str, label: str = "mel", status: str = "reviewed") -> dict:
+        return {"status": status, "review": {**_review(reviewer), "label": label, "at": 1}}
+
+    derm = people["dermatologist"]
+    assert cases.trusted_review(case(derm), role_of) == case(derm)["review"]
+    assert cases.trusted_review(case(derm, status="labelled"), role_of) is not None
+    assert cases.trusted_review(case(people["admin"]), role_of) is not None
+    for label in ("other", "ungradable", "nv"):
+        assert cases.trusted_review(case(derm, label=label), role_of) is not None, label
+    assert cases.trusted_review(case(people["patient"]), role_of) is None  # what the old rules let in
+    assert cases.trusted_review(case("no-such-user"), role_of) is None
+    assert cases.trusted_review(case(derm, label="cancer"), role_of) is None
+    assert cases.trusted_review(case(derm, label="mel"), role_of, taxonomy_labels=["nv"]) is None
+    asked.clear()
+    for status in set(cases.Status) - {cases.Status.REVIEWED, cases.Status.LABELLED}:
+        assert cases.trusted_review(case(derm, status=status.value), role_of) is None, status
+    assert cases.trusted_review({"status": "reviewed"}, role_of) is None
+    assert cases.trusted_review({"status": "reviewed", "review": {"label": "mel"}}, role_of) is None
+    assert asked == []  # the look-up is the last check, never made for a case that fails the others
+    dl_auth.set_role(derm, "patient", settings)  # the role is withdrawn: earlier reviews stop counting
+    assert cases.trusted_review(case(derm), role_of) is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from dermaloop import cases
 from dermaloop.settings import PROJECT_ROOT
 from localbase.rules_expr import RuleSyntaxError
 from localbase.storage_rules import StorageRules
@@ -86,6 +87,44 @@ MATRIX = [
 def test_project_rules(rules, method, path, who, resource, expected):
     decision = rules.check(method, BUCKET, path, who, None, resource)
     assert decision.allowed is expected, decision.reason
+
+
+# Issue 16: 'image/.*' let a stored script through ('image/png, text/html', SVG). Photos are one of
+# dermaloop.cases.IMAGE_CONTENT_TYPES, matched whole; heatmaps are PNG; nothing else sits in a case.
+REFUSED_TYPES = ["image/png, text/html", "image/svg+xml", "text/html", "image/gif", "image/bmp", "image/tiff",
+                 "image/heic", "image/heif", "image/avif", "image/x-icon", "IMAGE/JPEG", "image/jpeg; x=1",
+                 "image/", "image/jpegx", " image/jpeg", "application/octet-stream"]
+
+
+@pytest.mark.parametrize("content_type", cases.IMAGE_CONTENT_TYPES)
+@pytest.mark.parametrize("who,folder", [(ALICE, "alice"), (NOROLE, "carol"), (ADMIN, "alice")],
+                         ids=["patient", "owner-without-role", "admin"])
+def test_case_photos_of_every_allowed_type(rules, content_type, who, folder):
+    assert rules.check("create", BUCKET, f"cases/{folder}/c1/image.jpg", who, None,
+                       image(content_type=content_type)).allowed
+
+
+@pytest.mark.parametrize("content_type", REFUSED_TYPES)
+def test_case_photos_of_any_other_type_are_refused(rules, content_type):
+    for who, owner in ((ALICE, "alice"), (ADMIN, "alice")):
+        for method in ("create", "update"):
+            decision = rules.check(method, BUCKET, f"cases/{owner}/c1/image.jpg", who, image(),
+                                   image(content_type=content_type))
+            assert not decision.allowed, (method, who["uid"])
+
+
+@pytest.mark.parametrize("content_type", ["image/jpeg", "image/webp", "image/png, text/html", "image/svg+xml"])
+def test_heatmaps_are_png_only(rules, content_type):
+    assert rules.check("create", BUCKET, "cases/alice/c1/heatmap.png", ADMIN, None, image(content_type="image/png")).allowed
+    assert not rules.check("create", BUCKET, "cases/alice/c1/heatmap.png", ADMIN, None,
+                           image(content_type=content_type)).allowed
+
+
+@pytest.mark.parametrize("name", ["page.html", "image.svg", "image.png", "heatmap.jpg", "x"])
+def test_a_case_folder_holds_only_the_photo_and_the_heatmap(rules, name):
+    for who in (ALICE, ADMIN):
+        assert not rules.check("create", BUCKET, f"cases/alice/c1/{name}", who, None,
+                               image(content_type="image/png")).allowed
 
 
 def test_expression_subset():
