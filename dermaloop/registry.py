@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover - Windows: only threads of one process a
 
 __all__ = ["KINDS", "SAFE_VERSION", "RegistryError", "PublishConflict", "IntegrityError", "ModelFile", "Published",
            "Loaded", "Follower", "publish", "set_current", "current_version", "version_record", "fetch",
-           "publish_files"]
+           "publish_files", "record_files", "verify_files"]
 
 log = logging.getLogger(__name__)
 
@@ -495,8 +495,17 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _verify_dir(root: Path, files: list[ModelFile]) -> str | None:
-    """None if ``root`` holds exactly ``files`` with their sizes and hashes, else what is wrong."""
+def record_files(record: dict[str, Any]) -> list[ModelFile]:
+    """The files a version record lists, checked (safe relative paths, sha256 hex, sizes), for
+    code that downloads a version through another transport (the patient app, as the user)."""
+    return _record_files(record)
+
+
+def verify_files(root: str | Path, files: list[ModelFile]) -> str | None:
+    """None if the folder ``root`` holds exactly ``files`` with their sizes and sha256, else what is
+    wrong. It does no I/O beyond reading ``root``, so every downloader verifies the same way:
+    :func:`fetch` (admin) and the patient app's model updater (``client.device_models``)."""
+    root = Path(root)
     present = set(_walk_all(root))
     expected = {f.path for f in files}
     if present != expected:
@@ -546,7 +555,7 @@ def fetch(kind: str, version: str, cache_dir: str | Path, *, app: Any = None, bu
     with _version_lock(cache_dir, version):
         _remove_leftovers(cache_dir, version)
         if target.exists():
-            problem = _verify_dir(target, files) if target.is_dir() else "not a directory"
+            problem = verify_files(target, files) if target.is_dir() else "not a directory"
             if problem is None:
                 return target
             log.warning("cached model version does not match its record; downloading it again",
