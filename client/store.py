@@ -187,7 +187,8 @@ class LocalCase:
     def server_case(self) -> dict[str, Any]:
         """The case as the patient creates it on the server (``cases.new_case``)."""
         return cases.new_case(self.uid, self.case_id, self.image_record(), self.research_consent,
-                              note=self.note, device=self.device)
+                              note=self.note, device=self.device, sent_anyway=self.sent_anyway,
+                              same_lesion_as=self.same_lesion_as)
 
 
 class RowSessionStore:

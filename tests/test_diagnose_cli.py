@@ -27,33 +27,9 @@ def models_dir(analysis_models_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    """A tiny device classifier (7 classes, softmax) in the model-directory layout of
-    ``dermaloop.model_dir`` (card.json, labels.json, device/model_fp32.tflite)."""
-    import keras
-    import tensorflow as tf
+    from tests.worker_support import tiny_device_model_dir
 
-    from dermaloop.preprocess import PreprocessConfig
-    from dermaloop.risk import RiskPolicy
-    from dermaloop.taxonomy import load_taxonomy
-
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((224, 224, 3))
-    x = keras.layers.Rescaling(1 / 128.0, offset=-1.0)(inputs)
-    x = keras.layers.Conv2D(8, 5, strides=4, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(7, activation="softmax")(x)
-    model = keras.Model(inputs, outputs)
-    out = tmp_path_factory.mktemp("model") / "tiny-1"
-    (out / "device").mkdir(parents=True)
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    (out / "device" / "model_fp32.tflite").write_bytes(conv.convert())
-    taxonomy = load_taxonomy()
-    taxonomy.save(out / "labels.json")
-    policy = RiskPolicy(1.0, tuple(taxonomy.malignant_mask), 0.3, 0.6)
-    card = {"version": "tiny-1", "device": {"preprocess": PreprocessConfig(size=224).to_dict(),
-                                            "risk": policy.to_dict()}}
-    (out / "card.json").write_text(json.dumps(card))
-    return out
+    return tiny_device_model_dir(tmp_path_factory.mktemp("model") / "tiny-1")
 
 
 @pytest.fixture()

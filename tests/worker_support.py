@@ -54,6 +54,33 @@ def tiny_model_dir(path: Path, version: str = "tiny-1", size: int = 32, seed: in
     return path
 
 
+def tiny_device_model_dir(path: Path, version: str = "tiny-1") -> Path:
+    """A tiny device classifier (7 classes, softmax) as a TFLite file in the model-directory layout of
+    ``dermaloop.model_dir`` (card.json, labels.json, device/model_fp32.tflite)."""
+    import keras
+    import tensorflow as tf
+
+    from dermaloop.preprocess import PreprocessConfig
+    from dermaloop.risk import RiskPolicy
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((224, 224, 3))
+    x = keras.layers.Rescaling(1 / 128.0, offset=-1.0)(inputs)
+    x = keras.layers.Conv2D(8, 5, strides=4, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(7, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    (path / "device").mkdir(parents=True, exist_ok=True)
+    (path / "device" / "model_fp32.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    taxonomy = load_taxonomy()
+    taxonomy.save(path / "labels.json")
+    policy = RiskPolicy(1.0, tuple(taxonomy.malignant_mask), 0.3, 0.6)
+    card = {"version": version, "device": {"preprocess": PreprocessConfig(size=224).to_dict(),
+                                           "risk": policy.to_dict()}}
+    (path / "card.json").write_text(json.dumps(card))
+    return path
+
+
 def lesion_jpeg(seed: int, size: tuple[int, int] = (320, 240)) -> bytes:
     """A skin-coloured photo with a dark blob: cheap, deterministic, decodable."""
     rng = np.random.default_rng(seed)

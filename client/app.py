@@ -1,0 +1,514 @@
+"""``dermaloop client``: the patient app (Flet, served as a local web app with Flet's bundled client).
+
+The Python process is the patient's device: the photo is checked and answered by the on-device
+TFLite model before anything leaves it, every case is stored locally first, and the sync engine
+uploads when the backend is reachable. Each browser session is its own signed-in patient: all
+per-user state lives in one ``PatientApp`` per page, never in module globals.
+
+Screens: sign in / create account -> consent (first photo only) -> cases (newest first) ->
+new case (photo, instant answer, questions, send) and case (device answer, cloud result, heatmap,
+dermatologist's review, chat). Every control carries a label that screen readers and the browser
+tests find it by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import flet as ft
+
+from client import wording
+from client.device import Device, preview_png, thumbnail_png
+from client.photos import PhotoError, prepare
+from dermaloop import cases
+from dermaloop.auth import AuthClient, UserSession
+from dermaloop.errors import Conflict, InvalidArgument, ServiceError, Unauthenticated, Unavailable
+from dermaloop.settings import load_settings
+
+log = logging.getLogger("client")
+
+BODY_SITES = ("face", "scalp", "neck", "chest", "abdomen", "back", "upper arm", "forearm", "hand", "thigh",
+              "lower leg", "foot", "genital area", "other")
+SINCE = ("less than a month", "1 to 3 months", "3 to 12 months", "more than a year", "don't know")
+CHANGES = (("size", "It changed in size"), ("shape", "It changed in shape"), ("colour", "It changed in colour"),
+           ("itch", "It itches"), ("bleed", "It bleeds"))
+PAD = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="interface to serve on (default: $DERMALOOP_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: $DERMALOOP_CLIENT_PORT or 8550)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="the device's local store (default: <data dir>/client)")
+
+
+def _when(ms: Any) -> str:
+    if not isinstance(ms, int | float):
+        return ""
+    return dt.datetime.fromtimestamp(ms / 1000).strftime("%d %b %Y, %H:%M")
+
+
+def _heading(text: str) -> ft.Text:
+    return ft.Text(text, size=20, weight=ft.FontWeight.BOLD)
+
+
+def _top_rows(top: list[dict[str, Any]]) -> list[ft.Control]:
+    return [ft.Text(f"{i + 1}. {t.get('name') or t.get('label')}: {wording.percent(float(t.get('p') or 0))}")
+            for i, t in enumerate(top or [])]
+
+
+def _labelled(control: ft.Control, label: str) -> ft.Control:
+    """Flet's Dropdown exposes no name to screen readers; a Semantics wrapper gives it its label."""
+    return ft.Semantics(content=control, label=label, button=True)
+
+
+def _picture(png: bytes, width: int, label: str) -> ft.Control:
+    """An image from bytes needs both sides set to be laid out inside a scrolling page."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as img:
+        w, h = img.size
+    return ft.Image(src=png, width=width, height=round(width * h / max(w, 1)), fit=ft.BoxFit.CONTAIN,
+                    semantics_label=label)
+
+
+def _risk_box(risk: str | None) -> ft.Control:
+    title, advice = wording.risk_advice(risk)
+    colour = {"high": ft.Colors.RED_100, "moderate": ft.Colors.AMBER_100, "low": ft.Colors.GREEN_100}.get(
+        risk or "", ft.Colors.GREY_200)
+    return ft.Container(ft.Column([ft.Text(title, weight=ft.FontWeight.BOLD), ft.Text(advice)], spacing=4),
+                        bgcolor=colour, padding=12, border_radius=8)
+
+
+class PatientApp:
+    """One browser session: one signed-in patient, their sync engine and the screen they look at."""
+
+    def __init__(self, page: ft.Page, device: Device) -> None:
+        self.page = page
+        self.device = device
+        self.settings = device.settings
+        self.auth = AuthClient(self.settings)
+        self.session: UserSession | None = None
+        self.sync = None
+        self.showing: tuple[str, str | None] = ("signin", None)
+        self.draft: dict[str, Any] = {}
+        self.chat_drafts: dict[str, str] = {}
+        self._lock = threading.RLock()
+        self.picker = ft.FilePicker()
+        page.services.append(self.picker)
+        page.title = "DermaLoop"
+        page.scroll = ft.ScrollMode.AUTO
+        page.padding = PAD
+        page.on_disconnect = lambda e: self.close()
+
+    # ---- plumbing -------------------------------------------------------------------------
+    def show(self, *controls: ft.Control, screen: str, case_id: str | None = None) -> None:
+        with self._lock:
+            self.showing = (screen, case_id)
+            self.page.controls.clear()
+            self.page.add(*controls)
+            self.page.update()
+
+    def notify(self, text: str) -> None:
+        self.page.show_dialog(ft.SnackBar(ft.Text(text)))
+
+    def close(self) -> None:
+        if self.sync is not None:
+            self.sync.stop()
+            self.sync = None
+
+    def on_sync_change(self, case_id: str | None) -> None:
+        """Called by the sync thread: redraw what the patient is looking at, if it changed."""
+        try:
+            screen, shown = self.showing
+            if screen == "home":
+                self.home()
+            elif screen == "case" and (case_id is None or case_id == shown):
+                self.case(shown)
+        except Exception:  # a closed page must never kill the sync thread
+            log.exception("redraw after a sync change failed")
+
+    # ---- sign in ----------------------------------------------------------------------------
+    def sign_in_screen(self, message: str | None = None) -> None:
+        email = ft.TextField(label="Email", autofocus=True, keyboard_type=ft.KeyboardType.EMAIL, width=360)
+        password = ft.TextField(label="Password", password=True, width=360)
+        error = ft.Text(message or "", color=ft.Colors.RED_700)
+
+        def attempt(create: bool) -> None:
+            error.value = ""
+            if not email.value or not password.value:
+                # Flet's web client can deliver a click before the text typed just before it:
+                # give the field values a moment to arrive before asking for them again.
+                time.sleep(0.5)
+            if not email.value or not password.value:
+                error.value = "Enter your email and a password."
+                self.page.update()
+                return
+            try:
+                if create:
+                    session = self.auth.sign_up(email.value.strip(), password.value)
+                else:
+                    session = self.auth.sign_in(email.value.strip(), password.value)
+            except ServiceError as exc:
+                error.value = self._auth_message(exc, create)
+                self.page.update()
+                return
+            self.signed_in(session)
+
+        self.show(
+            _heading("DermaLoop"),
+            ft.Text("Photograph a skin spot and get a first risk estimate at once, then a dermatologist's view."),
+            email, password,
+            ft.Row([ft.FilledButton("Sign in", on_click=lambda e: attempt(False)),
+                    ft.OutlinedButton("Create account", on_click=lambda e: attempt(True))]),
+            error,
+            ft.Text(wording.disclaimer(), size=12, italic=True),
+            screen="signin",
+        )
+
+    @staticmethod
+    def _auth_message(exc: ServiceError, create: bool) -> str:
+        code = getattr(exc, "code", "") or ""
+        if isinstance(exc, Unavailable):
+            return "Cannot reach the DermaLoop service. Check your connection and try again."
+        if "EMAIL_EXISTS" in code or isinstance(exc, Conflict):
+            return "An account with this email already exists. Sign in instead."
+        if "WEAK_PASSWORD" in code:
+            return "Choose a stronger password: at least 6 characters."
+        if "INVALID_EMAIL" in code:
+            return "That does not look like an email address."
+        if isinstance(exc, Unauthenticated) or code in ("INVALID_PASSWORD", "EMAIL_NOT_FOUND", "INVALID_LOGIN_CREDENTIALS"):
+            return "Wrong email or password."
+        if isinstance(exc, InvalidArgument):
+            return f"The service refused this: {exc.message}"
+        return f"{'Creating the account' if create else 'Signing in'} failed: {exc.message}"
+
+    def signed_in(self, session: UserSession) -> None:
+        from client.sync import SyncEngine
+
+        self.session = session
+        self.sync = SyncEngine(self.device.store, session, self.settings, on_change=self.on_sync_change)
+        self.sync.start()
+        if self.device.consent.get(session.uid) is None:
+            self.consent_screen()
+        else:
+            self.home()
+
+    def sign_out(self) -> None:
+        self.close()
+        self.session = None
+        self.sign_in_screen("Signed out.")
+
+    # ---- consent ------------------------------------------------------------------------------
+    def consent_screen(self) -> None:
+        research = ft.Checkbox(label=wording.RESEARCH_TEXT, value=False)
+
+        def agree(e) -> None:
+            self.device.consent.accept(self.session.uid, bool(research.value))
+            self.home()
+
+        self.show(_heading(wording.CONSENT_TITLE), ft.Text(wording.CONSENT_TEXT), research,
+                  ft.FilledButton("I agree", on_click=agree),
+                  ft.TextButton("Sign out", on_click=lambda e: self.sign_out()), screen="consent")
+
+    # ---- home -----------------------------------------------------------------------------------
+    def home(self) -> None:
+        uid = self.session.uid
+        online = bool(self.sync and self.sync.online)
+        status = ("Online" if online else "Offline: new cases are kept on this device and upload when you are back "
+                  "online.")
+        rows: list[ft.Control] = []
+        for case in self.device.store.cases(uid):
+            rows.append(self._case_row(case))
+        if not rows:
+            rows.append(ft.Text("No cases yet. Tap 'New case' to photograph a skin spot."))
+        self.show(
+            ft.Row([_heading("My cases"),
+                    ft.Row([ft.TextButton("Sign out", on_click=lambda e: self.sign_out())])],
+                   alignment=ft.MainAxisAlignment.SPACE_BETWEEN),
+            ft.Text(status, size=12),
+            ft.FilledButton("New case", icon=ft.Icons.ADD_A_PHOTO, on_click=lambda e: self.new_case()),
+            ft.Divider(),
+            *rows,
+            screen="home",
+        )
+
+    def _case_row(self, case) -> ft.Control:
+        remote = case.remote or {}
+        status = remote.get("status") or case.status
+        cloud_top = ((remote.get("cloud") or {}).get("top") or [None])[0]
+        device_top = ((case.device or {}).get("top") or [None])[0]
+        best = cloud_top or device_top
+        review = remote.get("review")
+        if review:  # the dermatologist's word comes before any model's
+            summary = f"Dermatologist: {self._label_name(review.get('label'))}"
+        elif best:
+            summary = f"{best['name']} ({wording.percent(best['p'])})"
+        else:
+            summary = "No classification"
+        unread = self.sync.unread(case.case_id) if self.sync else 0
+        title = f"{_when(case.created_at)}: {summary}"
+        subtitle = self._state(status, remote.get("failure"))
+        if unread:
+            subtitle += f" · {unread} new message{'s' if unread > 1 else ''}"
+        thumb = thumbnail_png(case.image_path) if case.image_path else None
+        return ft.ListTile(
+            leading=ft.Image(src=thumb, width=56, height=56, fit=ft.BoxFit.COVER, semantics_label="Photo")
+            if thumb else None,
+            title=ft.Text(title), subtitle=ft.Text(subtitle),
+            on_click=lambda e, cid=case.case_id: self.case(cid),
+        )
+
+    # ---- new case -------------------------------------------------------------------------------
+    def new_case(self) -> None:
+        self.draft = {}
+        self.show(_heading("New case"),
+                  ft.Text("Take a sharp close-up of the spot in good light, filling most of the photo."),
+                  ft.FilledButton("Choose photo", icon=ft.Icons.PHOTO_CAMERA, on_click=self.pick_photo),
+                  ft.TextButton("Back", on_click=lambda e: self.home()), screen="new")
+
+    async def pick_photo(self, e) -> None:
+        files = await self.picker.pick_files(with_data=True, file_type=ft.FilePickerFileType.ANY,
+                                             cancel_upload_on_window_blur=False)
+        if not files:
+            return
+        picked = files[0]
+        self.show(_heading("New case"), ft.ProgressRing(semantics_label="Checking the photo"),
+                  ft.Text("Checking the photo on this device..."), screen="new")
+        self.page.run_thread(self._answer, picked.name, picked.bytes or b"")
+
+    def _answer(self, name: str, data: bytes) -> None:
+        try:
+            photo = prepare(data, name)
+            answer = self.device.answer(photo)
+        except PhotoError as exc:
+            self._photo_problem(str(exc))
+            return
+        except Exception as exc:  # the model failed: say so, keep the app alive
+            log.exception("the device answer failed")
+            self._photo_problem(f"This device could not analyse the photo ({exc}). Please try another photo.")
+            return
+        self.draft = {"photo": photo, "answer": answer}
+        self.answer_screen()
+
+    def _photo_problem(self, text: str) -> None:
+        self.show(_heading("New case"), ft.Text(text, color=ft.Colors.RED_700),
+                  ft.FilledButton("Choose another photo", on_click=self.pick_photo),
+                  ft.TextButton("Back", on_click=lambda e: self.home()), screen="new")
+
+    def answer_screen(self) -> None:
+        photo, answer = self.draft["photo"], self.draft["answer"]
+        record = answer.get("record")
+        classified = bool(answer.get("top"))
+        parts: list[ft.Control] = [
+            _heading("On-device answer"),
+            _picture(preview_png(photo.image, answer.get("box")), 360, "Your photo with the proposed lesion box"),
+        ]
+        if classified:
+            if answer.get("message"):  # quality advice: worth a retake, but the photo was usable
+                parts.append(ft.Text(answer["message"]))
+            parts += [ft.Text("Most likely, according to the model on this device:")]
+            parts += _top_rows(answer["top"])
+            parts.append(_risk_box(answer.get("risk")))
+        else:
+            parts.append(ft.Text(answer.get("message") or "", weight=ft.FontWeight.BOLD))
+            parts.append(ft.Text(wording.SENT_ANYWAY_NOTE))
+        if self.device.model_note:
+            parts.append(ft.Text(self.device.model_note, size=12))
+        version = (record or {}).get("modelVersion") or answer.get("model_version") or "none"
+        parts += [ft.Text(f"Model version: {version}", size=12),
+                  ft.Text(wording.disclaimer(), size=12, italic=True)]
+        parts += self._questions(classified)
+        self.show(*parts, screen="answer")
+
+    def _questions(self, classified: bool) -> list[ft.Control]:
+        site = ft.Dropdown(label="Body site", options=[ft.DropdownOption(key=s, text=s.capitalize()) for s in BODY_SITES],
+                           width=360)
+        since = ft.Dropdown(label="Since when", options=[ft.DropdownOption(key=s, text=s.capitalize()) for s in SINCE],
+                            width=360)
+        checks = {key: ft.Checkbox(label=text, value=False) for key, text in CHANGES}
+        note = ft.TextField(label="Anything else the dermatologist should know", multiline=True, min_lines=2,
+                            max_length=1000, width=480)
+        earlier = [c for c in self.device.store.cases(self.session.uid)]
+        same = ft.Dropdown(label="Same spot as an earlier case", width=360, options=[
+            ft.DropdownOption(key="", text="No, a new spot"),
+            *[ft.DropdownOption(key=c.case_id, text=f"{_when(c.created_at)}") for c in earlier[:20]]])
+        error = ft.Text("", color=ft.Colors.RED_700)
+
+        def send(e, anyway: bool = False) -> None:
+            answers = [text for key, text in CHANGES if checks[key].value]
+            if since.value:
+                answers.append(f"Noticed {since.value} ago" if since.value != "don't know" else "Since: not known")
+            text = "; ".join(answers)
+            if note.value:
+                text = f"{text}. {note.value.strip()}" if text else note.value.strip()
+            try:
+                self._save_case(site.value or None, text or None, same.value or None, anyway)
+            except ValueError as exc:
+                error.value = str(exc)
+                self.page.update()
+
+        buttons = [ft.OutlinedButton("Retake", icon=ft.Icons.REPLAY, on_click=self.pick_photo)]
+        if classified:
+            buttons.insert(0, ft.FilledButton("Save and send", icon=ft.Icons.SEND, on_click=send))
+        else:
+            buttons.insert(0, ft.FilledButton("Send to a dermatologist anyway", icon=ft.Icons.SEND,
+                                              on_click=lambda e: send(e, anyway=True)))
+        return [ft.Divider(), ft.Text("Questions dermatologists ask", weight=ft.FontWeight.BOLD),
+                _labelled(site, "Body site"), _labelled(since, "Since when"), *checks.values(), note,
+                _labelled(same, "Same spot as an earlier case"), error, ft.Row(buttons, wrap=True),
+                ft.TextButton("Cancel", on_click=lambda e: self.home())]
+
+    def _save_case(self, site: str | None, text: str | None, same_as: str | None, anyway: bool) -> None:
+        photo, answer = self.draft["photo"], self.draft["answer"]
+        consent = self.device.consent.get(self.session.uid)
+        case = self.device.store.add_case(
+            uid=self.session.uid, image=photo.jpeg, content_type=photo.content_type, width=photo.width,
+            height=photo.height, device=answer.get("record"), note=cases.note_record(site, text),
+            research_consent=bool(consent and consent.research), sent_anyway=anyway, same_lesion_as=same_as)
+        self.draft = {}
+        if self.sync:
+            self.sync.kick()
+        self.case(case.case_id)
+
+    # ---- one case -----------------------------------------------------------------------------
+    def case(self, case_id: str | None) -> None:
+        case = self.device.store.get(self.session.uid, case_id) if case_id else None
+        if case is None:
+            self.home()
+            return
+        remote = case.remote or {}
+        status = remote.get("status") or case.status
+        parts: list[ft.Control] = [
+            ft.TextButton("Back to my cases", icon=ft.Icons.ARROW_BACK, on_click=lambda e: self.home()),
+            _heading(f"Case of {_when(case.created_at)}"),
+            ft.Text(wording.state_text(status, remote.get("failure"))),
+        ]
+        if case.last_error and status in (cases.Status.DIAGNOSED_ON_DEVICE, cases.Status.UPLOADING,
+                                           cases.Status.CAPTURED, cases.Status.FAILED):
+            parts.append(ft.Text(case.last_error, color=ft.Colors.RED_700))
+        device = case.device or {}
+        preview = preview_png_from_file(case.image_path, device.get("box"))
+        if preview:
+            parts.append(_picture(preview, 360, "Case photo"))
+        parts += [ft.Text("On this device", weight=ft.FontWeight.BOLD)]
+        if device.get("top"):
+            parts += _top_rows(device["top"])
+            parts.append(_risk_box(device.get("risk")))
+        else:
+            parts.append(ft.Text("Not classified on this device" + (": sent to a dermatologist anyway."
+                                                                     if case.sent_anyway else ".")))
+        parts.append(ft.Text(f"Device model version: {device.get('modelVersion', 'none')}", size=12))
+        cloud = remote.get("cloud")
+        if cloud:
+            parts += [ft.Divider(), ft.Text("Cloud analysis", weight=ft.FontWeight.BOLD)]
+            if cloud.get("top"):
+                parts += _top_rows(cloud["top"])
+                parts.append(_risk_box(cloud.get("risk")))
+            if cloud.get("message"):
+                parts.append(ft.Text(cloud["message"]))
+            parts.append(ft.Text(f"Cloud model version: {cloud.get('modelVersion')}", size=12))
+            if cloud.get("heatmapPath"):
+                parts.append(ft.OutlinedButton("Show where the model looked",
+                                               on_click=lambda e: self.show_heatmap(case_id, cloud["heatmapPath"])))
+        review = remote.get("review")
+        if review:
+            parts += [ft.Divider(), ft.Text("Dermatologist's review", weight=ft.FontWeight.BOLD),
+                      ft.Text(f"Assessment: {self._label_name(review.get('label'))}"),
+                      ft.Text(review.get("recommendation") or ""),
+                      ft.Text(wording.URGENCY_TEXT.get(review.get("urgency"), ""))]
+        parts += self._chat(case_id, status)
+        parts.append(ft.Text(wording.disclaimer(), size=12, italic=True))
+        self.show(*parts, screen="case", case_id=case_id)
+        if self.sync and self.sync.unread(case_id):  # (marking read redraws this screen once more)
+            self.sync.mark_read(case_id)
+
+    def _state(self, status: str, failure: dict | None) -> str:
+        if status in cases.LOCAL_STATUSES and not (self.sync and self.sync.online):
+            return wording.OFFLINE_PENDING
+        return wording.state_text(status, failure)
+
+    @staticmethod
+    def _label_name(label: str | None) -> str:
+        if label in ("other", "ungradable"):
+            return {"other": "Other (see the recommendation)", "ungradable": "The photo could not be assessed"}[label]
+        from dermaloop.taxonomy import load_taxonomy
+
+        try:
+            return load_taxonomy().get(label).name
+        except (KeyError, ValueError, AttributeError):
+            return str(label)
+
+    def show_heatmap(self, case_id: str, path: str) -> None:
+        from dermaloop.storage import UserStorage
+
+        try:
+            data = UserStorage(self.session, self.settings).download(path)
+        except ServiceError as exc:
+            self.notify(f"The heatmap cannot be shown now: {exc.message}")
+            return
+        self.page.show_dialog(ft.AlertDialog(
+            title=ft.Text("Where the cloud model looked"),
+            content=_picture(data, 420, "Heatmap of where the cloud model looked"),
+            actions=[ft.TextButton("Close", on_click=lambda e: self.page.pop_dialog())]))
+
+    def _chat(self, case_id: str, status: str) -> list[ft.Control]:
+        if status in cases.LOCAL_STATUSES:
+            return [ft.Divider(), ft.Text("You can message a dermatologist once the case is uploaded.", size=12)]
+        rows: list[ft.Control] = [ft.Divider(), ft.Text("Messages", weight=ft.FontWeight.BOLD)]
+        for message in self.sync.messages(case_id) if self.sync else []:
+            who = "You" if message.get("senderRole") == "patient" else "Dermatologist"
+            rows.append(ft.Text(f"{who} ({_when(message.get('at'))}): {message.get('text')}"))
+        # Live updates redraw the screen: what the patient is typing survives them.
+        box = ft.TextField(label="Message", multiline=True, max_length=cases.MAX_MESSAGE_CHARS, width=480,
+                           value=self.chat_drafts.get(case_id, ""))
+        box.on_change = lambda e: self.chat_drafts.__setitem__(case_id, box.value or "")
+
+        def send(e) -> None:
+            text = box.value or self.chat_drafts.get(case_id, "")
+            try:
+                self.sync.send_message(case_id, text)
+            except (ValueError, ServiceError) as exc:
+                self.notify(f"Not sent: {exc}")
+                return
+            self.chat_drafts.pop(case_id, None)
+            self.case(case_id)
+
+        return [*rows, box, ft.FilledButton("Send message", icon=ft.Icons.SEND, on_click=send)]
+
+
+def preview_png_from_file(path: Path | None, box: list[float] | None) -> bytes | None:
+    from PIL import Image
+
+    if path is None:  # a case made on another device: its photo is not on this one
+        return None
+    try:
+        with Image.open(path) as img:
+            return preview_png(img.convert("RGB"), box)
+    except OSError:
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    host = args.host or settings.host
+    port = args.port or settings.client_port
+    data_dir = args.data_dir or Path(settings.data_dir) / "client"
+    device = Device(settings, data_dir)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    def main(page: ft.Page) -> None:
+        PatientApp(page, device).sign_in_screen()
+
+    os.environ["FLET_FORCE_WEB_SERVER"] = "1"  # serve; never try to open a desktop window
+    os.environ["FLET_DISPLAY_URL_PREFIX"] = "client ready at"  # the run command waits for this line
+    ft.run(main, host=host, port=port, view=ft.AppView.WEB_BROWSER, no_cdn=True)
+    return 0

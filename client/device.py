@@ -1,0 +1,83 @@
+"""What lives with the app's process, the patient's "device": its local store, the consent records and
+the on-device model. Shared by every browser session this process serves; nothing in it belongs to
+one signed-in user (those are ``client.app.PatientApp``, one per session).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from client.consent import ConsentStore
+from client.photos import Photo
+from client.store import LocalStore
+from dermaloop.settings import Settings
+
+log = logging.getLogger("client")
+
+
+class Device:
+    def __init__(self, settings: Settings, data_dir: Path) -> None:
+        self.settings = settings
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = LocalStore(self.data_dir)
+        self.consent = ConsentStore(self.data_dir)
+        self._lock = threading.Lock()
+        self._path = None
+        self.model_note: str | None = None
+
+    def device_path(self):
+        """The on-device path, opened once (TFLite only). Without the analysis model the photo checks
+        still run on the centre square; without a classifier the answer says so."""
+        with self._lock:
+            if self._path is None:
+                from dermaloop.analysis.on_device import AnalysisModelMissing, open_device_path
+
+                models = self.settings.models_dir
+                try:
+                    self._path = open_device_path(models)
+                except AnalysisModelMissing as exc:
+                    log.warning("%s; answering without the lesion finder", exc)
+                    self.model_note = "The lesion finder is not on this device yet: the centre of the photo was used."
+                    self._path = open_device_path(models, localise=False)
+            return self._path
+
+    def answer(self, photo: Photo) -> dict[str, Any]:
+        """The instant answer for a photo (``DeviceResult.to_json()`` plus the case's device record)."""
+        result = self.device_path().run(photo.image)
+        out = result.to_json()
+        out["record"] = result.case_record() if result.model_version else None
+        return out
+
+
+def preview_png(image: Image.Image, box: list[float] | None, max_side: int = 720) -> bytes:
+    """A small picture of the photo with the proposed lesion box drawn on it (JPEG: a tenth of a
+    PNG's bytes, so the answer screen appears sooner)."""
+    preview = image.copy()
+    preview.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    if box:
+        x0, y0, x1, y1 = box
+        w, h = preview.size
+        width = max(2, round(min(w, h) / 150))
+        ImageDraw.Draw(preview).rectangle((x0 * w, y0 * h, x1 * w, y1 * h), outline=(0, 200, 255), width=width)
+    buf = io.BytesIO()
+    preview.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def thumbnail_png(path: Path, side: int = 96) -> bytes | None:
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((side, side))
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            return buf.getvalue()
+    except OSError:
+        return None

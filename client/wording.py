@@ -1,0 +1,78 @@
+"""What the patient reads: risk advice per tier, case states, consent, errors. In one place so the
+wording stays calibrated and consistent across screens (and is tested without a browser).
+
+Risk wording follows the calibrated tiers of the risk policy: a tier is a reason to act within a
+time, never a diagnosis, and every answer carries the disclaimer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dermaloop import DISCLAIMER, cases
+
+RISK_ADVICE = {
+    "high": ("Higher risk", "See a doctor within two weeks. Show them this photo and say what you noticed."),
+    "moderate": ("Moderate risk", "Have a doctor look at it within a few weeks, sooner if it changes, "
+                                  "bleeds or itches."),
+    "low": ("Lower risk", "Nothing here suggests you need to hurry. Keep an eye on it and see a doctor if it "
+                          "changes in size, shape or colour, bleeds or itches."),
+}
+NO_TIER = ("No risk estimate", "The photo could not be assessed. A dermatologist can still look at it.")
+
+STATE_TEXT = {
+    cases.Status.CAPTURED: "On this device only",
+    cases.Status.DIAGNOSED_ON_DEVICE: "On this device only: waiting to upload",
+    cases.Status.UPLOADING: "Uploading",
+    cases.Status.QUEUED: "Waiting for the cloud analysis",
+    cases.Status.PROCESSING: "The cloud is analysing it",
+    cases.Status.DIAGNOSED: "Cloud result ready",
+    cases.Status.FAILED: "Analysis failed",
+    cases.Status.REVIEWED: "Reviewed by a dermatologist",
+    cases.Status.LABELLED: "Reviewed by a dermatologist",
+}
+
+OFFLINE_PENDING = "On this device only: it uploads by itself when you are back online"
+
+URGENCY_TEXT = {"routine": "Routine: at your next convenient appointment",
+                "soon": "Soon: within the next few weeks",
+                "urgent": "Urgent: as soon as possible"}
+
+CONSENT_TITLE = "Before your first photo"
+CONSENT_TEXT = (
+    "DermaLoop gives an automated risk estimate, not a diagnosis.\n\n"
+    "What is stored: the photos you take, your answers and notes, the results of the models and "
+    "your messages with the dermatologists. Photos stay on this device until they are uploaded.\n\n"
+    "Who sees them: you, and the dermatologists of the service. Nobody else.\n\n"
+    "You can ask the service to delete all your data at any time. Labels that were already frozen into "
+    "a released training set (only if you allow it below) cannot be taken back out of that release."
+)
+RESEARCH_TEXT = ("Also allow my photos, once a dermatologist has labelled them, to be used to improve the "
+                 "models (optional)")
+
+SENT_ANYWAY_NOTE = ("The checks on this device were not sure this is a close-up of a skin spot. "
+                    "You can take it again, or send it to a dermatologist anyway.")
+
+FIELD_LIMITS = {"note": cases.MAX_NOTE_CHARS, "site": cases.MAX_SITE_CHARS}
+
+
+def risk_advice(risk: str | None) -> tuple[str, str]:
+    return RISK_ADVICE.get(risk or "", NO_TIER)
+
+
+def state_text(status: str | None, failure: dict[str, Any] | None = None) -> str:
+    try:
+        text = STATE_TEXT[cases.Status(status)]
+    except ValueError:
+        text = "Unknown state"
+    if status == cases.Status.FAILED:
+        text += ": " + cases.failure_message((failure or {}).get("reason"))
+    return text
+
+
+def percent(p: float) -> str:
+    return f"{p:.0%}" if p >= 0.01 else "under 1%"
+
+
+def disclaimer() -> str:
+    return DISCLAIMER

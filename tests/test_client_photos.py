@@ -1,0 +1,76 @@
+"""The patient app's photo intake (``client.photos.prepare``): every kind of file a phone or a
+desktop can hand over gets either a clean upright JPEG without metadata or a message in plain words."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client import wording
+from client.photos import MAX_SIDE, PhotoError, prepare
+from dermaloop import cases
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _skin(size=(640, 480)) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.normal(160, 20, (size[1], size[0], 3))).clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"", "is empty"),
+    (b"GIF89a not really", "not a photo this app can read"),
+    (b"%PDF-1.4 hello", "not a photo this app can read"),
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "HEIC photo"),
+])
+def test_unusable_files_get_a_plain_message(data, expected):
+    with pytest.raises(PhotoError, match=expected):
+        prepare(data, "spot.jpg")
+
+
+def test_a_truncated_jpeg_is_called_damaged():
+    data = _encode(_skin(), "JPEG", quality=90)
+    with pytest.raises(PhotoError, match="damaged or incomplete"):
+        prepare(data[: len(data) // 2], "spot.jpg")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "CMYK", "I;16", "P", "L"])
+def test_other_colour_modes_become_an_rgb_jpeg(mode):
+    img = _skin().convert("RGBA" if mode == "RGBA" else "RGB")
+    if mode == "I;16":
+        arr = np.asarray(img.convert("L"), np.uint16) * 257
+        img = Image.fromarray(arr).convert("I;16")
+    elif mode != "RGBA":
+        img = img.convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    photo = prepare(_encode(img, fmt), f"spot.{fmt.lower()}")
+    assert photo.image.mode == "RGB" and photo.content_type in cases.IMAGE_CONTENT_TYPES
+    assert Image.open(io.BytesIO(photo.jpeg)).format == "JPEG" and len(photo.sha256) == 64
+
+
+def test_a_40_mp_photo_is_scaled_down_and_exif_is_dropped():
+    big = Image.new("RGB", (7744, 5184), (180, 140, 120))  # 40 MP
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    exif[0x8825] = {1: "N"}  # a GPS block a phone would add
+    photo = prepare(_encode(big, "JPEG", quality=70, exif=exif), "big.jpg")
+    assert max(photo.width, photo.height) == MAX_SIDE
+    assert photo.height > photo.width  # upright: the EXIF rotation was applied
+    assert not Image.open(io.BytesIO(photo.jpeg)).getexif()  # nothing of the phone's metadata leaves the device
+
+
+def test_risk_and_state_wording_is_calibrated_and_says_not_a_diagnosis():
+    assert "two weeks" in wording.risk_advice("high")[1]
+    assert wording.risk_advice(None)[0] == "No risk estimate"
+    assert wording.state_text("failed", {"reason": "corrupt_image"}).startswith("Analysis failed: The photo arrived")
+    assert wording.state_text("diagnosed_on_device").startswith("On this device only")
+    assert "not a diagnosis" in wording.disclaimer()
+    assert set(wording.STATE_TEXT) == set(cases.Status)
