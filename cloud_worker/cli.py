@@ -101,6 +101,7 @@ def _status(app) -> int:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.json_logs)
+    from cloud_worker.erasure import Eraser, ErasureConfig
     from cloud_worker.jobs import JobQueue
     from cloud_worker.model import ModelLoadError, load_model
     from cloud_worker.registry import ModelProvider
@@ -125,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+    # "Delete my data" requests (issue 17) need no model: carried out from the start, beside the jobs.
+    eraser = Eraser(app, bucket, worker_id, ErasureConfig(
+        sweep_interval_s=args.sweep_s, job_wait_s=max(60.0, 4 * args.lease_s))).start()
 
     def find_model() -> Path | None:
         if args.model:
@@ -151,15 +156,16 @@ def run(args: argparse.Namespace) -> int:
             except Exception as exc:
                 log.warning("looking for a model failed", extra={"fields": {"error": str(exc)}})
         if model_dir is None:
+            eraser.stop()
             return 0
     try:
         model = load_model(model_dir)
     except ModelLoadError as exc:
+        eraser.stop()
         print(f"dermaloop worker: cannot load the model: {exc}", file=sys.stderr)
         return 2
     models = ModelProvider(model, load_model)
     analysis = _analysis(args.no_analysis, Path(settings.models_dir))
-    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
     jobs = JobQueue(app, worker_id, lease_ms=int(args.lease_s * 1000), max_attempts=args.max_attempts)
     config = WorkerConfig(
         concurrency=args.workers, batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
@@ -180,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     while not stop.wait(0.5):
         pass
     models.stop()
+    eraser.stop()
     worker.stop()
     deadline = time.monotonic() + 2.0
     for thread in threading.enumerate():

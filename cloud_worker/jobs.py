@@ -45,6 +45,13 @@ class LeaseLost(RuntimeError):
     """Our lease was taken over (we stalled past its expiry) or the job vanished: drop the work."""
 
 
+class CaseGone(LeaseLost):
+    """The job or its case is no longer there: the patient's data was erased (issue 17,
+    ``cloud_worker/erasure.py``), the only thing that deletes them. Drop the work and write
+    nothing: an outcome's multi-path update would otherwise recreate part of the case, its job
+    and its queue entry."""
+
+
 @dataclass(frozen=True)
 class Claim:
     """A job this worker holds a lease on."""
@@ -164,6 +171,8 @@ class JobQueue:
         """Check our lease still holds and extend it, atomically; raises ``LeaseLost`` otherwise."""
 
         def update(job: Any) -> Any:
+            if job is None:
+                raise _Abort("job gone")
             lease = job.get("lease") if isinstance(job, dict) else None
             if not isinstance(lease, dict) or lease.get("token") != claim.token or job.get("state") != RUNNING:
                 raise _Abort("lease lost")
@@ -176,20 +185,32 @@ class JobQueue:
         try:
             self.ref(cases.job_path(claim.case_id)).transaction(update)
         except _Abort as exc:
+            if exc.why == "job gone":
+                raise CaseGone(f"job {claim.case_id}: the job is gone (erased)") from None
             raise LeaseLost(f"job {claim.case_id}: {exc.why}") from None
 
     def renew(self, claim: Claim) -> None:
         self._fence(claim)
 
+    def _case_still_there(self, claim: Claim) -> None:
+        """The resurrection guard: after the fence, an outcome that writes into the case first checks
+        the case still exists. An erasure deletes the job first and waits for live leases
+        (``cloud_worker/erasure.py``), so this covers a fence that passed just before that."""
+        if self.ref(f"{cases.case_path(claim.uid, claim.case_id)}/caseId").get() is None:
+            raise CaseGone(f"job {claim.case_id}: the case is gone (erased)")
+
     # ---- outcomes (each one fenced, then one atomic multi-path update from the case domain) ---
     def complete(self, claim: Claim, cloud: dict[str, Any], queue_entry: dict[str, Any]) -> None:
         """Write the cloud result, move the case to ``diagnosed`` and the job to ``done``, at once."""
         self._fence(claim)
+        self._case_still_there(claim)
         self.ref("/").update(cases.diagnosed_writes(claim.uid, claim.case_id, cloud, queue_entry, now_ms()))
 
     def fail(self, claim: Claim, reason: str, detail: str, case_exists: bool = True) -> None:
         """Give up on a job: the case shows ``failed`` with a reason the patient app can explain."""
         self._fence(claim)
+        if case_exists:
+            self._case_still_there(claim)
         self.ref("/").update(cases.failed_writes(claim.uid, claim.case_id, reason, detail, claim.attempt, now_ms(),
                                                  case_exists=case_exists))
 
@@ -203,22 +224,28 @@ class JobQueue:
         past its lease can never move a case that another worker already diagnosed back."""
 
         def update(status: Any) -> Any:
-            if status not in (None, Status.QUEUED, Status.PROCESSING):
+            if status is None:  # no case (erased): writing the status would recreate it
+                raise _Abort("case gone")
+            if status not in (Status.QUEUED, Status.PROCESSING):
                 raise _Abort(f"case is {status}")
             return Status.PROCESSING.value
 
         try:
             self.ref(f"{cases.case_path(claim.uid, claim.case_id)}/status").transaction(update)
         except _Abort as exc:
+            if exc.why == "case gone":
+                raise CaseGone(f"job {claim.case_id}: the case is gone (erased)") from None
             raise LeaseLost(f"job {claim.case_id}: {exc.why}") from None
 
     def retry_later(self, claim: Claim, delay_ms: int, error: str) -> None:
         """Put the job back with a backoff; the attempt stays counted."""
         self._fence(claim)
+        self._case_still_there(claim)
         now = now_ms()
         self.ref("/").update(cases.requeue_writes(claim.uid, claim.case_id, now, retry_at=now + delay_ms, error=error))
 
     def release(self, claim: Claim) -> None:
         """Hand a job back untouched (graceful shutdown): it does not count as an attempt."""
         self._fence(claim, release_attempt=True)
+        self._case_still_there(claim)
         self.ref("/").update(cases.requeue_writes(claim.uid, claim.case_id, now_ms()))

@@ -15,6 +15,7 @@ Threads and why:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -29,7 +30,7 @@ from firebase_admin import db
 from cloud_worker import triage
 from cloud_worker.errors import JobError, permanent, transient
 from cloud_worker.fetch import download, expected_image
-from cloud_worker.jobs import Claim, JobQueue, LeaseLost, claimable, now_ms
+from cloud_worker.jobs import CaseGone, Claim, JobQueue, LeaseLost, claimable, now_ms
 from cloud_worker.metrics import Metrics
 from cloud_worker.pipeline import Analysis, Inferred, Prepared, heatmap_png, infer, prepare, record
 from cloud_worker.registry import ModelProvider
@@ -371,6 +372,12 @@ class Worker:
             self.metrics.done(latency)
             log.info("diagnosed", extra=_fields(caseId=claim.case_id, model=result.model.version, risk=cloud["risk"],
                                                  batch=work.prepared.timings_ms.get("batch"), latencyMs=latency))
+        except CaseGone:  # erased meanwhile (issue 17): leave nothing behind, not even the heatmap
+            self.metrics.add("erased")
+            log.warning("the case was erased; result dropped", extra=_fields(caseId=claim.case_id))
+            if heatmap_path is not None:
+                with contextlib.suppress(Exception):
+                    self.bucket.blob(heatmap_path).delete()
         except LeaseLost:
             self.metrics.add("leaseLost")
             log.warning("lease lost before the result was written; result dropped", extra=_fields(caseId=claim.case_id))

@@ -29,6 +29,10 @@ MAX_SITE_CHARS = 100
 MAX_NOTE_CHARS = 2000
 MAX_MESSAGE_CHARS = 4000
 MAX_RECOMMENDATION_CHARS = 4000
+MAX_OTHER_TEXT_CHARS = 200  # the free-text diagnosis of a review labelled "other"
+# How long a dermatologist's claim on a case holds without renewal (database.rules.json spells the
+# same number: a claim whose server-stamped ``at`` is older than this may be taken by someone else).
+CLAIM_TTL_MS = 15 * 60 * 1000
 IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp")
 
 
@@ -153,6 +157,22 @@ def messages_path(uid: str, case_id: str) -> str:
     return f"messages/{_key('uid', uid)}/{_key('caseId', case_id)}"
 
 
+def claim_path(case_id: str) -> str:
+    """Who is reviewing the case now (reviewer portal): one claim per case, see :func:`claim_record`."""
+    return f"claims/{_key('caseId', case_id)}"
+
+
+def review_history_path(case_id: str) -> str:
+    """The append-only audit of every review saved on a case (push ids below it)."""
+    return f"reviewHistory/{_key('caseId', case_id)}"
+
+
+def reads_path(reader_uid: str, case_id: str | None = None) -> str:
+    """Where a dermatologist's last read of a case's chat is kept (epoch ms), per dermatologist."""
+    base = f"reads/{_key('uid', reader_uid)}"
+    return base if case_id is None else f"{base}/{_key('caseId', case_id)}"
+
+
 def case_folder(uid: str, case_id: str) -> str:
     """The Storage folder of one case (photo, heatmap)."""
     return f"cases/{_key('uid', uid)}/{_key('caseId', case_id)}"
@@ -221,11 +241,21 @@ ACCESS: tuple[Access, ...] = (
     Access("/cases/{uid}/{caseId}/cloud", read=_CARE),
     Access("/cases/{uid}/{caseId}/failure", read=_CARE),
     Access("/cases/{uid}/{caseId}/training", read=_CARE),
+    Access("/cases/{uid}/{caseId}/flags", read=_CARE),  # the patient's, with the case's creation
+    Access("/cases/{uid}/{caseId}/sameLesionAs", read=_CARE),  # likewise
     Access("/jobs/{caseId}", write=_OWNER),  # with the case, in one write
     Access("/jobs/{caseId}/state"),
     Access("/jobs/{caseId}/lease"),
     Access("/queue", read=_DERMATOLOGISTS),
     Access("/queue/{caseId}", read=_DERMATOLOGISTS),
+    Access("/queue/{caseId}/status", read=_DERMATOLOGISTS, write=_DERMATOLOGISTS),  # to reviewed, with the review
+    Access("/claims", read=_DERMATOLOGISTS),
+    Access("/claims/{caseId}", read=_DERMATOLOGISTS, write=_DERMATOLOGISTS),  # if absent, expired or their own
+    Access("/reviewHistory", read=_DERMATOLOGISTS),
+    Access("/reviewHistory/{caseId}/{entryId}", read=_DERMATOLOGISTS, write=_DERMATOLOGISTS),  # create-only
+    Access("/reads/{readerUid}", read=_DERMATOLOGISTS),  # each dermatologist their own
+    Access("/reads/{readerUid}/{caseId}", read=_DERMATOLOGISTS, write=_DERMATOLOGISTS),
+    Access("/messages", read=_DERMATOLOGISTS),  # unread counts over every case in one stream
     Access("/messages/{uid}", read=_CARE),
     Access("/messages/{uid}/{caseId}/{msgId}", read=_CARE, write=_CARE),  # each as themself, never edited
     Access("/models", read=_SIGNED_IN),
@@ -233,6 +263,9 @@ ACCESS: tuple[Access, ...] = (
     Access("/models/{kind}/current", read=_SIGNED_IN),
     Access("/models/{kind}/versions/{version}", read=_SIGNED_IN),
     Access("/workers/{workerId}"),
+    Access("/erasures/{uid}", read=_OWNER, write=_OWNER),  # "delete my data": created once, by a patient
+    Access("/erasures/{uid}/state", read=_OWNER),  # and doneAt, counts, lease: the server program's
+    Access("/erased/{caseId}"),  # tombstones of erased cases (retraining checks them)
     Access("cases/{uid}/{caseId}/image.jpg", read=_CARE, write=_OWNER),  # IMAGE_CONTENT_TYPES only
     Access("cases/{uid}/{caseId}/heatmap.png", read=_CARE),
     Access("models/{kind}/{version}/{file}", read=_SIGNED_IN),
@@ -293,8 +326,13 @@ def device_record(result: Mapping[str, Any], model_version: str | None = None, a
 
 def new_case(uid: str, case_id: str, image: dict[str, Any], research_consent: bool, *,
              note: dict[str, str] | None = None, device: dict[str, Any] | None = None,
-             created_at: Any = None) -> dict[str, Any]:
-    """A case as the patient creates it on the server (status ``queued``)."""
+             created_at: Any = None, sent_anyway: bool = False,
+             same_lesion_as: str | None = None) -> dict[str, Any]:
+    """A case as the patient creates it on the server (status ``queued``).
+
+    ``sent_anyway``: the device checks declined the photo and the patient sent it to a
+    dermatologist anyway (``flags.sentAnyway``, shown as such in the portal). ``same_lesion_as``:
+    the patient's earlier case of the same spot, so the portal can put the photos side by side."""
     now = SERVER_TIMESTAMP if created_at is None else created_at
     case: dict[str, Any] = {
         "caseId": _key("caseId", case_id), "patientUid": _key("uid", uid), "createdAt": now,
@@ -306,6 +344,12 @@ def new_case(uid: str, case_id: str, image: dict[str, Any], research_consent: bo
         case["note"] = note
     if device:
         case["device"] = device
+    if sent_anyway:
+        case["flags"] = {"sentAnyway": True}
+    if same_lesion_as is not None:
+        if _key("caseId", same_lesion_as) == case_id:
+            raise CaseError("a case cannot be the same lesion as itself")
+        case["sameLesionAs"] = same_lesion_as
     return case
 
 
@@ -360,10 +404,21 @@ REVIEW_URGENCIES = ("routine", "soon", "urgent")
 REVIEW_SPECIAL_LABELS = ("other", "ungradable")
 
 
+REVIEW_CONFIDENCES = ("low", "medium", "high")
+
+
 def review_record(reviewer_uid: str, label: str, recommendation: str, urgency: str, *,
-                  taxonomy_labels: Iterable[str], at: Any = None) -> dict[str, Any]:
-    """A dermatologist's review; the label is a taxonomy class id or "other"/"ungradable"."""
+                  taxonomy_labels: Iterable[str], at: Any = None, confidence: str | None = None,
+                  other_text: str | None = None, training_use: bool | None = None) -> dict[str, Any]:
+    """A dermatologist's review; the label is a taxonomy class id or "other"/"ungradable".
+
+    The keywords are the reviewer portal's additions, each optional so older writers stay valid:
+    ``confidence`` (low/medium/high), ``other_text`` (what "other" is: required with that label,
+    refused with any other) and ``training_use`` (whether the image may train the models; the rules
+    accept ``True`` only on a case whose patient gave research consent)."""
     allowed = set(taxonomy_labels) | set(REVIEW_SPECIAL_LABELS)
+    if not isinstance(label, str) or not label:
+        raise CaseError("choose a diagnosis (a class, \"other\" with a description, or \"ungradable\")")
     if label not in allowed:
         raise CaseError(f"unknown diagnosis {label!r}; expected one of {', '.join(sorted(allowed))}")
     if urgency not in REVIEW_URGENCIES:
@@ -371,8 +426,24 @@ def review_record(reviewer_uid: str, label: str, recommendation: str, urgency: s
     if len(recommendation) > MAX_RECOMMENDATION_CHARS:
         raise CaseError(f"the recommendation is limited to {MAX_RECOMMENDATION_CHARS} characters "
                         f"({len(recommendation)} given)")
-    return {"reviewerUid": reviewer_uid, "label": label, "recommendation": recommendation, "urgency": urgency,
-            "at": SERVER_TIMESTAMP if at is None else at}
+    record: dict[str, Any] = {"reviewerUid": reviewer_uid, "label": label, "recommendation": recommendation,
+                              "urgency": urgency, "at": SERVER_TIMESTAMP if at is None else at}
+    if confidence is not None:
+        if confidence not in REVIEW_CONFIDENCES:
+            raise CaseError(f"confidence must be one of {', '.join(REVIEW_CONFIDENCES)}, not {confidence!r}")
+        record["confidence"] = confidence
+    other = (other_text or "").strip()
+    if label == "other" and other_text is not None and not other:
+        raise CaseError("say what the \"other\" diagnosis is")
+    if other:
+        if label != "other":
+            raise CaseError("a free-text diagnosis goes with the label \"other\" only")
+        if len(other) > MAX_OTHER_TEXT_CHARS:
+            raise CaseError(f"the other diagnosis is limited to {MAX_OTHER_TEXT_CHARS} characters ({len(other)} given)")
+        record["otherText"] = other
+    if training_use is not None:
+        record["trainingUse"] = bool(training_use)
+    return record
 
 
 TRUSTED_REVIEWER_ROLES = ("dermatologist", "admin")
@@ -480,3 +551,139 @@ def touched_cases(path: str, data: Any) -> set[str]:
     if isinstance(data, dict):
         return {key.split("/")[0] for key in data if key}
     return set()
+
+
+# ---- the reviewer portal: claims, the review audit, the move to reviewed ----------------------------
+
+
+def claim_record(reviewer_uid: str, patient_uid: str, at: Any = None) -> dict[str, Any]:
+    """A dermatologist's claim on a case (``/claims/{caseId}``): who holds it, whose case it is (so
+    the rules can check the case exists), and when it was taken or last renewed. The time is
+    stamped by the server, so expiry (``at + CLAIM_TTL_MS``) does not depend on anyone's clock."""
+    return {"uid": _key("uid", reviewer_uid), "patientUid": _key("uid", patient_uid),
+            "at": SERVER_TIMESTAMP if at is None else at}
+
+
+def claim_expires_at(claim: Any) -> int | None:
+    """When a stored claim lapses (epoch ms), None if it is not a claim."""
+    if not isinstance(claim, Mapping) or not isinstance(claim.get("at"), int | float):
+        return None
+    return int(claim["at"]) + CLAIM_TTL_MS
+
+
+def claim_holder(claim: Any, now_ms: float) -> str | None:
+    """The uid holding a stored claim at ``now_ms``, or None when there is none or it lapsed."""
+    expires = claim_expires_at(claim)
+    if expires is None or expires <= now_ms:
+        return None
+    uid = claim.get("uid")
+    return uid if isinstance(uid, str) else None
+
+
+def review_history_record(editor_uid: str, patient_uid: str, review: Mapping[str, Any],
+                          previous: Mapping[str, Any] | None = None, at: Any = None) -> dict[str, Any]:
+    """One audit entry (``/reviewHistory/{caseId}/{pushId}``): who saved which review when, and the
+    review it replaced (absent for the first). Written in the same update as the review itself."""
+    entry: dict[str, Any] = {"editorUid": _key("uid", editor_uid), "patientUid": _key("uid", patient_uid),
+                             "review": dict(review), "at": SERVER_TIMESTAMP if at is None else at}
+    if previous:
+        entry["previous"] = dict(previous)
+    return entry
+
+
+def reviewed_writes(uid: str, case_id: str, review: dict[str, Any], history_id: str,
+                    previous: Mapping[str, Any] | None = None, in_queue: bool = True) -> dict[str, Any]:
+    """The one multi-path write that saves a review: the review, the case's move to ``reviewed`` (the
+    rules want both in one write), the queue entry's status (so open queues drop the case) when the
+    case has one, and the audit entry. All of it lands or none of it does."""
+    case = case_path(uid, case_id)
+    writes = {
+        f"{case}/review": review,
+        f"{case}/status": Status.REVIEWED.value,
+        f"{review_history_path(case_id)}/{_key('entryId', history_id)}":
+            review_history_record(review["reviewerUid"], uid, review, previous),
+    }
+    if in_queue:
+        writes[f"{queue_path(case_id)}/status"] = Status.REVIEWED.value
+    return writes
+
+
+# ---- erasure: "delete my data" (issue 17) ------------------------------------------------------------
+#
+# The patient cannot delete through the rules (and must not be able to touch queue entries, jobs or
+# heatmaps), so erasure is a request: the patient creates ``/erasures/{uid}`` (``requestedAt`` only)
+# and a server program (the cloud worker's ``cloud_worker/erasure.py``, admin) claims it with a
+# lease, deletes everything of that uid, leaves a tombstone ``/erased/{caseId}`` per erased case
+# (no personal data: retraining never takes such a case again) and records ``state: done``.
+
+
+class ErasureState(StrEnum):
+    REQUESTED = "requested"  # also: no state yet (the request as the patient wrote it)
+    RUNNING = "running"  # a server program holds the request's lease and is deleting
+    DONE = "done"  # everything is gone, the Auth account too; the record stays (uid only)
+
+
+# What ``/erasures/{uid}/counts`` counts: records and objects removed, by kind ("account" and "user"
+# are 0 or 1; "tombstones" is how many ``/erased/{caseId}`` were written).
+ERASURE_COUNTS = ("cases", "jobs", "queue", "messages", "images", "heatmaps", "files", "claims",
+                  "reviewHistory", "reads", "user", "account", "tombstones")
+
+
+def erasure_path(uid: str) -> str:
+    """The patient's erasure request and, once carried out, its outcome (``/erasures/{uid}``)."""
+    return f"erasures/{_key('uid', uid)}"
+
+
+def erased_path(case_id: str) -> str:
+    """The tombstone of an erased case (``/erased/{caseId}``, admin only)."""
+    return f"erased/{_key('caseId', case_id)}"
+
+
+def patient_folder(uid: str) -> str:
+    """The Storage prefix of everything of one patient (photos and heatmaps of every case), with the
+    trailing slash, so that ``cases/ab/`` never matches ``cases/abc/``."""
+    return f"cases/{_key('uid', uid)}/"
+
+
+def erasure_request(requested_at: Any = None) -> dict[str, Any]:
+    """The request exactly as the rules let the patient create it (once; nothing else in it)."""
+    return {"requestedAt": SERVER_TIMESTAMP if requested_at is None else requested_at}
+
+
+def erasure_state(record: Any) -> ErasureState | None:
+    """The state of a stored ``/erasures/{uid}`` record; None when there is no request."""
+    if not isinstance(record, Mapping) or "requestedAt" not in record:
+        return None
+    try:
+        return ErasureState(record.get("state") or ErasureState.REQUESTED)
+    except ValueError:
+        return None
+
+
+def tombstone_record(at: int) -> dict[str, Any]:
+    """``/erased/{caseId}``: when the case was erased, nothing else (no uid, no content)."""
+    return {"at": int(at)}
+
+
+def erasure_writes(uid: str, *, tombstones: Iterable[str] = (),
+                   jobs: Iterable[str] = (), queue: Iterable[str] = (), claims: Iterable[str] = (),
+                   history: Iterable[str] = (), reads: Iterable[tuple[str, str]] = (), now: int) -> dict[str, Any]:
+    """The one multi-path write that removes a patient from the database: their cases, chats and user
+    record, the given jobs, queue entries, claims and review histories (by case id; the caller checked
+    each belongs to ``uid``), dermatologists' read marks ``(readerUid, caseId)``, and a tombstone per
+    case id in ``tombstones``. All of it lands or none of it does."""
+    writes: dict[str, Any] = {patient_cases_path(uid): None, f"messages/{_key('uid', uid)}": None,
+                              user_path(uid): None}
+    for case_id in jobs:
+        writes[job_path(case_id)] = None
+    for case_id in queue:
+        writes[queue_path(case_id)] = None
+    for case_id in claims:
+        writes[claim_path(case_id)] = None
+    for case_id in history:
+        writes[review_history_path(case_id)] = None
+    for reader, case_id in reads:
+        writes[reads_path(reader, case_id)] = None
+    for case_id in tombstones:
+        writes[erased_path(case_id)] = tombstone_record(now)
+    return writes

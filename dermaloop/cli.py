@@ -36,8 +36,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("diagnose", "dermaloop.diagnose_cli", "run the on-device diagnosis path on image files"),
     Command("worker", "cloud_worker.cli", "run the cloud worker that diagnoses uploaded cases"),
     Command("submit", "dermaloop.submit_cli", "submit images as a patient would (scriptable client)"),
-    Command("client", None, "run the patient app (Flet web)", "the patient-app issue"),
-    Command("portal", None, "run the dermatologists' reviewer portal (Flet web)", "the reviewer-portal issue"),
+    Command("client", "client.app", "run the patient app (Flet web): instant on-device answer, cloud result, chat"),
+    Command("portal", "reviewer_portal.app", "run the dermatologists' reviewer portal (Flet web): triage, review, chat"),
     Command("publish", None, "publish a model version as the current one", "the retraining issue"),
 )
 

@@ -445,3 +445,63 @@ def test_retraining_trusts_a_review_only_from_a_current_dermatologist(settings):
     assert asked == []  # the look-up is the last check, never made for a case that fails the others
     dl_auth.set_role(derm, "patient", settings)  # the role is withdrawn: earlier reviews stop counting
     assert cases.trusted_review(case(derm), role_of) is None
+
+
+# ---- "delete my data" (issue 17): the request is the patient's, everything else the server's ---------
+
+
+def test_a_patient_requests_their_own_erasure_once_and_only_reads_it_afterwards(settings, alice, bob):
+    a = uid_of(alice)
+    path = cases.erasure_path(a)
+    assert denied(bob.set, path, cases.erasure_request())  # nobody asks for someone else
+    assert denied(alice.set, path, {**cases.erasure_request(), "state": "done"})  # nothing of the server's
+    assert denied(alice.set, path, {"requestedAt": int(time.time() * 1000) + 3_600_000})  # not in the future
+    assert denied(alice.set, path, {"requestedAt": "now"})
+    assert denied(alice.set, path, {"state": "running"})
+    assert admin(settings, path).get() is None
+
+    alice.set(path, cases.erasure_request())
+    record = alice.get(path)
+    assert isinstance(record["requestedAt"], int) and set(record) == {"requestedAt"}
+    assert denied(bob.get, path)
+    # Create-only: not again, not changed, not removed, and never the server program's fields.
+    assert denied(alice.set, path, cases.erasure_request())
+    for name, value in (("state", "done"), ("doneAt", 1), ("counts", {"cases": 0}), ("requestedAt", 1),
+                        ("lease", {"worker": "me", "token": "t", "expiresAt": 1})):
+        assert denied(alice.set, f"{path}/{name}", value), name
+    assert denied(alice.update, path, {"state": "done", "doneAt": 1})
+    assert denied(alice.delete, path)
+    assert admin(settings, path).get() == record
+
+    # The server program's outcome is readable by its patient, and still not writable.
+    admin(settings, path).update({"state": "done", "doneAt": 2, "counts": {"cases": 3}})
+    assert alice.get(path)["state"] == "done"
+    assert denied(alice.set, f"{path}/state", "running")
+    assert denied(alice.delete, path)
+
+    # A fresh sign-up (no role claim yet) is a patient too.
+    fresh = user(settings, "fresh-" + uuid.uuid4().hex[:8])
+    fresh.set(cases.erasure_path(uid_of(fresh)), cases.erasure_request())
+
+
+def test_a_dermatologist_cannot_request_an_erasure_nor_read_one(settings, alice, derm):
+    a = uid_of(alice)
+    assert denied(derm.set, cases.erasure_path(a), cases.erasure_request())  # not for a patient
+    assert denied(derm.set, cases.erasure_path(uid_of(derm)), cases.erasure_request())  # nor for themself
+    assert denied(derm.update, "/", {cases.erasure_path(a): cases.erasure_request()})
+    alice.set(cases.erasure_path(a), cases.erasure_request())
+    assert denied(derm.get, cases.erasure_path(a))
+    assert denied(derm.set, f"{cases.erasure_path(a)}/state", "done")
+    staff = user(settings, "admin-" + uuid.uuid4().hex[:8], "admin")  # accounts of staff are an admin's business
+    assert denied(staff.set, cases.erasure_path(uid_of(staff)), cases.erasure_request())
+
+
+def test_erasure_tombstones_are_admin_only(settings, alice, derm):
+    case_id = create_case(alice)
+    admin(settings, cases.erased_path(case_id)).set(cases.tombstone_record(1))
+    for db in (alice, derm):
+        assert denied(db.get, cases.erased_path(case_id))
+        assert denied(db.get, "erased")
+        assert denied(db.set, cases.erased_path(new_push_id()), {"at": 1})
+        assert denied(db.delete, cases.erased_path(case_id))
+    assert admin(settings, cases.erased_path(case_id)).get() == {"at": 1}

@@ -65,6 +65,7 @@ class Seed:
     failed: str = ""  # a case the worker gave up on
     message: str = ""
     version: str = ""  # of models/cloud, in the RTDB and in Storage
+    history: str = ""  # a review-history entry of the done case (reviewer portal)
 
     def admin(self, path: str = "/"):
         return admin_reference(path, self.settings, app_name=APP_NAME)
@@ -103,6 +104,26 @@ def cloud() -> dict[str, Any]:
                               top=[{"label": "nv", "name": "Mole", "p": 0.9}], risk="low", malignant_p=0.1)
 
 
+def erasure_done() -> dict[str, Any]:
+    """A request as the server program leaves it (no worker listens in this test's namespace)."""
+    return {**cases.erasure_request(NOW), "state": cases.ErasureState.DONE.value, "doneAt": NOW,
+            "counts": {"cases": 2}}
+
+
+def _erasure_request(s: Seed, actor: Actor) -> Writes:
+    """The patient's request, where it belongs: before there is one (the seeded one goes first)."""
+    s.admin(cases.erasure_path(s.owner)).delete()
+    return {cases.erasure_path(s.owner): cases.erasure_request()}
+
+
+def _erasure_state(s: Seed, actor: Actor) -> list[Writes]:
+    """The server program's fields, on a request as the patient made it and on a finished one."""
+    path = cases.erasure_path(s.owner)
+    s.admin(path).set(erasure_done())
+    return [{f"{path}/state": cases.ErasureState.RUNNING.value},
+            {f"{path}/doneAt": NOW + 1, f"{path}/counts/cases": 0}]
+
+
 def review(reviewer: str) -> dict[str, Any]:
     return cases.review_record(reviewer, "mel", "See a dermatologist.", "soon", taxonomy_labels=LABELS)
 
@@ -128,6 +149,8 @@ def seed(localbase) -> Seed:
          "training": {"usable": True, "labelledAt": NOW}})
     s.failed = s.queued_case()
     s.admin().update(cases.failed_writes(s.owner, s.failed, "corrupt_image", "truncated", 3, NOW))
+    # Sent anyway, and the same spot as the failed case (both written by the patient at creation).
+    s.admin(cases.case_path(s.owner, s.done)).update({"flags": {"sentAnyway": True}, "sameLesionAs": s.failed})
     s.message = new_push_id()
     s.admin(f"{cases.messages_path(s.owner, s.done)}/{s.message}").set(
         {**cases.message_record(derm, "dermatologist", "Hello"), "at": NOW})
@@ -135,6 +158,15 @@ def seed(localbase) -> Seed:
     s.admin("models/cloud").set({"current": s.version, "versions": {s.version: {
         "storagePath": f"models/cloud/{s.version}", "createdAt": NOW, "metrics": {"acc": 0.8}, "card": {}}}})
     s.admin("workers/w1").set({"updatedAt": NOW, "jobs": 3})
+    # The reviewer portal's records: a (lapsed) claim, an audit entry, the dermatologist's last read.
+    s.admin(cases.claim_path(s.done)).set(cases.claim_record(derm, s.owner, at=NOW))
+    s.history = new_push_id()
+    s.admin(f"{cases.review_history_path(s.done)}/{s.history}").set(
+        cases.review_history_record(derm, s.owner, {**review(derm), "at": NOW}, at=NOW))
+    s.admin(cases.reads_path(derm, s.done)).set(NOW)
+    # "Delete my data" (issue 17): a request carried out, and the tombstone of an erased case.
+    s.admin(cases.erasure_path(s.owner)).set(erasure_done())
+    s.admin(cases.erased_path(s.done)).set(cases.tombstone_record(NOW))
 
     bucket = admin_bucket(settings)
     bucket.blob(cases.image_object(s.owner, s.done)).upload_from_string(JPEG, content_type="image/jpeg")
@@ -151,7 +183,8 @@ def concrete(seed: Seed, row: Access) -> str:
     """The row's path with the seeded keys (the failed case for ``failure``)."""
     case_id = seed.failed if row.path.endswith("/failure") else seed.done
     values = {"uid": seed.owner, "caseId": case_id, "msgId": seed.message, "kind": "cloud",
-              "version": seed.version, "workerId": "w1", "file": "model.keras"}
+              "version": seed.version, "workerId": "w1", "file": "model.keras", "entryId": seed.history,
+              "readerUid": seed.actors[DERMATOLOGIST].uid}
     return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], row.path).lstrip("/")
 
 
@@ -190,6 +223,24 @@ def _job_field(name: str, value: Any) -> Scenario:
     return scenario
 
 
+def _reviewed_with_queue(s: Seed, actor: Actor) -> Writes:
+    """The portal's review write on a diagnosed case: review, case and queue status, audit entry."""
+    case_id = s.diagnosed_case()
+    return cases.reviewed_writes(s.owner, case_id, review(actor.uid), new_push_id())
+
+
+def _claim(s: Seed, actor: Actor) -> Writes:
+    """A claim on a freshly diagnosed case (nobody holds one), as the writer themself."""
+    return {cases.claim_path(s.diagnosed_case()): {"uid": actor.uid, "patientUid": s.owner,
+                                                     "at": cases.SERVER_TIMESTAMP}}
+
+
+def _history(s: Seed, actor: Actor) -> Writes:
+    entry = {"editorUid": actor.uid, "patientUid": s.owner, "review": review(actor.uid),
+             "at": cases.SERVER_TIMESTAMP}
+    return {f"{cases.review_history_path(s.done)}/{new_push_id()}": entry}
+
+
 def _message(s: Seed, actor: Actor) -> dict:
     sender_role = "dermatologist" if actor.role == DERMATOLOGIST else "patient"
     return cases.message_record(actor.uid, sender_role, f"from {actor.role}")
@@ -223,6 +274,8 @@ WRITES: dict[str, Scenario] = {
         "failure", lambda s, c: cases.failure_record("model_error", "x", 1, NOW), untouched_too=True),
     "/cases/{uid}/{caseId}/training": _case_field(
         "training", lambda s, c: {"usable": True, "labelledAt": NOW}, untouched_too=True),
+    "/cases/{uid}/{caseId}/flags": _case_field("flags", lambda s, c: {"sentAnyway": True}),
+    "/cases/{uid}/{caseId}/sameLesionAs": _case_field("sameLesionAs", lambda s, c: s.failed),
     "/jobs/{caseId}": lambda s, a: (lambda cid: {cases.job_path(cid): cases.job_record(s.owner, cid)})(
         s.queued_case(with_job=False)),
     "/jobs/{caseId}/state": _job_field("state", cases.JobState.DONE.value),
@@ -230,6 +283,15 @@ WRITES: dict[str, Scenario] = {
     "/queue": lambda s, a: {"queue": {s.done: cases.queue_entry(s.owner, "diagnosed", "high", 99.0, NOW, NOW)}},
     "/queue/{caseId}": lambda s, a: {cases.queue_path(s.done): cases.queue_entry(s.owner, "diagnosed", "high", 99.0,
                                                                                  NOW, NOW)},
+    "/queue/{caseId}/status": _reviewed_with_queue,
+    "/claims": lambda s, a: {"claims": {s.diagnosed_case(): {"uid": a.uid, "patientUid": s.owner, "at": NOW}}},
+    "/claims/{caseId}": _claim,
+    "/reviewHistory": lambda s, a: {"reviewHistory": {s.done: {new_push_id(): {"editorUid": a.uid}}}},
+    "/reviewHistory/{caseId}/{entryId}": _history,
+    "/reads/{readerUid}": lambda s, a: {cases.reads_path(s.actors[DERMATOLOGIST].uid): {s.done: NOW}},
+    "/reads/{readerUid}/{caseId}": lambda s, a: {
+        cases.reads_path(s.actors[DERMATOLOGIST].uid, s.diagnosed_case()): cases.SERVER_TIMESTAMP},
+    "/messages": lambda s, a: {"messages": {s.owner: {s.done: {new_push_id(): _message(s, a)}}}},
     "/messages/{uid}": lambda s, a: {f"messages/{s.owner}": {s.done: {new_push_id(): _message(s, a)}}},
     "/messages/{uid}/{caseId}/{msgId}": lambda s, a: {
         f"{cases.messages_path(s.owner, s.done)}/{new_push_id()}": _message(s, a)},
@@ -239,6 +301,9 @@ WRITES: dict[str, Scenario] = {
     "/models/{kind}/versions/{version}": lambda s, a: {
         f"models/cloud/versions/evil-{uuid.uuid4().hex[:6]}": {"storagePath": "models/cloud/evil", "createdAt": NOW}},
     "/workers/{workerId}": lambda s, a: {f"workers/w-{a.role}": {"updatedAt": NOW}},
+    "/erasures/{uid}": _erasure_request,
+    "/erasures/{uid}/state": _erasure_state,
+    "/erased/{caseId}": lambda s, a: {cases.erased_path(s.queued_case()): cases.tombstone_record(NOW)},
     "cases/{uid}/{caseId}/image.jpg": lambda s, a: (cases.image_object(s.owner, new_push_id()), JPEG, "image/jpeg"),
     "cases/{uid}/{caseId}/heatmap.png": lambda s, a: (cases.heatmap_object(s.owner, s.done), PNG, "image/png"),
     "models/{kind}/{version}/{file}": lambda s, a: (f"models/cloud/{s.version}/model.keras", b"evil",

@@ -1,0 +1,107 @@
+"""Monitoring figures for the portal: how much is reviewed, how fast, how old the queue is, and how
+often each model agreed with the dermatologists (per class, as confusion matrices in a PNG).
+
+Computed from the live copies of ``/cases`` and ``/queue`` the session already holds (no extra
+reads). Plots are matplotlib PNGs because Flet's chart extensions are not in the web client.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dermaloop import cases
+from reviewer_portal.queue import HOUR_MS, RISKS, TIER_LIMIT_HOURS, top_call
+
+
+@dataclass
+class Figures:
+    reviewed: int = 0
+    review_hours_p50: float | None = None
+    review_hours_p95: float | None = None
+    queue_age: dict[str, dict[str, float]] = field(default_factory=dict)  # tier -> count, p50 h, max h, overdue
+    agreement: dict[str, float | None] = field(default_factory=dict)  # "device"/"cloud" -> share agreeing
+    pairs: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)  # model -> (truth, call)
+
+
+def _reviewed_cases(all_cases: Any) -> list[Mapping[str, Any]]:
+    out = []
+    for per_patient in (all_cases or {}).values() if isinstance(all_cases, Mapping) else []:
+        if not isinstance(per_patient, Mapping):
+            continue
+        for case in per_patient.values():
+            if (isinstance(case, Mapping) and case.get("status") in (cases.Status.REVIEWED, cases.Status.LABELLED)
+                    and isinstance(case.get("review"), Mapping)):
+                out.append(case)
+    return out
+
+
+def compute(all_cases: Any, queue: Any, now_ms: int) -> Figures:
+    figures = Figures()
+    reviewed = _reviewed_cases(all_cases)
+    figures.reviewed = len(reviewed)
+    waits = [(c["review"]["at"] - c["createdAt"]) / HOUR_MS for c in reviewed
+             if isinstance(c["review"].get("at"), int | float) and isinstance(c.get("createdAt"), int | float)]
+    if waits:
+        figures.review_hours_p50 = float(np.percentile(waits, 50))
+        figures.review_hours_p95 = float(np.percentile(waits, 95))
+    ages: dict[str, list[float]] = {}
+    for entry in (queue or {}).values() if isinstance(queue, Mapping) else []:
+        if not isinstance(entry, Mapping) or entry.get("status") in (cases.Status.REVIEWED, cases.Status.LABELLED):
+            continue
+        tier = entry.get("risk") if entry.get("risk") in RISKS else "unknown"
+        created = entry.get("createdAt")
+        if isinstance(created, int | float):
+            ages.setdefault(tier, []).append((now_ms - created) / HOUR_MS)
+    for tier, hours in ages.items():
+        limit = TIER_LIMIT_HOURS.get(None if tier == "unknown" else tier, TIER_LIMIT_HOURS[None])
+        figures.queue_age[tier] = {"count": len(hours), "p50_h": float(np.percentile(hours, 50)),
+                                   "max_h": float(max(hours)), "overdue": sum(h > limit for h in hours)}
+    for model in ("device", "cloud"):
+        truth, calls = [], []
+        for case in reviewed:
+            label = case["review"].get("label")
+            call = top_call(case.get(model))
+            if call is None or label in cases.REVIEW_SPECIAL_LABELS or not isinstance(label, str):
+                continue
+            truth.append(label)
+            calls.append(call.label)
+        figures.pairs[model] = (truth, calls)
+        figures.agreement[model] = (sum(t == c for t, c in zip(truth, calls, strict=True)) / len(truth)
+                                    if truth else None)
+    return figures
+
+
+def confusion_png(figures: Figures, labels: Sequence[str]) -> bytes:
+    """Device and cloud calls against the dermatologists' labels, side by side, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), dpi=90)
+    for ax, model in zip(axes, ("device", "cloud"), strict=True):
+        truth, calls = figures.pairs.get(model, ([], []))
+        matrix = (confusion_matrix(truth, calls, labels=list(labels)) if truth
+                  else np.zeros((len(labels), len(labels)), dtype=int))
+        ax.imshow(matrix, cmap="Blues")
+        ax.set_xticks(range(len(labels)), labels, rotation=45)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel(f"{model} model's call")
+        ax.set_ylabel("dermatologist's label")
+        share = figures.agreement.get(model)
+        ax.set_title(f"{model}: {'no reviewed cases yet' if share is None else f'{share:.0%} agree'} (n={len(truth)})")
+        for (i, j), n in np.ndenumerate(matrix):
+            if n:
+                ax.text(j, i, str(n), ha="center", va="center",
+                        color="white" if n > matrix.max() / 2 else "black", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
