@@ -207,6 +207,47 @@ class PatientApp:
         self.session = None
         self.sign_in_screen("Signed out.")
 
+    # ---- delete my data --------------------------------------------------------------------------
+    def confirm_erasure(self) -> None:
+        def go(e) -> None:
+            self.page.pop_dialog()
+            self.erase()
+
+        self.page.show_dialog(ft.AlertDialog(
+            title=ft.Text("Delete all your data?"),
+            content=ft.Text("Your cases, photos, results, messages and your account are deleted everywhere: on "
+                            "this device and on the service. This cannot be undone."),
+            actions=[ft.TextButton("Keep my data", on_click=lambda e: self.page.pop_dialog()),
+                     ft.FilledButton("Delete everything", on_click=go)]))
+
+    def erase(self) -> None:
+        from client.erasure import request_erasure, wait_until_done
+
+        session = self.session
+        self.close()  # nothing more is uploaded for this account
+        status = ft.Text("Asking the service to delete your data...")
+        self.show(_heading("Deleting your data"), ft.ProgressRing(semantics_label="Deleting"), status,
+                  screen="erasing")
+
+        def on_status(s) -> None:
+            status.value = s.text
+            self.page.update()
+
+        def work() -> None:
+            try:
+                request_erasure(session, self.settings, self.device.store)
+                final = wait_until_done(session, self.settings, self.device.store, consent=self.device.consent,
+                                        on_status=on_status)
+            except ServiceError as exc:
+                self.signed_in(session)  # back to the cases, syncing again
+                self.notify(f"Nothing was deleted: the request could not be sent ({exc.message}). "
+                            "Try again when you are online.")
+                return
+            self.session = None
+            self.sign_in_screen(final.text)
+
+        self.page.run_thread(work)
+
     # ---- consent ------------------------------------------------------------------------------
     def consent_screen(self) -> None:
         research = ft.Checkbox(label=wording.RESEARCH_TEXT, value=False)
@@ -232,7 +273,8 @@ class PatientApp:
             rows.append(ft.Text("No cases yet. Tap 'New case' to photograph a skin spot."))
         self.show(
             ft.Row([_heading("My cases"),
-                    ft.Row([ft.TextButton("Sign out", on_click=lambda e: self.sign_out())])],
+                    ft.Row([ft.TextButton("Delete my data", on_click=lambda e: self.confirm_erasure()),
+                            ft.TextButton("Sign out", on_click=lambda e: self.sign_out())])],
                    alignment=ft.MainAxisAlignment.SPACE_BETWEEN),
             ft.Text(status, size=12),
             ft.FilledButton("New case", icon=ft.Icons.ADD_A_PHOTO, on_click=lambda e: self.new_case()),

@@ -128,4 +128,15 @@ def test_patient_offline_case_then_cloud_result_review_and_chat(system, tmp_path
         page.get_by_role("button", name="Back to my cases").click()
         expect(page.get_by_role("button", name=re.compile("Reviewed by a dermatologist"))).to_be_visible()
         shot(page, "home-with-case")
+
+        page.get_by_role("button", name="Delete my data").click()
+        expect(page.get_by_text("Delete all your data?")).to_be_visible()
+        shot(page, "delete-confirm")
+        page.get_by_role("button", name="Delete everything").click()
+        expect(page.get_by_text("has been deleted", exact=False)).to_be_visible(timeout=300_000)
+        expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+        shot(page, "deleted")
+        assert root.child(cases.patient_cases_path(uid)).get() is None
+        assert root.child(cases.messages_path(uid, case_id)).get() is None
+        assert root.child(cases.job_path(case_id)).get() is None
         browser.close()
