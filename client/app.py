@@ -137,10 +137,10 @@ class PatientApp:
             log.exception("redraw after a sync change failed")
 
     # ---- sign in ----------------------------------------------------------------------------
-    def sign_in_screen(self, message: str | None = None) -> None:
+    def sign_in_screen(self, message: str | None = None, problem: bool = False) -> None:
         email = ft.TextField(label="Email", autofocus=True, keyboard_type=ft.KeyboardType.EMAIL, width=360)
         password = ft.TextField(label="Password", password=True, width=360)
-        error = ft.Text(message or "", color=ft.Colors.RED_700)
+        error = ft.Text(message or "", color=ft.Colors.RED_700 if problem else None)
 
         def attempt(create: bool) -> None:
             error.value = ""
@@ -150,6 +150,7 @@ class PatientApp:
                 time.sleep(0.5)
             if not email.value or not password.value:
                 error.value = "Enter your email and a password."
+                error.color = ft.Colors.RED_700
                 self.page.update()
                 return
             try:
@@ -159,6 +160,7 @@ class PatientApp:
                     session = self.auth.sign_in(email.value.strip(), password.value)
             except ServiceError as exc:
                 error.value = self._auth_message(exc, create)
+                error.color = ft.Colors.RED_700
                 self.page.update()
                 return
             self.signed_in(session)
@@ -195,6 +197,7 @@ class PatientApp:
         from client.sync import SyncEngine
 
         self.session = session
+        self.device.follow_models(session)
         self.sync = SyncEngine(self.device.store, session, self.settings, on_change=self.on_sync_change)
         self.sync.start()
         if self.device.consent.get(session.uid) is None:

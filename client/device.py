@@ -30,7 +30,36 @@ class Device:
         self.consent = ConsentStore(self.data_dir)
         self._lock = threading.Lock()
         self._path = None
+        self._models = None  # client.device_models.DeviceModels, once someone signed in
+        self._model_dir: Path | None = None  # the device model in use (None: newest bundled)
         self.model_note: str | None = None
+
+    def follow_models(self, session) -> None:
+        """Keep the device model up to date with ``/models/device/current`` (read as ``session``'s
+        user: any signed-in user may read models). The first sign-in starts it; the bundled model
+        answers until a newer published version has been downloaded and verified."""
+        from client.device_models import DeviceModels
+        from dermaloop.analysis.device_classifier import newest_device_model_dir
+
+        with self._lock:
+            if self._models is not None:
+                return
+            bundled = newest_device_model_dir(self.settings.models_dir)
+            if bundled is None:
+                return
+            self._models = DeviceModels(self.data_dir, bundled, session, self.settings)
+        self._use(self._models.current())
+        self._models.start(self._use)
+
+    def _use(self, choice) -> None:
+        with self._lock:
+            if choice.path != self._model_dir:
+                log.info("device model %s (%s)", choice.version, choice.source)
+                self._model_dir, self._path = choice.path, None  # reopened on the next answer
+
+    def stop(self) -> None:
+        if self._models is not None:
+            self._models.stop()
 
     def device_path(self):
         """The on-device path, opened once (TFLite only). Without the analysis model the photo checks
@@ -41,11 +70,11 @@ class Device:
 
                 models = self.settings.models_dir
                 try:
-                    self._path = open_device_path(models)
+                    self._path = open_device_path(models, self._model_dir)
                 except AnalysisModelMissing as exc:
                     log.warning("%s; answering without the lesion finder", exc)
                     self.model_note = "The lesion finder is not on this device yet: the centre of the photo was used."
-                    self._path = open_device_path(models, localise=False)
+                    self._path = open_device_path(models, self._model_dir, localise=False)
             return self._path
 
     def answer(self, photo: Photo) -> dict[str, Any]:

@@ -86,6 +86,8 @@ def test_patient_offline_case_then_cloud_result_review_and_chat(system, tmp_path
         chooser.value.set_files(str(photo))
         expect(page.get_by_text("On-device answer")).to_be_visible()
         expect(page.get_by_text("Model version: device-tiny-1")).to_be_visible()
+        expect(page.get_by_role("img", name="Your photo with the proposed lesion box")).to_be_visible()
+        page.wait_for_timeout(1000)  # let the browser paint the decoded picture before the screenshot
         shot(page, "device-answer-offline")
         page.get_by_role("button", name="Body site").click()
         page.get_by_role("button", name="Forearm", exact=True).click()

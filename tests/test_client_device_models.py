@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -166,3 +167,27 @@ def test_following_the_pointer_in_the_background(settings, admin, session, bundl
         assert updates[-1].source == DOWNLOADED and updates[-1].path == models.dir / version
     finally:
         models.stop()
+
+
+def test_the_app_answers_with_a_newly_published_device_model(settings, admin, session, tmp_path, clean_pointer):
+    """Through the app's own device object: the bundled TFLite model answers first; once a new
+    version is published, the next answer names it (downloaded, verified, swapped in the background)."""
+    pytest.importorskip("tensorflow")
+    from client.device import Device
+    from client.photos import prepare
+    from tests.worker_support import lesion_jpeg, tiny_device_model_dir
+
+    models = tmp_path / "models"
+    tiny_device_model_dir(models / "bundled", version="device-bundled-1")
+    device = Device(replace(settings, models_dir=models), tmp_path / "device")
+    photo = prepare(lesion_jpeg(1, (640, 480)))
+    try:
+        device.follow_models(session)
+        assert device.answer(photo)["record"]["modelVersion"] == "device-bundled-1"
+        app, bucket = admin
+        publish(tiny_device_model_dir(tmp_path / "v2", version="device-tiny-2"), "device", app=app, bucket=bucket,
+                settings=settings)
+        wait_until(lambda: device.answer(photo)["record"]["modelVersion"] == "device-tiny-2",
+                   "the published device model to answer")
+    finally:
+        device.stop()

@@ -51,17 +51,23 @@ def load_device_classifier(model_dir: str | Path | None, models_dir: str | Path 
     """The device model in ``model_dir`` (int8 preferred, else fp32). Without one: the newest model
     directory under ``models_dir`` that has a device model, or None when there is none.
     Raises ``FileNotFoundError``/``ModelError`` for a ``model_dir`` that is not a usable model."""
-    from dermaloop.model_dir import CARD, DEVICE_FP32, DEVICE_INT8
+    from dermaloop.model_dir import CARD
 
     if model_dir is not None:
         model_dir = Path(model_dir)
         if not (model_dir / CARD).is_file():
             raise FileNotFoundError(f"{model_dir} is not a model directory (no {CARD})")
         return _open(model_dir, threads)
+    found = newest_device_model_dir(models_dir)
+    return None if found is None else _open(found, threads)
+
+
+def newest_device_model_dir(models_dir: str | Path | None) -> Path | None:
+    """The newest model directory under ``models_dir`` that holds a device model (int8 or fp32)."""
+    from dermaloop.model_dir import CARD, DEVICE_FP32, DEVICE_INT8
+
     if models_dir is None or not Path(models_dir).is_dir():
         return None
     candidates = [d for d in Path(models_dir).rglob(CARD)
                   if (d.parent / DEVICE_INT8).is_file() or (d.parent / DEVICE_FP32).is_file()]
-    if not candidates:
-        return None
-    return _open(max(candidates, key=lambda p: p.stat().st_mtime).parent, threads)
+    return max(candidates, key=lambda p: p.stat().st_mtime).parent if candidates else None
