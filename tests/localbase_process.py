@@ -1,9 +1,16 @@
-"""Start a real localbase process on free ports for tests and benchmarks."""
+"""Start a real localbase process on free ports for tests and benchmarks.
+
+``secure=True`` starts it in secure mode (``--secure``); ``extra_args`` adds command-line options
+(``--no-local-trust``, ``--cert``/``--key``, ``--cors-origin`` ...), ``env`` environment variables
+(``LOCALBASE_*`` limits), and ``nofile`` caps the child's open-file limit (``ulimit -n``).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -14,7 +21,7 @@ from pathlib import Path
 
 from dermaloop.settings import PROJECT_ROOT, Settings, load_settings
 
-_READY = re.compile(r"localbase (\w+) listening on http://([\d.]+):(\d+)")
+_READY = re.compile(r"localbase (\w+) listening on (https?)://(\S+):(\d+)\s*$")
 
 
 @dataclass
@@ -26,6 +33,11 @@ class LocalbaseProcess:
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
     output: list[str] = field(default_factory=list)
+    secure: bool = False
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    nofile: int | None = None
+    scheme: str = "http"
 
     def start(self, timeout: float = 60.0) -> LocalbaseProcess:
         """Start and wait until every service announced its address (0 ports: the OS picks)."""
@@ -37,9 +49,19 @@ class LocalbaseProcess:
             "--auth-port", str(want["auth"]), "--project-id", self.project_id,
             "--rules-dir", str(self.rules_dir),
         ]
+        if self.secure:
+            cmd.append("--secure")
+        cmd += self.extra_args
+        nofile = self.nofile
+
+        def limit_files() -> None:  # runs in the child, before exec
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=PROJECT_ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            preexec_fn=limit_files if nofile is not None else None,
         )
         found: dict[str, int] = {}
         ready = threading.Event()
@@ -50,7 +72,8 @@ class LocalbaseProcess:
                 self.output.append(line)
                 m = _READY.search(line)
                 if m:
-                    found[m.group(1)] = int(m.group(3))
+                    found[m.group(1)] = int(m.group(4))
+                    self.scheme = m.group(2)
                     if len(found) == 3:
                         ready.set()
             ready.set()
@@ -72,15 +95,26 @@ class LocalbaseProcess:
 
     @property
     def database_url(self) -> str:
-        return f"http://{self.host}:{self.ports['database']}"
+        return f"{self.scheme}://{self.host}:{self.ports['database']}"
 
     @property
     def storage_url(self) -> str:
-        return f"http://{self.host}:{self.ports['storage']}"
+        return f"{self.scheme}://{self.host}:{self.ports['storage']}"
 
     @property
     def auth_url(self) -> str:
-        return f"http://{self.host}:{self.ports['auth']}"
+        return f"{self.scheme}://{self.host}:{self.ports['auth']}"
+
+    @property
+    def admin_credential(self) -> str:
+        """Secure mode's admin bearer token, from the file localbase wrote into its data directory."""
+        return json.loads((self.data_dir / "admin-credential.json").read_text())["token"]
+
+    def signing_key(self):
+        """Secure mode's token-signing key (localbase.tokens.SigningKey), read from the data directory."""
+        from localbase.tokens import SigningKey
+
+        return SigningKey.load_or_create(self.data_dir)
 
     def kill9(self) -> None:
         if self.proc and self.proc.poll() is None:

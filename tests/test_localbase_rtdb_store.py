@@ -82,3 +82,20 @@ def test_a_failed_commit_fails_its_writers_and_every_later_one(tmp_path):
     store.reload()
     assert store.namespace("a").root == {"k": 1}  # back to what is on disk
     store.close()
+
+
+def test_every_staged_statement_finds_its_rows_by_key(tmp_path):
+    """A write must touch only the rows it changes: every statement a write stages searches the
+    primary key by path (an ``OR`` of the node and its subtree made SQLite scan the whole namespace,
+    so each write cost time proportional to the data already stored)."""
+    store = Store(tmp_path / "db.sqlite3")
+    write(store, "a", [((), {"x": {"y": 1}, "p": 2})], {("p",): 1})
+    ns = store.namespace("a")
+    statements = store.stage(ns, [(("x", "y"), {"deep": 1}), (("p",), None)], {("x",): 2})
+    statements += store.stage(ns, [(("x", "y", "deep"), 5)])
+    for sql, params, many in statements:
+        if many or not sql.startswith("DELETE"):
+            continue
+        plan = " ".join(str(row[-1]) for row in store.conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+        assert "path" in plan, (sql, plan)  # e.g. "SEARCH leaves USING PRIMARY KEY (ns=? AND path>? AND path<?)"
+    store.close()

@@ -1,9 +1,17 @@
 """The Identity Toolkit / Secure Token REST subset that the apps and firebase-admin use.
 
 Routes, bodies, error codes and response shapes follow the official Auth emulator
-(firebase-protocols.md §2), with three deliberate differences: passwords are stored as scrypt
-hashes, refresh tokens are opaque random strings, and ID tokens past their ``exp`` are refused by
-the end-user endpoints (as production does) and by the RTDB and Storage rules.
+(firebase-protocols.md §2), with these deliberate differences: passwords are stored as scrypt
+hashes, refresh tokens are opaque random strings, ID tokens past their ``exp`` are refused by the
+end-user endpoints (as production does) and by the RTDB and Storage rules, and a password or email
+change (by the user or by an admin) revokes the user's refresh tokens and sets ``validSince``, as
+production does. Every change that can invalidate tokens is reported through
+``Context.auth_changed``, so open database streams of that user end at once.
+
+In secure mode (localbase.security) tokens are RS256-signed with localbase's key, whose public keys
+are served at Google's paths (``tokens.X509_PATH``, ``tokens.JWKS_PATH``); admin calls need
+``owner`` from this machine or the admin credential; the ``/emulator/v1`` endpoints are admin-only;
+and one IP address may create only so many anonymous accounts an hour.
 """
 
 from __future__ import annotations
@@ -18,15 +26,22 @@ from aiohttp import web
 
 from localbase import tokens
 from localbase.auth.store import AuthStore, check_password, hash_password, new_uid, now_ms
+from localbase.context import Context
+from localbase.security import RateWindow
 
 IDT = "/identitytoolkit.googleapis.com"
-CUSTOM_TOKEN_AUDIENCE = "https://identitytoolkit.googleapis.com/google.identity.identitytoolkit.v1.IdentityToolkit"
+CUSTOM_TOKEN_AUDIENCE = tokens.CUSTOM_TOKEN_AUDIENCE
 FORBIDDEN_CLAIMS = {
     "iss", "aud", "sub", "iat", "exp", "nbf", "jti", "nonce", "azp", "acr", "amr", "cnf", "auth_time",
     "firebase", "at_hash", "c_hash",
 }
 MAX_CLAIMS_CHARS = 1000
 MIN_PASSWORD = 6
+# Firebase's limits: an email address of at most 256 characters; passwords of at most 4096 (the
+# maximum of Identity Platform's password policy). Profile strings: localbase's own cap.
+MAX_EMAIL = 256
+MAX_PASSWORD = 4096
+MAX_PROFILE_CHARS = 2048
 REDACTED = "UkVEQUNURUQ="  # base64("REDACTED"), what production returns instead of a hash
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _UID = re.compile(r"^[^\s/]{1,128}$")
@@ -66,9 +81,15 @@ def _rfc3339(ms: int | None) -> str | None:
 
 
 class AuthService:
-    def __init__(self, store: AuthStore, project_id: str):
+    def __init__(self, store: AuthStore, ctx: Context):
         self.store = store
-        self.project_id = project_id
+        self.ctx = ctx
+        self.project_id = ctx.project_id
+        self.codec = ctx.codec
+
+    def _changed(self, uid: str | None) -> None:
+        """Tokens of ``uid`` (None: anyone) may have stopped being valid: tell the other services."""
+        self.ctx.auth_changed(uid)
 
     # ---- shared helpers ------------------------------------------------------------------------
     def is_revoked(self, claims: dict[str, Any]) -> bool:
@@ -143,7 +164,7 @@ class AuthService:
         standard["firebase"] = {"identities": identities, "sign_in_provider": provider}
         if auth_time is not None:
             standard["auth_time"] = auth_time
-        return tokens.mint_id_token(self.project_id, user["uid"], claims, **standard)
+        return tokens.mint_id_token(self.project_id, user["uid"], claims, signer=self.codec, **standard)
 
     def session(self, user: dict[str, Any], provider: str, extra_claims: dict[str, Any] | None = None) -> dict[str, str]:
         refresh = self.store.issue_refresh_token(user["uid"], provider, extra_claims)
@@ -154,7 +175,7 @@ class AuthService:
         if not isinstance(id_token, str) or not id_token:
             raise ApiError("MISSING_ID_TOKEN")
         try:
-            claims = tokens.decode_id_token(id_token, self.project_id)
+            claims = self.codec.decode_id_token(id_token, self.project_id)
         except tokens.InvalidToken as exc:
             raise ApiError("TOKEN_EXPIRED" if "expired" in str(exc) else "INVALID_ID_TOKEN") from None
         user = self.store.get(claims["sub"])
@@ -176,7 +197,7 @@ class AuthService:
 
     @staticmethod
     def _check_email(email: Any) -> str:
-        if not isinstance(email, str) or not _EMAIL.match(email):
+        if not isinstance(email, str) or len(email) > MAX_EMAIL or not _EMAIL.match(email):
             raise ApiError("INVALID_EMAIL")
         return email
 
@@ -186,7 +207,18 @@ class AuthService:
             raise ApiError("MISSING_PASSWORD")
         if len(password) < MIN_PASSWORD:
             raise ApiError(f"WEAK_PASSWORD : Password should be at least {MIN_PASSWORD} characters")
+        if len(password) > MAX_PASSWORD:
+            raise ApiError(f"PASSWORD_DOES_NOT_MEET_REQUIREMENTS : Password may have at most {MAX_PASSWORD} characters")
         return password
+
+    @staticmethod
+    def _profile(key: str, value: Any) -> str | None:
+        """A display name, photo URL or phone number as stored: a bounded string, or None."""
+        if not isinstance(value, str) or not value:
+            return None
+        if len(value) > MAX_PROFILE_CHARS:
+            raise ApiError(f"INVALID_REQUEST : {key} longer than {MAX_PROFILE_CHARS} characters")
+        return value
 
     @staticmethod
     def _check_claims(text: Any) -> str | None:
@@ -223,7 +255,7 @@ class AuthService:
         digest, salt = await asyncio.to_thread(hash_password, password)
         fields = {"uid": new_uid(), "email": email, "password_hash": digest, "salt": salt, "provider": "password",
                   "password_updated_at": now_ms(), "last_login_at": now_ms()}
-        if isinstance(body.get("displayName"), str):
+        if self._profile("displayName", body.get("displayName")):
             fields["display_name"] = body["displayName"]
         try:
             user = self.store.create(fields)
@@ -255,8 +287,10 @@ class AuthService:
         if not isinstance(token, str) or not token:
             raise ApiError("MISSING_CUSTOM_TOKEN")
         try:
-            payload = tokens.decode_unverified(token)
-        except tokens.InvalidToken:
+            payload = self.codec.decode_custom_token(token)
+        except tokens.InvalidToken as exc:
+            if self.codec.signed:
+                raise ApiError(f"INVALID_CUSTOM_TOKEN : {exc}") from None
             raise ApiError("INVALID_CUSTOM_TOKEN : Invalid assertion format") from None
         uid = payload.get("uid")
         if payload.get("aud") != CUSTOM_TOKEN_AUDIENCE or not isinstance(uid, str) or not _UID.match(uid):
@@ -286,6 +320,7 @@ class AuthService:
     async def delete_self(self, body: dict[str, Any]) -> dict[str, Any]:
         user = self.user_from_id_token(body.get("idToken"))
         self.store.delete(user["uid"])
+        self._changed(user["uid"])
         return {"kind": "identitytoolkit#DeleteAccountResponse"}
 
     async def refresh(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -305,7 +340,7 @@ class AuthService:
             raise ApiError("USER_NOT_FOUND")
         if user["disabled"]:
             raise ApiError("USER_DISABLED")
-        if info["created_at"] < user["valid_since"]:
+        if info["revoked"] or info["created_at"] < user["valid_since"]:
             raise ApiError("TOKEN_EXPIRED")
         user = self.store.update(user["uid"], {"last_refresh_at": now_ms()})
         id_token = self.mint(user, info["provider"], json.loads(info["extra_claims"]), auth_time=info["created_at"])
@@ -324,7 +359,7 @@ class AuthService:
             digest, salt = await asyncio.to_thread(hash_password, self._check_password(body["password"]))
             fields.update(password_hash=digest, salt=salt, password_updated_at=now_ms())
         for key, column in (("displayName", "display_name"), ("photoUrl", "photo_url"), ("phoneNumber", "phone_number")):
-            if isinstance(body.get(key), str):
+            if self._profile(key, body.get(key)):
                 fields[column] = body[key]
         if "emailVerified" in body:
             fields["email_verified"] = int(bool(body["emailVerified"]))
@@ -372,14 +407,16 @@ class AuthService:
         if body.get("password") is not None:
             digest, salt = await asyncio.to_thread(hash_password, self._check_password(body["password"]))
             changes.update(password_hash=digest, salt=salt, password_updated_at=now_ms())
-            if end_user:
-                # Production signs other sessions out on a password change; the caller gets new tokens.
-                changes["valid_since"] = now_ms() // 1000
-                new_tokens = True
+            new_tokens = True
+        revoke = new_tokens
+        if revoke:
+            # Production signs every session out on a password or email change, by the user or by an
+            # admin (a reset): refresh tokens die and older ID tokens are refused. A user changing
+            # their own gets new tokens in the answer.
+            changes["valid_since"] = now_ms() // 1000
         for key, column in (("displayName", "display_name"), ("photoUrl", "photo_url"), ("phoneNumber", "phone_number")):
             if key in body:
-                value = body[key]
-                changes[column] = value if isinstance(value, str) and value else None
+                changes[column] = self._profile(key, body[key])
         for attribute in body.get("deleteAttribute") or []:
             column = {"DISPLAY_NAME": "display_name", "PHOTO_URL": "photo_url"}.get(attribute)
             if column is None:
@@ -396,12 +433,17 @@ class AuthService:
         if "validSince" in body:
             try:
                 changes["valid_since"] = int(body["validSince"])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ApiError("INVALID_REQUEST : validSince must be epoch seconds") from None
+            revoke = True  # revoke_refresh_tokens(uid)
         try:
             updated = self.store.update(user["uid"], changes)
         except KeyError:
             raise ApiError("EMAIL_EXISTS") from None
+        if revoke:
+            self.store.revoke_refresh_tokens(user["uid"])
+        if revoke or "disableUser" in body:
+            self._changed(user["uid"])
         out: dict[str, Any] = {"kind": "identitytoolkit#SetAccountInfoResponse", "localId": updated["uid"],
                                "emailVerified": bool(updated["email_verified"]),
                                "providerUserInfo": self._providers(updated)}
@@ -417,6 +459,7 @@ class AuthService:
     async def admin_delete(self, body: dict[str, Any]) -> dict[str, Any]:
         user = self._require_user(body.get("localId"))
         self.store.delete(user["uid"])
+        self._changed(user["uid"])
         return {"kind": "identitytoolkit#DeleteAccountResponse"}
 
     async def admin_batch_delete(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -425,6 +468,13 @@ class AuthService:
             raise ApiError("INVALID_REQUEST : localIds must be a list of at most 1000 uids")
         for uid in uids:
             self.store.delete(str(uid))
+            self._changed(str(uid))
+        return {}
+
+    def clear(self) -> dict[str, Any]:
+        """The emulator's reset: every account goes, and every open session with it."""
+        self.store.clear()
+        self._changed(None)
         return {}
 
     def admin_batch_get(self, query: dict[str, str]) -> dict[str, Any]:
@@ -473,11 +523,13 @@ def _bearer(request: web.Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def _is_admin(request: web.Request) -> bool:
+def _is_admin(service: AuthService, request: web.Request) -> bool:
+    """``Bearer owner`` / ``ya29.*`` (emulator mode; secure mode from this machine) or the admin
+    credential; any other bearer token is a 401, as the emulator answers."""
     token = _bearer(request)
     if token is None:
         return False
-    if token == "owner" or token.startswith("ya29."):
+    if service.ctx.security.admin_token(request, token, google_oauth=True):
         return True
     raise BAD_CREDENTIALS
 
@@ -494,7 +546,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         return dict(await request.post())
     try:
         body = await request.json(loads=json.loads)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise ApiError("INVALID_REQUEST : body is not valid JSON") from None
     if body is None:
         return {}
@@ -503,14 +555,40 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+_KEY_DOCUMENTS = {tokens.X509_PATH: "x509", tokens.JWKS_PATH: "jwks"}
+_KEY_DOCUMENTS.update({"/www.googleapis.com" + p: kind for p, kind in list(_KEY_DOCUMENTS.items())})
+
+
 def build_routes(service: AuthService, config: dict[str, Any]):
+    security = service.ctx.security
+    limit = security.limits.anonymous_signups_per_hour
+    anonymous_signups = RateWindow(limit) if limit is not None else None
+
     async def dispatch(request: web.Request) -> web.StreamResponse:
+        if request.method == "GET" and request.path in _KEY_DOCUMENTS:
+            return key_document(_KEY_DOCUMENTS[request.path])
         try:
             return web.json_response(await route(request))
         except ApiError as exc:
             return exc.response()
         except web.HTTPRequestEntityTooLarge:
             return ApiError("INVALID_REQUEST : body too large", 413).response()
+        except RecursionError:  # a JSON value nested too deeply for some step after parsing
+            return ApiError("INVALID_REQUEST : body nested too deeply").response()
+
+    def key_document(kind: str) -> web.Response:
+        """The public keys that verify secure mode's ID tokens, as Google publishes its own."""
+        key = security.signing_key
+        if key is None:
+            return ApiError("Not found: emulator mode signs no tokens (alg: none)", 404, "notFound").response()
+        document = key.x509_document() if kind == "x509" else key.jwks_document()
+        return web.json_response(document, headers={"Cache-Control": "public, max-age=3600"})
+
+    def check_anonymous_signup(request: web.Request, body: dict[str, Any]) -> None:
+        if anonymous_signups is None or body.get("email") is not None or body.get("password") is not None:
+            return
+        if not security.exempt(request) and not anonymous_signups.allow(security.client(request).ip):
+            raise ApiError("TOO_MANY_ATTEMPTS_TRY_LATER : too many anonymous sign-ups from this address")
 
     async def route(request: web.Request) -> dict[str, Any]:
         path, method = request.path, request.method
@@ -521,7 +599,7 @@ def build_routes(service: AuthService, config: dict[str, Any]):
             handler = _END_USER.get(name)
             if handler is None:
                 raise ApiError(f"Not found: {name} is not supported by localbase", 404, "notFound")
-            admin = _is_admin(request)
+            admin = _is_admin(service, request)
             if not admin and not _has_key(request):
                 raise MISSING_KEY
             body = await _json_body(request)
@@ -529,13 +607,17 @@ def build_routes(service: AuthService, config: dict[str, Any]):
                 if name == "lookup" and isinstance(body["localId"], str):
                     body["localId"] = [body["localId"]]
                 return await _ADMIN[_END_USER_AS_ADMIN[name]](service, body)
+            if name == "signUp" and not admin:
+                check_anonymous_signup(request, body)
             return await handler(service, body)
         if path == "/securetoken.googleapis.com/v1/token" and method == "POST":
-            if not _has_key(request) and not _is_admin(request):
+            if not _has_key(request) and not _is_admin(service, request):
                 raise MISSING_KEY
             return await service.refresh(await _json_body(request))
+        if path.startswith("/emulator/") and not (security.anonymous_admin(request) or _is_admin(service, request)):
+            raise BAD_CREDENTIALS  # secure mode: resetting every account is an admin's act
         if m := _PROJECT_ACCOUNTS.match(path):
-            if not _is_admin(request):
+            if not _is_admin(service, request):
                 raise MISSING_KEY
             if m.group(1) != service.project_id:
                 raise ApiError(f"PROJECT_NOT_FOUND : this localbase serves project {service.project_id}")
@@ -546,8 +628,7 @@ def build_routes(service: AuthService, config: dict[str, Any]):
                 return await _ADMIN[op](service, await _json_body(request))
         elif m := _EMULATOR_ACCOUNTS.match(path):
             if method == "DELETE":
-                service.store.clear()
-                return {}
+                return service.clear()
         elif m := _EMULATOR_CONFIG.match(path):
             if method == "GET":
                 return config

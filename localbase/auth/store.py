@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS refresh_tokens (
     uid TEXT NOT NULL,
     provider TEXT NOT NULL,
     extra_claims TEXT NOT NULL DEFAULT '{}',
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS refresh_tokens_uid ON refresh_tokens(uid);
 CREATE TABLE IF NOT EXISTS deleted_users (uid TEXT PRIMARY KEY, deleted_at INTEGER NOT NULL);
@@ -92,6 +93,9 @@ class AuthStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(refresh_tokens)")}
+            if "revoked" not in columns:  # a data directory from before revocation was recorded
+                self._db.execute("ALTER TABLE refresh_tokens ADD COLUMN revoked INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -204,8 +208,10 @@ class AuthStore:
         return dict(row) if row else None
 
     def revoke_refresh_tokens(self, uid: str) -> None:
+        """Every refresh token the user holds stops working (kept, marked, so a refresh with one is
+        answered TOKEN_EXPIRED, as production answers, rather than INVALID_REFRESH_TOKEN)."""
         with self._lock:
-            self._db.execute("DELETE FROM refresh_tokens WHERE uid = ?", (uid,))
+            self._db.execute("UPDATE refresh_tokens SET revoked = 1 WHERE uid = ?", (uid,))
 
 
 def _sha(token: str) -> str:

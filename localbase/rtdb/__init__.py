@@ -6,8 +6,10 @@
 expression language in :mod:`localbase.rules_expr`), ``events`` (SSE listeners), ``service`` (HTTP).
 
 Environment (optional): ``LOCALBASE_RTDB_KEEPALIVE_S`` (seconds between SSE keep-alives, default 30,
-as production), ``LOCALBASE_RTDB_SYNC=full`` (fsync every group commit: survives power loss, not
-only ``kill -9``).
+as production), ``LOCALBASE_RTDB_RECHECK_S`` (how often an end user's stream re-checks its token
+besides before every event and on Auth's revocation push, default 5), ``LOCALBASE_RTDB_MAX_NAMESPACES``
+(namespaces end-user writes may create in emulator mode, default 1000), ``LOCALBASE_RTDB_SYNC=full``
+(fsync every group commit: survives power loss, not only ``kill -9``).
 
 Known differences from production: the tree is held in memory (sized for one clinic or a test run,
 not for gigabytes); a write denied by every rule on its own path is not rescued by grants on the

@@ -36,8 +36,10 @@ class Listener:
     ns: str
     path: Path
     auth: Any = None  # rules `auth` of an end user; None for admin (no rules re-checks)
-    token: str | None = None  # the end user's ID token, re-verified on keep-alives
+    token: str | None = None  # the end user's ID token, re-verified before events and on a timer
+    uid: str | None = None  # whose token it is, so a revocation ends exactly that user's streams
     expires_at: float | None = None
+    epoch: int = 0  # the Auth change counter when the token was last fully checked
     recheck_reads: bool = False
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     closed: bool = False
@@ -80,6 +82,8 @@ class Hub:
             self.rechecked -= listener.recheck_reads
             if not group:
                 del paths[listener.path]
+                if not paths:
+                    del self._by_ns[listener.ns]
 
     def close_all(self) -> None:
         for paths in self._by_ns.values():
@@ -89,6 +93,9 @@ class Hub:
 
     def listeners(self, ns: str) -> list[Listener]:
         return [ls for group in self._by_ns.get(ns, {}).values() for ls in group]
+
+    def all_listeners(self) -> list[Listener]:
+        return [ls for paths in self._by_ns.values() for group in paths.values() for ls in group]
 
     def below(self, ns: str, ops: list[tuple[Path, Any]]) -> list[Path]:
         """Listened paths strictly below some written path: they need their old value kept."""

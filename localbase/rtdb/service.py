@@ -3,6 +3,12 @@
 Everything from the moment a request body is in memory to the staging of its write (rules, ETag
 check, in-memory apply, event frames) runs without an ``await``, so each write is atomic with
 respect to every other request and listener; the answer and the events wait for the group commit.
+
+Admin is ``Authorization: Bearer owner`` or ``?access_token=owner`` (what firebase-admin sends to an
+emulator) and, in secure mode, the admin credential; in secure mode ``owner`` counts only from a
+program on this machine (localbase.security). Any other access token is refused, never admin.
+Namespaces (``?ns=``) come into being with their first write and go when their last data is
+deleted: reading an unknown namespace reads an empty one without creating it.
 """
 
 from __future__ import annotations
@@ -50,6 +56,11 @@ KNOWN_PARAMS = {
 _NS = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _HEADERS = {"Cache-Control": "no-cache", "Access-Control-Allow-Origin": "*"}
 DEFAULT_KEEPALIVE_S = 30.0
+# A stream re-checks its token (expiry, revocation, user deleted or disabled) before each event and
+# at least this often; Auth also pushes revocations, which end the stream at once.
+DEFAULT_RECHECK_S = 5.0
+# Namespaces that end-user writes may create (emulator mode); admin writes always may.
+DEFAULT_MAX_NAMESPACES = 1000
 
 
 def _json_response(status: int, text: str | None, extra: dict[str, str] | None = None) -> web.Response:
@@ -93,14 +104,15 @@ class Database:
             log.warning("no %s: every end-user read and write is denied", self.rules_file)
             self.rules_text = '{"rules": {".read": false, ".write": false}}'
             self.rules = Rules(LOCKED)
-        if ctx.host not in ("127.0.0.1", "localhost", "::1"):
-            # Emulator convention, which firebase-admin relies on: any Bearer token is admin.
-            log.warning("RTDB on %s: any client that can reach it and sends 'Authorization: Bearer ...' "
-                        "is admin and bypasses database.rules.json; keep it on a trusted network", ctx.host)
+        self.security = ctx.security
         self.hub = events.Hub()
         self.push_ids = PushIds()
         # Production sends a keep-alive about every 30 s; tests shorten it with this variable.
         self.keepalive_s = float(os.environ.get("LOCALBASE_RTDB_KEEPALIVE_S", DEFAULT_KEEPALIVE_S))
+        self.recheck_s = float(os.environ.get("LOCALBASE_RTDB_RECHECK_S", DEFAULT_RECHECK_S))
+        self.max_namespaces = int(os.environ.get("LOCALBASE_RTDB_MAX_NAMESPACES", DEFAULT_MAX_NAMESPACES))
+        self.streams_per_ip: dict[str, int] = {}
+        ctx.on_auth_change(self._auth_changed)
 
     # ----------------------------------------------------------------------------------- requests
 
@@ -113,8 +125,12 @@ class Database:
     def _caller(self, request: web.Request) -> Caller:
         params = request.query
         header = request.headers.get("Authorization", "")
-        admin = header.lower().startswith("bearer ") or "access_token" in params
-        if admin:
+        bearer = header[7:].strip() if header.lower().startswith("bearer ") else None
+        presented = bearer if bearer is not None else params.get("access_token")
+        if presented is not None:
+            # An admin credential or nothing: a token that is not one is refused, not ignored.
+            if not self.security.admin_token(request, presented):
+                raise FirebaseError(401, "Unauthorized request.")
             if "auth_variable_override" in params:
                 try:
                     override = json.loads(params["auth_variable_override"])
@@ -140,11 +156,32 @@ class Database:
             raise FirebaseError(401, msg) from None
         return Caller(admin=False, auth=auth_variable(claims), token=token, expires_at=float(claims["exp"]))
 
-    def _namespace(self, request: web.Request) -> Namespace:
+    def _namespace_name(self, request: web.Request) -> str:
         name = request.query.get("ns") or self.default_ns
         if not _NS.match(name):
             raise FirebaseError(404, f"Invalid namespace {name[:100]!r}.")
+        return name
+
+    def _lookup(self, name: str) -> Namespace:
+        """A namespace to read: an unknown one reads as empty and is not created."""
+        ns = self.store.namespaces.get(name)
+        return ns if ns is not None else Namespace(name)
+
+    def _for_write(self, name: str, caller: Caller) -> Namespace:
+        """The namespace a write goes to, created by it if new (admin writes always may; end users
+        only in emulator mode and while there are fewer than ``max_namespaces``)."""
+        ns = self.store.namespaces.get(name)
+        if ns is not None:
+            return ns
+        if not caller.admin and name != self.default_ns and (
+                self.security.secure or len(self.store.namespaces) >= self.max_namespaces):
+            raise FirebaseError(404, f"Namespace {name!r} does not exist; only an admin write creates one.")
         return self.store.namespace(name)
+
+    def _drop_if_empty(self, ns: Namespace) -> None:
+        """A namespace whose last data was deleted disappears (reads and streams see it empty)."""
+        if ns.root is None and not ns.priorities and self.store.namespaces.get(ns.name) is ns:
+            del self.store.namespaces[ns.name]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         method = request.method
@@ -164,19 +201,21 @@ class Database:
         if raw_path.startswith("/.settings/rules"):
             return await self._rules_endpoint(request, method)
         if raw_path.startswith("/.inspect/databases"):
+            if self.security.secure and not self._caller(request).admin:
+                raise FirebaseError(401, "Permission denied")
             return _json_response(200, dumps([{"name": n} for n in sorted(self.store.namespaces)]))
         if not raw_path.endswith(".json"):
             raise FirebaseError(404, "Not found: Realtime Database REST paths end in .json.")
         path = parse_path(raw_path[: -len(".json")])
-        ns = self._namespace(request)
+        name = self._namespace_name(request)
         caller = self._caller(request)
         if method == "GET":
             if "text/event-stream" in request.headers.get("Accept", ""):
-                return await self._stream(request, ns, path, caller)
-            return self._get(request, ns, path, caller)
+                return await self._stream(request, name, path, caller)
+            return self._get(request, self._lookup(name), path, caller)
         if method in ("PUT", "PATCH", "POST", "DELETE"):
             body = b"" if method == "DELETE" else await self._read_body(request)
-            return await self._write(request, method, ns, path, caller, body)
+            return await self._write(request, method, name, path, caller, body)
         raise FirebaseError(405, f"Method {method} is not supported.")
 
     @staticmethod
@@ -277,10 +316,11 @@ class Database:
 
     # --------------------------------------------------------------------------------------- write
 
-    async def _write(self, request: web.Request, method: str, ns: Namespace, path: Path, caller: Caller,
+    async def _write(self, request: web.Request, method: str, name: str, path: Path, caller: Caller,
                      body: bytes) -> web.Response:
         if self.committer.failure is not None:
             raise FirebaseError(503, "Service unavailable: localbase could not store data; restart it.")
+        ns = self._lookup(name)  # a refused write must not create its namespace
         norm = Normaliser(old_root=ns.root)
         if method == "DELETE":
             raw: Any = None
@@ -304,6 +344,8 @@ class Database:
             ops, sent = [(path, value)], value
         if not caller.admin and not self.rules.can_write(ops, caller.auth, ns.get):
             raise FirebaseError(401, "Permission denied")
+        if self.store.namespaces.get(name) is not ns:
+            ns = self._for_write(name, caller)
         headers: dict[str, str] = {}
         if_match = request.headers.get("if-match")
         if if_match is not None:
@@ -317,10 +359,11 @@ class Database:
         old_values = {lp: ns.get(lp) for lp in self.hub.below(ns.name, ops)}
         statements = self.store.stage(ns, ops, norm.priorities)
         frames = self.hub.frames(ns.name, ops, patch_base, ns.get, old_values)
+        self._drop_if_empty(ns)
 
         def committed() -> None:
             self.hub.deliver(frames)
-            self._recheck_listeners(ns)
+            self._recheck_listeners(name)
 
         try:
             await self.committer.submit(statements, committed)
@@ -352,25 +395,34 @@ class Database:
                 raise bad_request(f"Invalid data; path /{'/'.join(a)} is an ancestor of /{'/'.join(b)} in one update.")
         return ops, sent
 
-    def _recheck_listeners(self, ns: Namespace) -> None:
+    def _recheck_listeners(self, name: str) -> None:
         """End users whose read rule depends on data lose their stream when it stops allowing them."""
         if not self.hub.rechecked:
             return
-        for listener in self.hub.listeners(ns.name):
+        ns = self._lookup(name)
+        for listener in self.hub.listeners(name):
             if listener.recheck_reads and not self.rules.can_read(listener.path, listener.auth, ns.get):
                 listener.close(events.CANCEL)
                 self.hub.remove(listener)
 
     # -------------------------------------------------------------------------------------- stream
 
-    async def _stream(self, request: web.Request, ns: Namespace, path: Path, caller: Caller) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, name: str, path: Path, caller: Caller) -> web.StreamResponse:
         unsupported = set(request.query) & set(QUERY_PARAMS)
         if unsupported:
             raise bad_request("Queries are not supported on streaming requests in localbase.")
+        ns = self._lookup(name)
         self._check_read(ns, path, caller)
+        cap = self.security.limits.streams_per_client
+        client = None if cap is None or self.security.exempt(request) else self.security.client(request).ip
+        if client is not None:
+            if self.streams_per_ip.get(client, 0) >= cap:
+                raise FirebaseError(429, f"Too many streams from this client (at most {cap}).")
+            self.streams_per_ip[client] = self.streams_per_ip.get(client, 0) + 1
         listener = events.Listener(
-            ns=ns.name, path=path, auth=None if caller.admin else caller.auth, token=caller.token,
-            expires_at=caller.expires_at,
+            ns=name, path=path, auth=None if caller.admin else caller.auth, token=caller.token,
+            uid=caller.auth.get("uid") if caller.token is not None and caller.auth else None,
+            expires_at=caller.expires_at, epoch=self.ctx.auth_epoch,
             recheck_reads=not caller.admin and self.rules.read_uses_data(path))
         # Snapshot and registration in one loop step: no write can slip in between.
         listener.send(events.initial_frame(ns.root, path))
@@ -384,42 +436,81 @@ class Database:
         finally:
             listener.closed = True
             self.hub.remove(listener)
+            if client is not None:
+                left = self.streams_per_ip.get(client, 1) - 1
+                if left > 0:
+                    self.streams_per_ip[client] = left
+                else:
+                    self.streams_per_ip.pop(client, None)
         return response
 
     async def _pump(self, listener: events.Listener, response: web.StreamResponse) -> None:
+        """Write the listener's frames; an end user's token is re-checked before every delivery and
+        at least every ``recheck_s``, and a token that stopped being valid ends the stream with
+        ``auth_revoked`` instead of the frames waiting for it."""
         queue = listener.queue
+        next_keepalive = time.monotonic() + self.keepalive_s
         while True:
-            timeout = self.keepalive_s
-            if listener.expires_at is not None:
-                timeout = max(0.0, min(timeout, listener.expires_at - time.time()))
+            now = time.monotonic()
+            deadline = next_keepalive
+            if listener.token is not None:
+                deadline = min(deadline, now + self.recheck_s)
+                if listener.expires_at is not None:
+                    deadline = min(deadline, now + max(0.0, listener.expires_at - time.time()))
             try:
-                data = await asyncio.wait_for(queue.get(), timeout)
+                data = await asyncio.wait_for(queue.get(), max(0.0, deadline - now))
             except TimeoutError:
-                if listener.token is not None and not self._token_still_valid(listener.token):
+                if not self._listener_valid(listener, full=True):
                     await response.write(events.AUTH_REVOKED)
                     return
-                await response.write(events.KEEP_ALIVE)
+                if time.monotonic() >= next_keepalive:
+                    await response.write(events.KEEP_ALIVE)
+                    next_keepalive = time.monotonic() + self.keepalive_s
                 continue
             chunks = [data]
             while not queue.empty() and chunks[-1] != events.CLOSE:
                 chunks.append(queue.get_nowait())
             done = chunks[-1] == events.CLOSE
             payload = b"".join(chunks)
+            if payload and not self._listener_valid(listener):
+                await response.write(events.AUTH_REVOKED)
+                return
             if payload:
                 await response.write(payload)
+                next_keepalive = time.monotonic() + self.keepalive_s
             if done:
                 return
 
-    def _token_still_valid(self, token: str) -> bool:
+    def _listener_valid(self, listener: events.Listener, full: bool = False) -> bool:
+        """Whether an end user's stream may still receive data. Cheap unless something changed: a
+        full check (signature, expiry, revocation, user deleted or disabled) runs when Auth reported
+        a change since the last one, when the token may have expired, or when ``full``."""
+        if listener.token is None:
+            return True
+        if (not full and listener.epoch == self.ctx.auth_epoch
+                and (listener.expires_at is None or time.time() < listener.expires_at)):
+            return True
+        epoch = self.ctx.auth_epoch
         try:
-            self.ctx.verify_id_token(token)
+            self.ctx.verify_id_token(listener.token)
         except tokens.InvalidToken:
             return False
+        listener.epoch = epoch
         return True
+
+    def _auth_changed(self, uid: str | None) -> None:
+        """Auth deleted, disabled or revoked a user (or reset everything): that user's streams end
+        now with ``auth_revoked``, without waiting for the next event or the timer."""
+        for listener in self.hub.all_listeners():
+            if listener.token is not None and (uid is None or listener.uid == uid) \
+                    and not self._listener_valid(listener, full=True):
+                listener.close(events.AUTH_REVOKED)
+                self.hub.remove(listener)
 
     # --------------------------------------------------------------------------------------- rules
 
     async def _rules_endpoint(self, request: web.Request, method: str) -> web.Response:
+        """Read or replace the rules: admin only (``owner`` from this machine, or the credential)."""
         if not self._caller(request).admin:
             raise FirebaseError(401, "Permission denied")
         if method == "GET":
@@ -457,6 +548,7 @@ class Database:
 def create_app(ctx) -> web.Application:
     database = Database(ctx)
     app = web.Application(client_max_size=MAX_WRITE_BYTES + 1024)
+    ctx.security.install(app)
     app["database"] = database
     app.router.add_route("*", "/{tail:.*}", database.handle)
     app.on_startup.append(database.on_startup)

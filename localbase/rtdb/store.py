@@ -170,8 +170,10 @@ class Store:
                     node = node.get(path[depth])
             if text:
                 exact, lo, hi = _subtree_range(text)
-                sql.append(("DELETE FROM leaves WHERE ns=? AND (path=? OR (path>=? AND path<?))",
-                            (name, exact, lo, hi), False))
+                # Two statements, not one with OR: SQLite answers ``path=? OR (range)`` by scanning
+                # the whole namespace, which made every write cost time proportional to the data.
+                sql.append(("DELETE FROM leaves WHERE ns=? AND path=?", (name, exact), False))
+                sql.append(("DELETE FROM leaves WHERE ns=? AND path>=? AND path<?", (name, lo, hi), False))
             else:
                 sql.append(("DELETE FROM leaves WHERE ns=?", (name,), False))
             if value is not None:

@@ -1,10 +1,14 @@
 """The Firebase Storage end-user API (``/v0``) that the web and mobile SDKs use, under storage.rules.
 
 Callers identify with ``Authorization: Firebase <ID token>`` (``Bearer`` works too); ``owner`` is
-admin and bypasses rules; no header means ``request.auth == null``. Unlike the official emulator,
-an expired, revoked or malformed token is refused with 401 instead of being trusted. Rules are
-checked before existence (a denied read of a missing object is 403, as production answers); a
-valid download token skips rules, as ``getDownloadURL()`` links need.
+admin and bypasses rules (in secure mode only from a program on this machine; the admin credential
+works from anywhere); no header means ``request.auth == null``. Unlike the official emulator, an
+expired, revoked, malformed or (secure mode) unsigned token is refused with 401 instead of being
+trusted. Rules are checked before existence (a denied read of a missing object is 403, as
+production answers); a valid download token skips rules, as ``getDownloadURL()`` links need.
+Downloads are never sniffed, and anything but a photo is served as an attachment
+(``resources.download_headers``). One user holds at most ``Limits.uploads_per_user`` unfinished
+resumable uploads (starting one more drops their oldest).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import os
 import uuid
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 from aiohttp import web
 
@@ -72,8 +75,11 @@ class FirebaseApi:
         value = value.strip()
         if scheme.lower() not in ("firebase", "bearer") or not value:
             raise TokenRejected("Authorization must be 'Firebase <ID token>'")
-        if value == "owner":
+        if self.ctx.security.admin_token(request, value):
             return Caller(admin=True, auth=None)
+        if value == "owner":
+            raise TokenRejected("'owner' is admin only from the server's own machine; "
+                                "other machines present the admin credential")
         try:
             claims = self.ctx.verify_id_token(value)
         except tokens.InvalidToken as exc:
@@ -100,6 +106,8 @@ class FirebaseApi:
             return v0_error(400, str(exc))
         except res.BodyTooLarge as exc:
             return v0_error(413, f"Upload too large: {exc}. Use a resumable upload for large files.")
+        except RecursionError:
+            return v0_error(400, "Request body nested too deeply.")
 
     async def _route(self, request: web.Request, seg: list[str], caller: Caller) -> web.StreamResponse:
         method = "GET" if request.method == "HEAD" else request.method  # aiohttp drops HEAD bodies
@@ -150,8 +158,7 @@ class FirebaseApi:
         path = self.store.blob_path(row)
         if not path.exists():
             return not_found()
-        headers = res.download_headers(row)
-        headers["Content-Disposition"] = f"inline; filename*=utf-8''{quote(name.rsplit('/', 1)[-1])}"
+        headers = res.download_headers(row, filename=name.rsplit("/", 1)[-1])
         headers["ETag"] = res.etag(row)
         return web.FileResponse(path, chunk_size=res.CHUNK, headers=headers)
 
@@ -258,7 +265,17 @@ class FirebaseApi:
                                                  self._prospective(bucket, name, fields, size)):
             return denied(write=True, upload=True)
         owner = {"uid": caller.uid, "admin": caller.admin}
-        upload_id = self.store.create_session("v0", bucket, name, {"fields": fields}, size, {}, owner)
+        holder = None if caller.admin else (f"uid:{caller.uid}" if caller.uid
+                                            else f"ip:{self.ctx.security.client(request).ip}")
+        quota = self.ctx.security.limits.uploads_per_user
+        if holder is not None and quota is not None:
+            # A user's unfinished uploads are bounded: the oldest makes room (an app that crashed
+            # mid-upload starts over rather than being locked out until the sessions expire).
+            unfinished = self.store.active_sessions(holder)
+            for upload_id in unfinished[: max(0, len(unfinished) - quota + 1)]:
+                self.store.drop_session(upload_id)
+                self._session_locks.pop(upload_id, None)
+        upload_id = self.store.create_session("v0", bucket, name, {"fields": fields}, size, {}, owner, holder)
         url = (f"{res.base_url(request)}/v0/b/{res.enc(bucket)}/o?name={res.enc(name)}&upload_id={upload_id}"
                "&upload_protocol=resumable")
         headers = {"X-Goog-Upload-Status": "active", "X-Goog-Upload-URL": url, "X-GUploader-UploadID": upload_id,

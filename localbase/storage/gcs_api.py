@@ -1,9 +1,11 @@
 """The Cloud Storage JSON API as google-cloud-storage (and so firebase_admin.storage) uses it.
 
 In emulator mode the client sends no credentials (firebase-protocols.md, gotcha 1), so this API is
-admin and bypasses storage.rules, like the official emulator's. Unlike that emulator it implements
-chunked resumable uploads (308 + ``Range``), preconditions, PATCH, copy/rewrite and the bucket
-resource the 3.x client polls.
+admin and bypasses storage.rules, like the official emulator's; in secure mode it answers only
+programs on this machine and callers presenting the admin credential (see localbase.storage).
+Downloads carry ``resources.download_headers`` (never sniffed; only photos inline). Unlike that
+emulator it implements chunked resumable uploads (308 + ``Range``), preconditions, PATCH,
+copy/rewrite and the bucket resource the 3.x client polls.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class GcsApi:
             return precondition_failed()
         except res.BodyTooLarge as exc:
             return gcs_error(413, f"Payload too large: {exc}", "uploadTooLarge")
+        except RecursionError:
+            return bad_request("Request body nested too deeply.")
 
     async def _route(self, request: web.Request, seg: list[str]) -> web.StreamResponse:
         method = "GET" if request.method == "HEAD" else request.method  # aiohttp drops HEAD bodies

@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -17,6 +18,13 @@ from aiohttp import web
 from localbase.storage.store import Digest
 
 CHUNK = 256 * 1024
+# The only stored types a browser may render in place: the photo formats the apps upload. Anything
+# else is served as a download, so an object a user uploaded cannot run as a page of this origin.
+INLINE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/heic", "image/heif"})
+_TOKEN = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+_MEDIA_TYPE = re.compile(rf"^{_TOKEN}/{_TOKEN}(?:\s*;\s*{_TOKEN}=(?:{_TOKEN}|\"[^\"\\\r\n]*\"))*\Z")
+_ACTIVE = ("html", "xml", "svg", "script", "css", "x-mixed-replace")
+SAFE_TYPE = "application/octet-stream"
 
 
 class BodyTooLarge(Exception):
@@ -52,7 +60,7 @@ async def json_object_body(request: web.Request, required: bool = False) -> dict
         return {}
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise BadRequest("body is not valid JSON") from None
     if body is None:
         return {}
@@ -161,9 +169,36 @@ def rules_resource(row: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-def download_headers(row: dict[str, Any]) -> dict[str, str]:
+def served_type(stored: str | None) -> tuple[str, bool]:
+    """(the Content-Type a download is served with, whether a browser may show it inline).
+
+    A stored type that is not exactly one well-formed media type (say ``image/png, text/html``,
+    which passes a rule like ``contentType.matches('image/.*')`` but which a browser reads as HTML)
+    or one a browser would execute (HTML, SVG, XML, scripts, style sheets) is served as
+    ``application/octet-stream``; only the photo types are shown inline."""
+    raw = (stored or "").strip()
+    if not raw:
+        return SAFE_TYPE, False
+    if len(raw) > 200 or not _MEDIA_TYPE.match(raw):
+        return SAFE_TYPE, False
+    essence = raw.split(";", 1)[0].strip().lower()
+    if essence in INLINE_TYPES:
+        return essence, True
+    if any(marker in essence for marker in _ACTIVE):
+        return SAFE_TYPE, False
+    return raw, False
+
+
+def download_headers(row: dict[str, Any], filename: str | None = None) -> dict[str, str]:
+    """Headers of a media download (both APIs): never sniffed, and a download rather than a page
+    unless the object is a photo. ``filename`` names the file in ``Content-Disposition``."""
+    content_type, inline = served_type(row["content_type"])
+    disposition = "inline" if inline else "attachment"
+    if filename is not None:
+        disposition += f"; filename*=utf-8''{quote(filename)}"
     headers = {
-        "Content-Type": row["content_type"] or "application/octet-stream",
+        "Content-Type": content_type,
+        "X-Content-Type-Options": "nosniff",
         "x-goog-hash": f"crc32c={row['crc32c']},md5={row['md5']}",
         "x-goog-generation": str(row["generation"]),
         "x-goog-metageneration": str(row["metageneration"]),
@@ -175,6 +210,8 @@ def download_headers(row: dict[str, Any]) -> dict[str, str]:
         headers["Cache-Control"] = row["cache_control"]
     if row["content_language"]:
         headers["Content-Language"] = row["content_language"]
+    if filename is not None or not inline:
+        headers["Content-Disposition"] = disposition
     return headers
 
 
@@ -221,7 +258,7 @@ async def read_multipart(request: web.Request, temp: Path, limit: int) -> dict[s
             raise BadRequest("metadata part is too large")
         try:
             metadata = json.loads(raw) if raw.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BadRequest("metadata part is not valid JSON") from None
         if not isinstance(metadata, dict):
             raise BadRequest("metadata part must be a JSON object")

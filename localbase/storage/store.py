@@ -7,7 +7,9 @@ either fully there or not there at all; a half-written upload is never visible. 
 immutable: an overwrite writes a new file and removes the old one after the commit.
 
 Resumable sessions keep their bytes in ``uploads/<id>`` (fsynced before the server reports them as
-persisted), so a session can be resumed after a broken connection or a server restart.
+persisted), so a session can be resumed after a broken connection or a server restart. Unfinished
+sessions older than the session lifetime are removed at start-up and by :meth:`ObjectStore.expire_sessions`,
+which the service runs periodically.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ CREATE TABLE IF NOT EXISTS uploads (
     auth TEXT,
     created INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'active',
-    generation INTEGER
+    generation INTEGER,
+    holder TEXT
 );
 """
 
@@ -156,8 +159,9 @@ def check_preconditions(row: dict[str, Any] | None, pre: dict[str, int]) -> None
 
 
 class ObjectStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, session_ttl_ms: int = SESSION_TTL_MS):
         self.root = root
+        self.session_ttl_ms = session_ttl_ms
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
         self.parts = root / "uploads"
@@ -169,6 +173,9 @@ class ObjectStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        if "holder" not in {r[1] for r in self._db.execute("PRAGMA table_info(uploads)")}:
+            self._db.execute("ALTER TABLE uploads ADD COLUMN holder TEXT")  # a store from before quotas
+        self._db.execute("CREATE INDEX IF NOT EXISTS uploads_holder ON uploads(holder, state)")
         self._last_generation = self._db.execute("SELECT COALESCE(MAX(generation), 0) FROM objects").fetchone()[0]
         self._sweep()
 
@@ -184,14 +191,23 @@ class ObjectStore:
         for blob in self.blobs.iterdir():
             if blob.name not in referenced:
                 blob.unlink(missing_ok=True)
-        # Resumable sessions expire after a week, as Cloud Storage's do; finished ones after a day.
+        self.expire_sessions()
+
+    def expire_sessions(self) -> int:
+        """Remove unfinished resumable sessions older than the session lifetime (a week by default,
+        as Cloud Storage's; a day in secure mode) and their bytes, and finished sessions' records
+        after a day. Returns how many unfinished sessions went."""
         now = int(time.time() * 1000)
-        self._db.execute("DELETE FROM uploads WHERE created < ? OR (state != 'active' AND created < ?)",
-                         (now - SESSION_TTL_MS, now - 24 * 3600 * 1000))
-        sessions = {r[0] for r in self._db.execute("SELECT upload_id FROM uploads WHERE state = 'active'")}
+        with self._lock:
+            expired = self._db.execute("DELETE FROM uploads WHERE state = 'active' AND created < ?",
+                                       (now - self.session_ttl_ms,)).rowcount
+            self._db.execute("DELETE FROM uploads WHERE state != 'active' AND created < ?",
+                             (now - min(self.session_ttl_ms, 24 * 3600 * 1000),))
+            sessions = {r[0] for r in self._db.execute("SELECT upload_id FROM uploads WHERE state = 'active'")}
         for part in self.parts.iterdir():
             if part.name not in sessions:
                 part.unlink(missing_ok=True)
+        return expired
 
     # ---- objects --------------------------------------------------------------------------------
     def get(self, bucket: str, name: str) -> dict[str, Any] | None:
@@ -383,17 +399,25 @@ class ObjectStore:
 
     # ---- resumable sessions ---------------------------------------------------------------------
     def create_session(self, api: str, bucket: str, name: str, resource: dict[str, Any], declared_size: int | None,
-                       preconditions: dict[str, int], auth: dict[str, Any] | None) -> str:
+                       preconditions: dict[str, int], auth: dict[str, Any] | None, holder: str | None = None) -> str:
+        """A new resumable session; ``holder`` (``uid:<uid>`` or ``ip:<address>``) is whose quota it counts in."""
         upload_id = secrets.token_urlsafe(24)
         (self.parts / upload_id).touch()
         with self._lock:
             self._db.execute(
-                "INSERT INTO uploads (upload_id, api, bucket, name, resource, declared_size, preconditions, auth, created)"
-                " VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO uploads (upload_id, api, bucket, name, resource, declared_size, preconditions, auth,"
+                " created, holder) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (upload_id, api, bucket, name, json.dumps(resource), declared_size, json.dumps(preconditions),
-                 json.dumps(auth), int(time.time() * 1000)),
+                 json.dumps(auth), int(time.time() * 1000), holder),
             )
         return upload_id
+
+    def active_sessions(self, holder: str) -> list[str]:
+        """Unfinished sessions of one holder, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT upload_id FROM uploads WHERE holder = ? AND state = 'active' "
+                                    "ORDER BY created, rowid", (holder,)).fetchall()
+        return [r[0] for r in rows]
 
     def session(self, upload_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -415,6 +439,12 @@ class ObjectStore:
             self._db.execute(
                 "UPDATE uploads SET state = ?, generation = ? WHERE upload_id = ?", (state, generation, upload_id)
             )
+        self.part_path(upload_id).unlink(missing_ok=True)
+
+    def drop_session(self, upload_id: str) -> None:
+        """Forget a session and its bytes (its URL then answers 404: the client starts over)."""
+        with self._lock:
+            self._db.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
         self.part_path(upload_id).unlink(missing_ok=True)
 
     def take_part(self, upload_id: str) -> Path:
