@@ -18,7 +18,14 @@ DEMO_ACCOUNTS = (
 
 def demo_accounts(settings: Settings, options: dict[str, Any]) -> str:
     from dermaloop import auth
+    from dermaloop.errors import ServiceError
 
     for account in DEMO_ACCOUNTS:
+        try:  # already there with its role: leave it alone (a password reset signs everyone out)
+            session = auth.AuthClient(settings).sign_in(account["email"], account["password"])
+            if session.role == account["role"]:
+                continue
+        except ServiceError:
+            pass
         auth.create_user(settings=settings, **account)
     return "Demo sign-ins: " + "; ".join(f"{a['role']} {a['email']} / {a['password']}" for a in DEMO_ACCOUNTS)
