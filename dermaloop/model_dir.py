@@ -183,7 +183,7 @@ class CloudModel(_Model):
         super().__init__(model_dir)
         import keras
 
-        self.model = keras.models.load_model(model_dir.file(CLOUD_KERAS), compile=False)
+        self.model = keras.models.load_model(model_dir.file(CLOUD_KERAS), compile=False, safe_mode=True)  # never run code from a file
         self.tta: list[str] = list(model_dir.section("cloud").get("tta", []))
 
     def predict(self, pixels: np.ndarray, batch_size: int = 16) -> np.ndarray:

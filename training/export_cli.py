@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         val = dataset.subset([by_id[i] for i in split["val"] if i in by_id])
         if not train_rows or not val.samples:
             raise ValueError(f"{args.data} does not contain the model's training/validation images")
-        model = keras.models.load_model(md.file(DEVICE_KERAS), compile=False)
+        model = keras.models.load_model(md.file(DEVICE_KERAS), compile=False, safe_mode=True)
         rng = np.random.default_rng(args.seed)
         rows = rng.choice(train_rows, size=min(args.calibration_images, len(train_rows)), replace=False)
         from dermaloop.preprocess import PreprocessConfig
