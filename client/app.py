@@ -17,7 +17,6 @@ import argparse
 import datetime as dt
 import io
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from dermaloop import cases
 from dermaloop.auth import AuthClient, UserSession
 from dermaloop.errors import Conflict, InvalidArgument, ServiceError, Unauthenticated, Unavailable
 from dermaloop.settings import load_settings
+from dermaloop.web_app import serve
 
 log = logging.getLogger("client")
 
@@ -548,12 +548,8 @@ def run(args: argparse.Namespace) -> int:
     port = args.port or settings.client_port
     data_dir = args.data_dir or Path(settings.data_dir) / "client"
     device = Device(settings, data_dir)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     def main(page: ft.Page) -> None:
         PatientApp(page, device).sign_in_screen()
 
-    os.environ["FLET_FORCE_WEB_SERVER"] = "1"  # serve; never try to open a desktop window
-    os.environ["FLET_DISPLAY_URL_PREFIX"] = "client ready at"  # the run command waits for this line
-    ft.run(main, host=host, port=port, view=ft.AppView.WEB_BROWSER, no_cdn=True)
-    return 0
+    return serve(main, "client", host, port)

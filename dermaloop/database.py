@@ -42,7 +42,7 @@ from dermaloop.errors import (
     error_class,
 )
 from dermaloop.http import NO_RETRY, Endpoint, RetryPolicy, TokenSource, current_token, renew_token
-from dermaloop.rtdb_wire import PushIds, sort_children
+from dermaloop.rtdb_wire import PushIds, sort_children, to_output
 from dermaloop.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -548,27 +548,6 @@ def _normalise(value: Any) -> Any:
     return value
 
 
-def _array_length(node: dict) -> int | None:
-    top = -1
-    for key in node:
-        if not key.isdigit() or (len(key) > 1 and key[0] == "0") or len(key) > 9:
-            return None
-        top = max(top, int(key))
-    return top + 1 if 2 * len(node) > top else None
-
-
-def _output(node: Any) -> Any:
-    """The JSON the database answers for a stored value: an object whose keys are mostly 0..n
-    comes back as an array (Firebase's documented array rule), so a copy equals a ``get()``."""
-    if not isinstance(node, dict):
-        return node
-    out = {key: _output(child) for key, child in node.items()}
-    length = _array_length(out)
-    if length is None:
-        return out
-    return [out.get(str(i)) for i in range(length)]
-
-
 def _segments(path: str) -> list[str]:
     return [p for p in path.split("/") if p]
 
@@ -588,14 +567,14 @@ class LocalCopy:
     @property
     def value(self) -> Any:
         with self._lock:
-            return _output(copy.deepcopy(self._root))
+            return to_output(copy.deepcopy(self._root))
 
     def get(self, subpath: str = "") -> Any:
         with self._lock:
             node = self._root
             for key in _segments(subpath):
                 node = node.get(key) if isinstance(node, dict) else None
-            return _output(copy.deepcopy(node))
+            return to_output(copy.deepcopy(node))
 
     def apply(self, event: Event) -> None:
         """Apply one listener event to the copy."""

@@ -1,4 +1,5 @@
-"""What a Realtime Database client and server must agree on, byte for byte: push ids and ordering.
+"""What a Realtime Database client and server must agree on, byte for byte: push ids, ordering and
+the array rule.
 
 This module is a leaf (standard library only) so that both sides of the wire share one copy:
 ``dermaloop.database`` (the client, which re-sorts query answers because a JSON object's order is
@@ -77,6 +78,29 @@ def sort_children(children: dict[str, Any], order_by: str) -> list[tuple[str, An
         return sorted(items, key=lambda kv: (value_order(kv[1]), key_order(kv[0])))
     path = [p for p in order_by.split("/") if p]
     return sorted(items, key=lambda kv: (value_order(child_at(kv[1], path)), key_order(kv[0])))
+
+
+def _array_length(node: dict) -> int | None:
+    """Length of the array Firebase would return for an object, or None if it stays an object."""
+    top = -1
+    for key in node:
+        if not key.isdigit() or (len(key) > 1 and key[0] == "0") or len(key) > 9:
+            return None
+        top = max(top, int(key))
+    return top + 1 if 2 * len(node) > top else None
+
+
+def to_output(node: Any) -> Any:
+    """The JSON the database answers for a stored value: an object whose keys are mostly 0..n
+    comes back as an array (Firebase's documented array rule). The server answers with it, and a
+    client's local copy shapes its values with it, so the copy equals a ``get()``."""
+    if not isinstance(node, dict):
+        return node
+    out = {key: to_output(child) for key, child in node.items()}
+    length = _array_length(out)
+    if length is None:
+        return out
+    return [out.get(str(i)) for i in range(length)]
 
 
 class PushIds:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -25,6 +24,7 @@ from dermaloop.auth import AuthClient
 from dermaloop.errors import ServiceError, Unauthenticated, Unavailable
 from dermaloop.settings import Settings, load_settings
 from dermaloop.taxonomy import load_taxonomy
+from dermaloop.web_app import serve
 from reviewer_portal import claims, images, monitoring, review
 from reviewer_portal import queue as triage
 from reviewer_portal.session import NotAllowed, PortalSession, sign_in
@@ -692,12 +692,8 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings()
     host = args.host or settings.host
     port = args.port or settings.portal_port
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     def main(page: ft.Page) -> None:
         PortalApp(page, settings).sign_in_screen()
 
-    os.environ["FLET_FORCE_WEB_SERVER"] = "1"  # serve; never try to open a desktop window
-    os.environ["FLET_DISPLAY_URL_PREFIX"] = "portal ready at"  # the run command waits for this line
-    ft.run(main, host=host, port=port, view=ft.AppView.WEB_BROWSER, no_cdn=True)
-    return 0
+    return serve(main, "portal", host, port)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dermaloop.rtdb_wire import PushIds  # noqa: F401 - the same push-id algorithm the apps use
+from dermaloop.rtdb_wire import PushIds, to_output  # noqa: F401 - the same push ids and array rule as the apps
 
 Path = tuple[str, ...]
 
@@ -181,27 +181,6 @@ class Normaliser:
                 return delta
             return current + delta
         raise bad_request(f"Invalid data; unknown server value {dumps(spec)[:80]}.")
-
-
-def _array_length(node: dict) -> int | None:
-    """Length of the array Firebase would return for an object, or None if it stays an object."""
-    top = -1
-    for key in node:
-        if not key.isdigit() or (len(key) > 1 and key[0] == "0") or len(key) > 9:
-            return None
-        top = max(top, int(key))
-    return top + 1 if 2 * len(node) > top else None
-
-
-def to_output(node: Any) -> Any:
-    """The JSON Firebase returns: objects whose keys are mostly 0..n come back as arrays."""
-    if not isinstance(node, dict):
-        return node
-    out = {key: to_output(child) for key, child in node.items()}
-    length = _array_length(out)
-    if length is None:
-        return out
-    return [out.get(str(i)) for i in range(length)]
 
 
 def export(node: Any, path: Path, priorities: dict[Path, Any]) -> Any:
