@@ -442,7 +442,12 @@ class PatientApp:
             parts.append(ft.Text(case.last_error, color=ft.Colors.RED_700))
         device = case.device or {}
         preview = preview_png_from_file(case.image_path, device.get("box"))
-        if preview:
+        earlier = self.device.store.get(self.session.uid, case.same_lesion_as) if case.same_lesion_as else None
+        if earlier is not None:  # the same spot photographed before: side by side, with dates and results
+            parts.append(ft.Row([self._dated_photo(earlier, "Earlier photo"),
+                                 self._dated_photo(case, "This photo")], wrap=True, spacing=16,
+                                vertical_alignment=ft.CrossAxisAlignment.START))
+        elif preview:
             parts.append(_picture(preview, 360, "Case photo"))
         parts += [ft.Text("On this device", weight=ft.FontWeight.BOLD)]
         if device.get("top"):
@@ -475,6 +480,17 @@ class PatientApp:
         self.show(*parts, screen="case", case_id=case_id)
         if self.sync and self.sync.unread(case_id):  # (marking read redraws this screen once more)
             self.sync.mark_read(case_id)
+
+    def _dated_photo(self, case, label: str) -> ft.Control:
+        remote = case.remote or {}
+        review = remote.get("review")
+        top = ((remote.get("cloud") or {}).get("top") or (case.device or {}).get("top") or [None])[0]
+        result = (f"Dermatologist: {self._label_name(review.get('label'))}" if review
+                  else f"{top['name']} ({wording.percent(top['p'])})" if top else "No classification")
+        picture = preview_png_from_file(case.image_path, (case.device or {}).get("box"))
+        return ft.Column([ft.Text(f"{label}, {_when(case.created_at)}", weight=ft.FontWeight.BOLD),
+                          _picture(picture, 240, f"{label} of this spot") if picture else ft.Text("No photo here"),
+                          ft.Text(result)], width=250)
 
     def _state(self, status: str, failure: dict | None) -> str:
         if status in cases.LOCAL_STATUSES and not (self.sync and self.sync.online):

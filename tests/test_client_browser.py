@@ -131,6 +131,25 @@ def test_patient_offline_case_then_cloud_result_review_and_chat(system, tmp_path
         expect(page.get_by_role("button", name=re.compile("Reviewed by a dermatologist"))).to_be_visible()
         shot(page, "home-with-case")
 
+        # The same spot again, weeks later: linked to the first case and shown side by side.
+        page.get_by_role("button", name="New case").click()
+        with page.expect_file_chooser() as chooser:
+            page.get_by_role("button", name="Choose photo").click()
+        chooser.value.set_files(str(photo))
+        expect(page.get_by_text("On-device answer")).to_be_visible()
+        page.get_by_role("button", name="Same spot as an earlier case").click()
+        page.get_by_role("button", name=re.compile(r"^\d\d \w{3} \d{4}, \d\d:\d\d$")).click()
+        page.get_by_role("button", name="Save and send").or_(
+            page.get_by_role("button", name="Send to a dermatologist anyway")).first.click()
+        expect(page.get_by_text("Earlier photo,", exact=False)).to_be_visible()
+        expect(page.get_by_text("Dermatologist: Melanocytic nevus", exact=False)).to_be_visible()
+        page.wait_for_timeout(1000)  # let the browser paint both pictures before the screenshot
+        shot(page, "same-spot-side-by-side")
+        wait_until(lambda: len(root.child(cases.patient_cases_path(uid)).get() or {}) == 2, "the second case")
+        second = [c for cid, c in root.child(cases.patient_cases_path(uid)).get().items() if cid != case_id][0]
+        assert second["sameLesionAs"] == case_id
+        page.get_by_role("button", name="Back to my cases").click()
+
         page.get_by_role("button", name="Delete my data").click()
         expect(page.get_by_text("Delete all your data?")).to_be_visible()
         shot(page, "delete-confirm")
