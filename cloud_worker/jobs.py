@@ -206,13 +206,15 @@ class JobQueue:
         self._case_still_there(claim)
         self.ref("/").update(cases.diagnosed_writes(claim.uid, claim.case_id, cloud, queue_entry, now_ms()))
 
-    def fail(self, claim: Claim, reason: str, detail: str, case_exists: bool = True) -> None:
-        """Give up on a job: the case shows ``failed`` with a reason the patient app can explain."""
+    def fail(self, claim: Claim, reason: str, detail: str, case_exists: bool = True,
+             queue_entry: dict[str, Any] | None = None) -> None:
+        """Give up on a job: the case shows ``failed`` with a reason the patient app can explain
+        and, with ``queue_entry``, waits in the dermatologists' queue."""
         self._fence(claim)
         if case_exists:
             self._case_still_there(claim)
         self.ref("/").update(cases.failed_writes(claim.uid, claim.case_id, reason, detail, claim.attempt, now_ms(),
-                                                 case_exists=case_exists))
+                                                 case_exists=case_exists, entry=queue_entry))
 
     def mark_done(self, claim: Claim) -> None:
         """The case was already diagnosed (a crash came between result and bookkeeping): just settle."""

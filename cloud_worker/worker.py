@@ -393,7 +393,12 @@ class Worker:
         """Retry later with backoff, or give up with a reason; never lets an error escape."""
         try:
             if err.permanent or claim.attempt >= self.jobs.max_attempts:
-                self.jobs.fail(claim, err.reason, err.detail, case_exists=case_exists)
+                now = now_ms()
+                # A failed case still reaches a dermatologist (what the patient is told), unranked by risk.
+                entry = cases.queue_entry(claim.uid, cases.Status.FAILED, None,
+                                          triage.score(triage.RISK_POINTS[None], claim.created_at, now),
+                                          claim.created_at, now)
+                self.jobs.fail(claim, err.reason, err.detail, case_exists=case_exists, queue_entry=entry)
                 self.metrics.failed(err.reason)
                 log.warning("failed", extra=_fields(caseId=claim.case_id, reason=err.reason, detail=err.detail,
                                                     attempt=claim.attempt))

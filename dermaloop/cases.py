@@ -515,12 +515,16 @@ def diagnosed_writes(uid: str, case_id: str, cloud: dict[str, Any], entry: dict[
 
 
 def failed_writes(uid: str, case_id: str, reason: str, detail: str, attempts: int, now: int,
-                  case_exists: bool = True) -> dict:
+                  case_exists: bool = True, entry: dict[str, Any] | None = None) -> dict:
+    """Give up on a job. ``entry`` (a ``queue_entry`` with status ``failed``) puts the case in the
+    dermatologists' queue: the patient is told that a dermatologist can still look at the photo."""
     writes = _job_fields(case_id, now, state=JobState.FAILED.value, lease=None, error=f"{reason}: {detail}"[:500])
     if case_exists:
         case = case_path(uid, case_id)
         writes[f"{case}/status"] = Status.FAILED.value
         writes[f"{case}/failure"] = failure_record(reason, detail, attempts, now)
+        if entry is not None:
+            writes[queue_path(case_id)] = entry
     return writes
 
 

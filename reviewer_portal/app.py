@@ -276,6 +276,8 @@ class PortalApp:
             badges.append(_badge(f"being reviewed by {who}", ft.Colors.GREY_300))
         if r.status == cases.Status.REVIEWED:
             badges.append(_badge("reviewed", ft.Colors.GREEN_200))
+        if r.status == cases.Status.FAILED:  # the analysis gave up; the patient was told a person will look
+            badges.append(_badge("ANALYSIS FAILED", ft.Colors.GREY_400))
         title = f"{cloud} · {device}"
         # The stored score folds waiting time in (it only orders the queue); it means nothing to read.
         details = f"waiting {triage.waited_text(r.waited_ms)} · site: {r.site or 'not given'} · case {r.case_id}"

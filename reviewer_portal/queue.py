@@ -22,7 +22,7 @@ HOUR_MS = 3_600_000
 # How long a case of each risk tier may wait before it is flagged overdue (issue 18: high 24 h).
 TIER_LIMIT_HOURS: dict[str | None, float] = {"high": 24.0, "moderate": 72.0, "low": 168.0, None: 168.0}
 RISKS = ("high", "moderate", "low")
-STATUS_FILTERS = ("unreviewed", "diagnosed", "reviewed", "all")
+STATUS_FILTERS = ("unreviewed", "diagnosed", "failed", "reviewed", "all")
 # "Age" is how long the case has waited: the data model holds no patient age.
 AGE_FILTERS: dict[str, tuple[float, float]] = {
     "any": (0.0, float("inf")), "under 1 day": (0.0, 24.0), "1 to 3 days": (24.0, 72.0),

@@ -221,6 +221,9 @@ def test_poison_uploads_fail_with_reasons_while_good_jobs_go_on(app, bucket, mai
     assert cases[ids["missing object"]]["failure"]["attempts"] == 2
     assert cases[ids["text file"]]["failure"]["attempts"] == 1  # permanent: no pointless retries
     assert all(cases[c]["status"] == "diagnosed" for c in good_ids)
+    queue = db.reference("queue", app=app).get() or {}
+    for name in expected:  # "a dermatologist can still look at your photo": the failed case is queued for one
+        assert queue[ids[name]]["status"] == "failed" and queue[ids[name]].get("risk") is None, name
     assert main_worker.proc.poll() is None  # still serving
 
 
