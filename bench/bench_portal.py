@@ -33,7 +33,7 @@ from dermaloop.auth import create_user  # noqa: E402
 from dermaloop.database import UserDatabase, admin_reference, new_push_id  # noqa: E402
 from dermaloop.storage import admin_bucket  # noqa: E402
 from localbase.tokens import mint_id_token  # noqa: E402
-from tests.browser_support import LAUNCH_ARGS, AppProcess, open_flet  # noqa: E402
+from tests.browser_support import LAUNCH_ARGS, AppProcess, open_flet, type_into  # noqa: E402
 from tests.localbase_process import LocalbaseProcess  # noqa: E402
 
 PASSWORD = "bench-pass-1"
@@ -116,8 +116,8 @@ def main() -> int:
             page.set_default_timeout(300_000)
             open_flet(page, portal.url)
             for _ in range(5):  # a click can beat the typed values to the app (see the browser test)
-                page.get_by_role("textbox", name="Email").fill(email)
-                page.get_by_role("textbox", name="Password").fill(PASSWORD)
+                type_into(page, "Email", email)
+                type_into(page, "Password", PASSWORD)
                 page.wait_for_timeout(300)
                 t0 = time.perf_counter()
                 page.get_by_role("button", name="Sign in").click()

@@ -16,7 +16,15 @@ from dermaloop import cases
 from dermaloop.auth import create_user
 from dermaloop.database import admin_reference
 from dermaloop.submit_cli import Patient
-from tests.browser_support import LAUNCH_ARGS, AppProcess, Shots, open_flet, require_browser, shots_folder
+from tests.browser_support import (
+    LAUNCH_ARGS,
+    AppProcess,
+    Shots,
+    open_flet,
+    require_browser,
+    shots_folder,
+    type_into,
+)
 from tests.localbase_process import LocalbaseProcess
 from tests.worker_support import WorkerProcess, lesion_jpeg, tiny_model_dir, wait_until
 
@@ -52,8 +60,8 @@ def sign_in(page, email: str, outcome: str) -> None:
     asked_again = page.get_by_text("Enter your email and password.")
     password = page.get_by_role("textbox", name="Password")
     for _ in range(5):
-        page.get_by_role("textbox", name="Email").fill(email)
-        password.fill(PASSWORD)
+        type_into(page, "Email", email)
+        type_into(page, "Password", PASSWORD)
         page.get_by_role("button", name="Sign in").click()
         settled = 0
         for _ in range(480):  # up to 2 minutes, like every other wait here
@@ -154,7 +162,7 @@ def test_dermatologists_triage_review_and_chat(system, tmp_path):
         assert len(root.child(cases.review_history_path(top_id)).get() or {}) == 1
 
         # Chat, both ways.
-        page.get_by_role("textbox", name="Message to the patient").fill("Please book an appointment this week.")
+        type_into(page, "Message to the patient", "Please book an appointment this week.")
         page.get_by_role("button", name="Send message").click()
         wait_until(lambda: any(m.get("senderRole") == "dermatologist" and "this week" in m.get("text", "")
                                for m in (patient.db.get(cases.messages_path(patient.uid, top_id)) or {}).values()),
