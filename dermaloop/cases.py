@@ -262,6 +262,7 @@ ACCESS: tuple[Access, ...] = (
     Access("/models/{kind}", read=_SIGNED_IN),
     Access("/models/{kind}/current", read=_SIGNED_IN),
     Access("/models/{kind}/versions/{version}", read=_SIGNED_IN),
+    Access("/modelAudit/{kind}/{entryId}"),  # who moved a model pointer, when, why: admin only
     Access("/workers/{workerId}"),
     Access("/erasures/{uid}", read=_OWNER, write=_OWNER),  # "delete my data": created once, by a patient
     Access("/erasures/{uid}/state", read=_OWNER),  # and doneAt, counts, lease: the server program's

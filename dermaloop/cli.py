@@ -38,7 +38,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("submit", "dermaloop.submit_cli", "submit images as a patient would (scriptable client)"),
     Command("client", "client.app", "run the patient app (Flet web): instant on-device answer, cloud result, chat"),
     Command("portal", "reviewer_portal.app", "run the dermatologists' reviewer portal (Flet web): triage, review, chat"),
-    Command("publish", None, "publish a model version as the current one", "the retraining issue"),
+    Command("models", "dermaloop.models_cli", "model registry: list, show, history, publish, promote, rollback"),
 )
 
 

@@ -37,7 +37,7 @@ from dermaloop.risk import RiskPolicy
 from dermaloop.taxonomy import Taxonomy, load_taxonomy
 
 __all__ = ["ModelDir", "DeviceModel", "CloudModel", "load_device_model", "load_cloud_model", "make_interpreter",
-           "newest_model_dir", "sha256_file", "CARD", "LABELS"]
+           "newest_model_dir", "sha256_file", "is_demonstration", "CARD", "LABELS"]
 
 CARD = "card.json"
 LABELS = "labels.json"
@@ -49,6 +49,13 @@ CLOUD_KERAS = "cloud/model.keras"
 
 class ModelError(RuntimeError):
     """A model directory is missing, incomplete or does not match its card."""
+
+
+def is_demonstration(card: dict[str, Any]) -> bool:
+    """A model trained on synthetic images (the starter a bare machine makes): it runs, but its
+    answers mean nothing, so every runtime labels them a demonstration and names no risk tier.
+    Older starter cards carry only the warning, hence the second test."""
+    return card.get("demonstration") is True or "synthetic" in str(card.get("warning") or "").lower()
 
 
 def sha256_file(path: str | Path) -> str:

@@ -5,6 +5,8 @@ Data (docs/ARCHITECTURE.md)::
     RTDB    /models/{kind}/current              the version everybody should run (a string)
             /models/{kind}/versions/{version}   {storagePath, createdAt, files: [{path, sha256, bytes}],
                                                  card, metrics, parent, publishedBy}
+            /modelAudit/{kind}/{pushId}         every pointer move: {action (publish | promote |
+                                                 rollback), version, previous, by, at, reason, decision}
     Storage models/{kind}/{version}/{path}      the version's files
 
 ``kind`` is "cloud" (the worker's Keras model), "device" (the app's TFLite model) or "localiser"
@@ -55,7 +57,7 @@ except ImportError:  # pragma: no cover - Windows: only threads of one process a
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["KINDS", "SAFE_VERSION", "RegistryError", "PublishConflict", "IntegrityError", "ModelFile", "Published",
-           "Loaded", "Follower", "publish", "set_current", "current_version", "version_record", "fetch",
+           "Loaded", "Follower", "publish", "set_current", "promote", "rollback", "history", "audit_path", "current_version", "version_record", "fetch",
            "publish_files", "record_files", "verify_files"]
 
 log = logging.getLogger(__name__)
@@ -211,12 +213,89 @@ def version_record(kind: str, version: str, *, app: Any = None, settings: Settin
 
 
 def set_current(kind: str, version: str, *, app: Any = None, settings: Settings | None = None) -> None:
-    """Move ``/models/{kind}/current`` to an already published version (a rollback, or publishing
-    with ``make_current=False`` first). Refused if the version has no record: followers would fail."""
+    """Move ``/models/{kind}/current`` to an already published version (:func:`promote` with no
+    reason given). Refused if the version has no record: followers would fail."""
+    promote(kind, version, app=app, settings=settings)
+
+
+def audit_path(kind: str) -> str:
+    """``/modelAudit/{kind}``: one entry per pointer move (admin only: it names who moved it)."""
+    _check_kind(kind)
+    return f"modelAudit/{kind}"
+
+
+def _move_pointer(kind: str, version: str, action: str, *, by: str | None, reason: str, decision: str | None,
+                  app: Any) -> str | None:
+    """Move the pointer by a transaction (two maintainers moving it at once both see the true
+    previous version), then append the audit entry. Returns the previous version."""
+    from firebase_admin import db
+
+    seen: list[Any] = []
+
+    def move(current: Any) -> Any:
+        seen.append(current)
+        return version
+
+    _ref(f"models/{kind}/current", app).transaction(move)
+    previous = seen[-1] if seen and isinstance(seen[-1], str) else None
+    entry = {"action": action, "version": version, "by": by or _default_publisher(), "at": {".sv": "timestamp"}}
+    optional = {"previous": previous, "reason": (reason or "").strip()[:2000] or None, "decision": decision}
+    entry.update({k: v for k, v in optional.items() if v is not None})
+    try:
+        _ref(audit_path(kind), app).push(entry)
+    except Exception as exc:
+        raise RegistryError(f"/models/{kind}/current now names {version} (it named {previous}), but its audit "
+                            f"entry could not be written: {exc}") from exc
+    log.info("model pointer moved", extra={"fields": {"kind": kind, "action": action, "from": previous, "to": version}})
+    return previous
+
+
+def promote(kind: str, version: str, *, by: str | None = None, reason: str = "", decision: str | None = None,
+            app: Any = None, settings: Settings | None = None) -> str | None:
+    """Make a published version the one everybody runs, with an audit entry saying who, when, why
+    and (``decision``) which retraining decision record allowed it. Returns the previous version.
+    An unknown version is refused before anything moves: followers would have nothing to load."""
     app = _app(app, settings)
+    version = _check_version(version)
     if version_record(kind, version, app=app) is None:
-        raise RegistryError(f"/models/{kind}/versions/{version} does not exist: publish it first")
-    _ref(f"models/{kind}/current", app).set(version)
+        raise RegistryError(f"/models/{kind}/versions/{version} does not exist: publish it first "
+                            f"(see 'dermaloop models list --kind {kind}')")
+    return _move_pointer(kind, version, "promote", by=by, reason=reason, decision=decision, app=app)
+
+
+def history(kind: str, *, limit: int = 50, app: Any = None, settings: Settings | None = None) -> list[dict]:
+    """The pointer's audit entries, oldest first (at most the last ``limit``)."""
+    raw = _ref(audit_path(kind), _app(app, settings)).order_by_key().limit_to_last(limit).get() or {}
+    return [dict(v, id=k) for k, v in sorted(raw.items()) if isinstance(v, dict)]
+
+
+def rollback(kind: str, *, to: str | None = None, by: str | None = None, reason: str = "", app: Any = None,
+             settings: Settings | None = None) -> str:
+    """Point ``kind`` back at the version that was current before the current one was promoted (or
+    at ``to``) and record it. "Before" comes from the audit trail (the last publish or promotion of
+    the current version), else from the version record's ``parent``; so rollbacks in a row walk back
+    through the promotions. Returns the version now current."""
+    app = _app(app, settings)
+    current = current_version(kind, app=app)
+    if to is None:
+        if current is None:
+            raise RegistryError(f"nothing to roll back: /models/{kind}/current is not set")
+        # The promotion (or publish) that made it current; a rollback entry would point forward again.
+        made_current = [e for e in history(kind, limit=1000, app=app)
+                        if e.get("version") == current and e.get("action") != "rollback"]
+        to = made_current[-1].get("previous") if made_current else None
+        if not to:
+            to = (version_record(kind, current, app=app) or {}).get("parent")
+        if not isinstance(to, str) or not to:
+            raise RegistryError(f"cannot roll back {kind} {current}: no earlier version is recorded; name one "
+                                "with --to")
+    to = _check_version(to)
+    if to == current:
+        raise RegistryError(f"{kind} {to} is already current")
+    if version_record(kind, to, app=app) is None:
+        raise RegistryError(f"/models/{kind}/versions/{to} does not exist: cannot roll back to it")
+    _move_pointer(kind, to, "rollback", by=by, reason=reason, decision=None, app=app)
+    return to
 
 
 # ---- publishing -----------------------------------------------------------------------------
@@ -381,15 +460,14 @@ def publish(model_dir: str | Path, kind: str, version: str | None = None, *, par
     _check_against_card(root, card, files)
 
     app = _app(app, settings)
-    models = _ref(f"models/{kind}", app)
-    record_ref = models.child("versions").child(version)
+    record_ref = _ref(f"models/{kind}/versions/{version}", app)
     storage_path = f"models/{kind}/{version}"
     existing = record_ref.get()
     if isinstance(existing, dict):
         if not _same_files(existing, files):
             raise PublishConflict(f"{kind} version {version} is already published with other files; versions "
                                   "are immutable: publish under a new version name")
-        return _finish(kind, version, storage_path, files, False, make_current, models)
+        return _finish(kind, version, storage_path, files, False, make_current, app, published_by)
 
     if parent is None:
         parent = current_version(kind, app=app)
@@ -421,7 +499,7 @@ def publish(model_dir: str | Path, kind: str, version: str | None = None, *, par
         created = False
     log.info("model version published", extra={"fields": {"kind": kind, "version": version, "files": len(files),
                                                             "created": created}})
-    return _finish(kind, version, storage_path, files, created, make_current, models)
+    return _finish(kind, version, storage_path, files, created, make_current, app, published_by)
 
 
 def _upload(bucket: Any, root: Path, storage_path: str, files: list[ModelFile], kind: str, version: str) -> None:
@@ -446,9 +524,9 @@ def _upload(bucket: Any, root: Path, storage_path: str, files: list[ModelFile], 
 
 
 def _finish(kind: str, version: str, storage_path: str, files: list[ModelFile], created: bool,
-            make_current: bool, models: Any) -> Published:
-    if make_current:
-        models.child("current").set(version)
+            make_current: bool, app: Any, by: str | None) -> Published:
+    if make_current and current_version(kind, app=app) != version:
+        _move_pointer(kind, version, "publish", by=by, reason="", decision=None, app=app)
     return Published(kind, version, storage_path, tuple(files), created, make_current)
 
 

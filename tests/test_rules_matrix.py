@@ -300,6 +300,8 @@ WRITES: dict[str, Scenario] = {
     "/models/{kind}/current": lambda s, a: {"models/cloud/current": "evil"},
     "/models/{kind}/versions/{version}": lambda s, a: {
         f"models/cloud/versions/evil-{uuid.uuid4().hex[:6]}": {"storagePath": "models/cloud/evil", "createdAt": NOW}},
+    "/modelAudit/{kind}/{entryId}": lambda s, a: {f"modelAudit/cloud/{new_push_id()}": {
+        "action": "promote", "version": "evil", "by": a.role, "at": NOW}},
     "/workers/{workerId}": lambda s, a: {f"workers/w-{a.role}": {"updatedAt": NOW}},
     "/erasures/{uid}": _erasure_request,
     "/erasures/{uid}/state": _erasure_state,

@@ -68,5 +68,6 @@ def ensure_starter_models(models_dir: Path, data_dir: Path | None = None, *, dev
         card_path = target / "card.json"
         card = json.loads(card_path.read_text())
         card["warning"] = "Trained on synthetic images: runnable, but its outputs mean nothing clinically."
+        card["demonstration"] = True  # dermaloop.model_dir.is_demonstration: no risk tier, say so
         card_path.write_text(json.dumps(card, indent=2))
     return target
