@@ -80,8 +80,8 @@ def _picture(png: bytes, width: int, label: str) -> ft.Control:
                     semantics_label=label)
 
 
-def _risk_box(risk: str | None) -> ft.Control:
-    title, advice = wording.risk_advice(risk)
+def _risk_box(risk: str | None, demonstration: bool = False) -> ft.Control:
+    title, advice = wording.risk_advice(risk, demonstration)
     colour = {"high": ft.Colors.RED_100, "moderate": ft.Colors.AMBER_100, "low": ft.Colors.GREEN_100}.get(
         risk or "", ft.Colors.GREY_200)
     return ft.Container(ft.Column([ft.Text(title, weight=ft.FontWeight.BOLD), ft.Text(advice)], spacing=4),
@@ -362,7 +362,7 @@ class PatientApp:
                 parts.append(ft.Text(answer["message"]))
             parts += [ft.Text("Most likely, according to the model on this device:")]
             parts += _top_rows(answer["top"])
-            parts.append(_risk_box(answer.get("risk")))
+            parts.append(_risk_box(answer.get("risk"), bool(answer.get("demonstration"))))
         else:
             parts.append(ft.Text(answer.get("message") or "", weight=ft.FontWeight.BOLD))
             parts.append(ft.Text(wording.SENT_ANYWAY_NOTE))
@@ -452,7 +452,7 @@ class PatientApp:
         parts += [ft.Text("On this device", weight=ft.FontWeight.BOLD)]
         if device.get("top"):
             parts += _top_rows(device["top"])
-            parts.append(_risk_box(device.get("risk")))
+            parts.append(_risk_box(device.get("risk"), bool(device.get("demonstration"))))
         else:
             parts.append(ft.Text("Not classified on this device" + (": sent to a dermatologist anyway."
                                                                      if case.sent_anyway else ".")))
@@ -462,7 +462,7 @@ class PatientApp:
             parts += [ft.Divider(), ft.Text("Cloud analysis", weight=ft.FontWeight.BOLD)]
             if cloud.get("top"):
                 parts += _top_rows(cloud["top"])
-                parts.append(_risk_box(cloud.get("risk")))
+                parts.append(_risk_box(cloud.get("risk"), bool(cloud.get("demonstration"))))
             if cloud.get("message"):
                 parts.append(ft.Text(cloud["message"]))
             parts.append(ft.Text(f"Cloud model version: {cloud.get('modelVersion')}", size=12))

@@ -56,7 +56,16 @@ SENT_ANYWAY_NOTE = ("The checks on this device were not sure this is a close-up 
 FIELD_LIMITS = {"note": cases.MAX_NOTE_CHARS, "site": cases.MAX_SITE_CHARS}
 
 
-def risk_advice(risk: str | None) -> tuple[str, str]:
+# A model trained on synthetic images (the starter a bare machine builds) names classes only to show
+# how the app works; it never gives a risk tier (dermaloop.model_dir.is_demonstration).
+DEMONSTRATION = ("Demonstration model: no risk estimate",
+                 "This answer comes from a demonstration model trained on synthetic pictures, not on real skin. "
+                 "The names above mean nothing medically. A dermatologist can still look at your photo.")
+
+
+def risk_advice(risk: str | None, demonstration: bool = False) -> tuple[str, str]:
+    if demonstration:
+        return DEMONSTRATION
     return RISK_ADVICE.get(risk or "", NO_TIER)
 
 

@@ -67,6 +67,7 @@ class KerasCloudModel:
         self.labels = [Label(c.id, c.name, bool(c.malignant)) for c in self.inner.taxonomy.classes]
         self.preprocess = self.inner.preprocess
         self.tta = list(self.inner.tta)
+        self.demonstration = bool(self.inner.demonstration)
         self._lock = threading.Lock()  # one model call at a time; the batch is the parallelism
         self._build()
 

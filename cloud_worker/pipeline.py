@@ -159,7 +159,8 @@ def record(item: Prepared, result: Inferred, heatmap_path: str | None, now_ms: i
     checked = item.checked
     base: dict[str, Any] = dict(model_version=model.version, quality=checked.quality, lesion=checked.lesion,
                                 box=checked.box, heatmap_path=heatmap_path, timings_ms=item.timings_ms,
-                                message=checked.message, at=now_ms)
+                                message=checked.message, at=now_ms,
+                                demonstration=bool(getattr(model, "demonstration", False)))
     if result.probs is None:  # declined: no classification to show, only why
         return cases.cloud_record(**base)
     probs = result.probs

@@ -320,6 +320,7 @@ def device_record(result: Mapping[str, Any], model_version: str | None = None, a
         "quality": {"ok": bool(quality.get("ok")), "issues": list(quality.get("issues") or [])},
         "box": None if result.get("box") is None else [_round(v) for v in result["box"]],
         "at": SERVER_TIMESTAMP if at is None else at,
+        "demonstration": True if result.get("demonstration") else None,
     }
     # RTDB stores no empty list: a photo the checks declined has no ``top`` at all.
     return {k: v for k, v in record.items() if v is not None and v != []}
@@ -370,10 +371,12 @@ def new_case_writes(case: dict[str, Any]) -> dict[str, Any]:
 def cloud_record(*, model_version: str, quality: dict | None, lesion: dict | None, box: list[float] | None,
                  heatmap_path: str | None, timings_ms: dict[str, float], message: str | None, at: int,
                  probs: Mapping[str, float] | None = None, top: list[dict[str, Any]] | None = None,
-                 risk: str | None = None, malignant_p: float | None = None) -> dict[str, Any]:
+                 risk: str | None = None, malignant_p: float | None = None,
+                 demonstration: bool = False) -> dict[str, Any]:
     """The case's ``cloud`` field (worker only). A declined photo has no probabilities, an empty
-    top list and no risk: only why it was declined (``quality``, ``lesion``, ``message``)."""
-    return {
+    top list and no risk: only why it was declined (``quality``, ``lesion``, ``message``). A model
+    trained on synthetic images answers with ``demonstration: true`` and no risk."""
+    record = {
         "modelVersion": model_version,
         "quality": quality,
         "lesion": lesion,
@@ -384,9 +387,12 @@ def cloud_record(*, model_version: str, quality: dict | None, lesion: dict | Non
         "at": at,
         "probs": None if probs is None else {label: _round(p) for label, p in probs.items()},
         "top": [{"label": t["label"], "name": t["name"], "p": _round(t["p"])} for t in (top or [])],
-        "risk": risk,
+        "risk": None if demonstration else risk,
         "malignantP": _round(malignant_p),
     }
+    if demonstration:
+        record["demonstration"] = True
+    return record
 
 
 def queue_entry(uid: str, status: str, risk: str | None, score: float, created_at: Any, now: int) -> dict[str, Any]:

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _human(name: str, res: dict[str, Any]) -> str:
     lines = [f"{name}:"]
+    if res.get("demonstration") and res["top"]:
+        lines.append(f"  DEMONSTRATION MODEL ({res.get('model_version')}): trained on synthetic images, so the "
+                     "classes below mean nothing medically and no risk is given.")
     q = res["quality"]
     lines.append(f"  quality: {'ok' if q['ok'] else ', '.join(q['issues'])}")
     les = res["lesion"]

@@ -26,7 +26,7 @@ import json
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,8 @@ class _Model:
         self.version: str = model_dir.card.get("version", "unknown")
         self.taxonomy = model_dir.taxonomy
         self.preprocess = PreprocessConfig.from_dict(section["preprocess"])
-        self.policy = RiskPolicy.from_dict(section["risk"])
+        self.demonstration = is_demonstration(model_dir.card)
+        self.policy = replace(RiskPolicy.from_dict(section["risk"]), demonstration=self.demonstration)
         self.size = self.preprocess.size
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:  # pragma: no cover - overridden
@@ -140,7 +141,7 @@ class _Model:
                 "probs": {cid: float(p) for cid, p in zip(self.taxonomy.ids, probs, strict=True)},
                 "top": [{"label": self.taxonomy.ids[i], "name": self.taxonomy.classes[i].name,
                          "p": float(probs[i])} for i in order],
-                **self.policy.assess(probs)}
+                **self.policy.assess(probs), **({"demonstration": True} if self.demonstration else {})}
 
 
 class DeviceModel(_Model):

@@ -228,7 +228,6 @@ def _move_pointer(kind: str, version: str, action: str, *, by: str | None, reaso
                   app: Any) -> str | None:
     """Move the pointer by a transaction (two maintainers moving it at once both see the true
     previous version), then append the audit entry. Returns the previous version."""
-    from firebase_admin import db
 
     seen: list[Any] = []
 

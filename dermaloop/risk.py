@@ -126,6 +126,9 @@ class RiskPolicy:
     target_sensitivity: float = 0.90
     target_specificity: float = 0.95
     class_offsets: tuple[float, ...] = ()  # () = no offsets: the call is the most probable class
+    # A model trained on synthetic images (dermaloop.model_dir.is_demonstration): it may name classes
+    # for a demonstration, but it must never speak with a risk tier's voice.
+    demonstration: bool = False
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         return softmax(logits, self.temperature)
@@ -152,7 +155,7 @@ class RiskPolicy:
     def assess(self, probs: np.ndarray) -> dict[str, Any]:
         """Tier and malignancy probability of one image's calibrated class probabilities."""
         p = float(self.malignant_probability(np.asarray(probs, np.float64)))
-        return {"risk": self.tier(p), "malignantP": p}
+        return {"risk": None if self.demonstration else self.tier(p), "malignantP": p}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -15,6 +15,7 @@ def test_starter_models_are_trained_once_and_marked_synthetic(tmp_path, capsys):
     assert first == models / "starter"
     card = json.loads((first / "card.json").read_text())
     assert "synthetic" in card["warning"].lower() and card["data"]["images"] == 42
+    assert card["demonstration"] is True  # every runtime then gives no risk tier
     assert "takes about" in capsys.readouterr().err
     stamp = (first / "card.json").stat().st_mtime_ns
     again = ensure_starter_models(models, None, device_backbone="tiny", cloud_backbone="tiny", progress=False)

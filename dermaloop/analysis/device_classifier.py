@@ -19,6 +19,7 @@ class DeviceClassifier:
     def __init__(self, model) -> None:  # model: dermaloop.model_dir.DeviceModel
         self.model = model
         self.version = model.version
+        self.demonstration = bool(getattr(model, "demonstration", False))
         self.config = model.preprocess
         self.input_size = model.size
         self.path = Path(model.path)

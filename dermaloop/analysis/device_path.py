@@ -73,6 +73,7 @@ class DeviceResult:
     message: str | None = None
     corrections: dict[str, float] = field(default_factory=dict)
     model_version: str | None = None
+    demonstration: bool = False  # the answering model was trained on synthetic images: no risk tier
 
     def to_json(self) -> dict[str, Any]:
         r = lambda v: None if v is None or not np.isfinite(v) else round(float(v), 4)  # noqa: E731
@@ -87,6 +88,7 @@ class DeviceResult:
             "message": self.message,
             "corrections": {k: r(v) for k, v in self.corrections.items()},
             "model_version": self.model_version,
+            "demonstration": self.demonstration,
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
         }
 
@@ -133,7 +135,8 @@ class DevicePath:
         timings = {"decode": decode_ms, **seen.timings_ms}
         result = DeviceResult(seen.report, seen.is_lesion, seen.score, seen.box, seen.box_confidence, None, [], None,
                               timings, message=seen.message, corrections=seen.corrections,
-                              model_version=getattr(self.classifier, "version", None))
+                              model_version=getattr(self.classifier, "version", None),
+                              demonstration=bool(getattr(self.classifier, "demonstration", False)))
         if seen.classify and self.classifier is None:
             result.message = "No device model available: only the photo checks ran."
         elif seen.classify:
