@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ham10000", default=None, metavar="DIR",
                         help="train the starter models on this HAM10000 folder if none exist "
                              "(default: $DERMALOOP_HAM10000, else the built-in synthetic set)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="serve a demonstration model trained on synthetic images instead of the shipped release "
+                             "model (its answers mean nothing; for trying the system without any real data)")
     parser.add_argument("--free-ports", action="store_true",
                         help="let the OS pick free ports for the embedded backend instead of firebase.json's")
     parser.add_argument("--skip-prepare", action="store_true", help="do not create demo accounts or starter models")
@@ -164,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"data_dir": args.data_dir}
     settings = load_settings(discover=False, **overrides)
     embedded = not (settings.uses_emulators or settings.credentials_file)
-    options: dict[str, Any] = {"ham10000": args.ham10000 or os.environ.get("DERMALOOP_HAM10000")}
+    options: dict[str, Any] = {"ham10000": args.ham10000 or os.environ.get("DERMALOOP_HAM10000"),
+                               "synthetic": args.synthetic}
     if embedded:
         ports = emulator_ports()
         if args.free_ports:

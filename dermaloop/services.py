@@ -112,6 +112,7 @@ PREPARE: list[PrepareStep] = [
     PrepareStep("demo accounts", "dermaloop.bootstrap:demo_accounts", requires="dermaloop.auth", embedded_only=True),
     PrepareStep("starter models", "training.prepare:starter_models", requires="training.starter"),
     PrepareStep("image-analysis model", "training.prepare:analysis_model", requires="training.localiser_train"),
+    PrepareStep("model registry", "dermaloop.first_publish:publish_served_models", requires="dermaloop.registry"),
 ]
 
 

@@ -28,6 +28,31 @@ def _estimate_minutes(n_images: int, device: str, cloud: str) -> float:
     return (extraction + _FIXED_SECONDS + 0.2 * n_images / 25.0) / 60.0
 
 
+RELEASE_DIR = Path(__file__).resolve().parents[1] / "models" / "release"
+
+
+def install_release(models_dir: Path, release: Path | None = None) -> Path | None:
+    """Copy the release model shipped in the repository (``models/release``) into ``models_dir``, so a
+    fresh machine serves a model trained on real images rather than a synthetic starter. None when
+    the repository has no release model (a trimmed checkout). Copied to a hidden folder first and
+    renamed, so an interrupted copy is never mistaken for a model."""
+    import shutil
+
+    release = RELEASE_DIR if release is None else Path(release)
+    if not (release / "card.json").is_file():
+        return None
+    target = Path(models_dir) / "release"
+    if (target / "card.json").is_file():
+        return target
+    partial = Path(models_dir) / ".release.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(release, partial, ignore=shutil.ignore_patterns("README.md"))
+    partial.rename(target)
+    print(f"dermaloop: serving the release model shipped with DermaLoop ({release}/README.md)", file=sys.stderr,
+          flush=True)
+    return target
+
+
 def ensure_starter_models(models_dir: Path, data_dir: Path | None = None, *, device_backbone: str = "lite0",
                           cloud_backbone: str = "lite0", cache_dir: Path | None = None,
                           synthetic_per_class: int = 40, progress: bool = True) -> Path:
