@@ -173,6 +173,16 @@ def reads_path(reader_uid: str, case_id: str | None = None) -> str:
     return base if case_id is None else f"{base}/{_key('caseId', case_id)}"
 
 
+def reviewer_templates_path(reviewer_uid: str, urgency: str | None = None) -> str:
+    """A dermatologist's own recommendation templates (``{urgency: text}``), kept across sessions."""
+    base = f"reviewers/{_key('uid', reviewer_uid)}/templates"
+    if urgency is None:
+        return base
+    if urgency not in REVIEW_URGENCIES:
+        raise CaseError(f"urgency must be one of {', '.join(REVIEW_URGENCIES)}, not {urgency!r}")
+    return f"{base}/{urgency}"
+
+
 def case_folder(uid: str, case_id: str) -> str:
     """The Storage folder of one case (photo, heatmap)."""
     return f"cases/{_key('uid', uid)}/{_key('caseId', case_id)}"
@@ -189,13 +199,16 @@ def heatmap_object(uid: str, case_id: str) -> str:
 
 # ---- who may read and write what ----------------------------------------------------------------
 
-# The identities a rule can tell apart (admin uses server credentials, bypasses the rules and has
-# no column: it reads and writes everything).
+# The identities a rule can tell apart. Server programs use admin *credentials*, bypass the rules
+# and have no column: they read and write everything. ADMIN is an end user whose token carries the
+# ``admin`` role claim (a clinical lead or maintainer in the reviewer portal): what dermatologists
+# read, read-only in the database (never a claim, a review or a message).
 OWNER = "owner"  # the patient whose uid is in the path (or in the job); a patient where there is none
 PATIENT = "patient"  # any other signed-in patient
 DERMATOLOGIST = "dermatologist"  # the ``role`` claim
+ADMIN = "admin"  # the ``role`` claim, signed in as an end user
 SIGNED_OUT = "signed_out"
-ACCESS_ROLES = (OWNER, PATIENT, DERMATOLOGIST, SIGNED_OUT)
+ACCESS_ROLES = (OWNER, PATIENT, DERMATOLOGIST, ADMIN, SIGNED_OUT)
 
 
 @dataclass(frozen=True)
@@ -221,43 +234,47 @@ class Access:
 
 _OWNER = frozenset({OWNER})
 _CARE = frozenset({OWNER, DERMATOLOGIST})  # the patient and the dermatologists
+_CARE_READ = _CARE | {ADMIN}  # and, to read only, admins
 _DERMATOLOGISTS = frozenset({DERMATOLOGIST})
-_SIGNED_IN = frozenset({OWNER, PATIENT, DERMATOLOGIST})
+_STAFF = frozenset({DERMATOLOGIST, ADMIN})  # to read: the dermatologists' data, read-only for admins
+_SIGNED_IN = frozenset({OWNER, PATIENT, DERMATOLOGIST, ADMIN})
 
 ACCESS: tuple[Access, ...] = (
-    Access("/users/{uid}", read=_CARE),  # a user writes only their displayName, never the record
-    Access("/users/{uid}/displayName", read=_CARE, write=_OWNER),
-    Access("/users/{uid}/role", read=_CARE),  # the claim's mirror
-    Access("/users/{uid}/createdAt", read=_CARE),
-    Access("/cases", read=_DERMATOLOGISTS),
-    Access("/cases/{uid}", read=_CARE),
-    Access("/cases/{uid}/{caseId}", read=_CARE, write=_OWNER),  # created queued, once (or re-sent untouched)
-    Access("/cases/{uid}/{caseId}/status", read=_CARE, write=_DERMATOLOGISTS),  # to reviewed, with the review
-    Access("/cases/{uid}/{caseId}/review", read=_CARE, write=_DERMATOLOGISTS),
-    Access("/cases/{uid}/{caseId}/consent", read=_CARE),
-    Access("/cases/{uid}/{caseId}/image", read=_CARE),
-    Access("/cases/{uid}/{caseId}/note", read=_CARE),
-    Access("/cases/{uid}/{caseId}/device", read=_CARE),
-    Access("/cases/{uid}/{caseId}/cloud", read=_CARE),
-    Access("/cases/{uid}/{caseId}/failure", read=_CARE),
-    Access("/cases/{uid}/{caseId}/training", read=_CARE),
-    Access("/cases/{uid}/{caseId}/flags", read=_CARE),  # the patient's, with the case's creation
-    Access("/cases/{uid}/{caseId}/sameLesionAs", read=_CARE),  # likewise
+    Access("/users/{uid}", read=_CARE_READ),  # a user writes only their displayName, never the record
+    Access("/users/{uid}/displayName", read=_CARE_READ, write=_OWNER),
+    Access("/users/{uid}/role", read=_CARE_READ),  # the claim's mirror
+    Access("/users/{uid}/createdAt", read=_CARE_READ),
+    Access("/cases", read=_STAFF),
+    Access("/cases/{uid}", read=_CARE_READ),
+    Access("/cases/{uid}/{caseId}", read=_CARE_READ, write=_OWNER),  # created queued, once (or re-sent untouched)
+    Access("/cases/{uid}/{caseId}/status", read=_CARE_READ, write=_DERMATOLOGISTS),  # to reviewed, with the review
+    Access("/cases/{uid}/{caseId}/review", read=_CARE_READ, write=_DERMATOLOGISTS),
+    Access("/cases/{uid}/{caseId}/consent", read=_CARE_READ),
+    Access("/cases/{uid}/{caseId}/image", read=_CARE_READ),
+    Access("/cases/{uid}/{caseId}/note", read=_CARE_READ),
+    Access("/cases/{uid}/{caseId}/device", read=_CARE_READ),
+    Access("/cases/{uid}/{caseId}/cloud", read=_CARE_READ),
+    Access("/cases/{uid}/{caseId}/failure", read=_CARE_READ),
+    Access("/cases/{uid}/{caseId}/training", read=_CARE_READ),
+    Access("/cases/{uid}/{caseId}/flags", read=_CARE_READ),  # the patient's, with the case's creation
+    Access("/cases/{uid}/{caseId}/sameLesionAs", read=_CARE_READ),  # likewise
     Access("/jobs/{caseId}", write=_OWNER),  # with the case, in one write
     Access("/jobs/{caseId}/state"),
     Access("/jobs/{caseId}/lease"),
-    Access("/queue", read=_DERMATOLOGISTS),
-    Access("/queue/{caseId}", read=_DERMATOLOGISTS),
-    Access("/queue/{caseId}/status", read=_DERMATOLOGISTS, write=_DERMATOLOGISTS),  # to reviewed, with the review
-    Access("/claims", read=_DERMATOLOGISTS),
-    Access("/claims/{caseId}", read=_DERMATOLOGISTS, write=_DERMATOLOGISTS),  # if absent, expired or their own
-    Access("/reviewHistory", read=_DERMATOLOGISTS),
-    Access("/reviewHistory/{caseId}/{entryId}", read=_DERMATOLOGISTS, write=_DERMATOLOGISTS),  # create-only
+    Access("/queue", read=_STAFF),
+    Access("/queue/{caseId}", read=_STAFF),
+    Access("/queue/{caseId}/status", read=_STAFF, write=_DERMATOLOGISTS),  # to reviewed, with the review
+    Access("/claims", read=_STAFF),
+    Access("/claims/{caseId}", read=_STAFF, write=_DERMATOLOGISTS),  # if absent, expired or their own
+    Access("/reviewHistory", read=_STAFF),
+    Access("/reviewHistory/{caseId}/{entryId}", read=_STAFF, write=_DERMATOLOGISTS),  # create-only
     Access("/reads/{readerUid}", read=_DERMATOLOGISTS),  # each dermatologist their own
     Access("/reads/{readerUid}/{caseId}", read=_DERMATOLOGISTS, write=_DERMATOLOGISTS),
-    Access("/messages", read=_DERMATOLOGISTS),  # unread counts over every case in one stream
-    Access("/messages/{uid}", read=_CARE),
-    Access("/messages/{uid}/{caseId}/{msgId}", read=_CARE, write=_CARE),  # each as themself, never edited
+    Access("/reviewers/{reviewerUid}", read=_DERMATOLOGISTS),  # each dermatologist their own
+    Access("/reviewers/{reviewerUid}/templates/{urgency}", read=_DERMATOLOGISTS, write=_DERMATOLOGISTS),
+    Access("/messages", read=_STAFF),  # unread counts over every case in one stream
+    Access("/messages/{uid}", read=_CARE_READ),
+    Access("/messages/{uid}/{caseId}/{msgId}", read=_CARE_READ, write=_CARE),  # each as themself, never edited
     Access("/models", read=_SIGNED_IN),
     Access("/models/{kind}", read=_SIGNED_IN),
     Access("/models/{kind}/current", read=_SIGNED_IN),
@@ -267,9 +284,12 @@ ACCESS: tuple[Access, ...] = (
     Access("/erasures/{uid}", read=_OWNER, write=_OWNER),  # "delete my data": created once, by a patient
     Access("/erasures/{uid}/state", read=_OWNER),  # and doneAt, counts, lease: the server program's
     Access("/erased/{caseId}"),  # tombstones of erased cases (retraining checks them)
-    Access("cases/{uid}/{caseId}/image.jpg", read=_CARE, write=_OWNER),  # IMAGE_CONTENT_TYPES only
-    Access("cases/{uid}/{caseId}/heatmap.png", read=_CARE),
-    Access("models/{kind}/{version}/{file}", read=_SIGNED_IN),
+    Access("/datasets/versions/{version}"),  # training-set versions (training/dataset_versions.py): admin only
+    # storage.rules lets an admin token write photos, heatmaps and model files (the database rules do not)
+    Access("cases/{uid}/{caseId}/image.jpg", read=_CARE_READ, write=_OWNER | {ADMIN}),  # IMAGE_CONTENT_TYPES only
+    Access("cases/{uid}/{caseId}/heatmap.png", read=_CARE_READ, write=frozenset({ADMIN})),
+    Access("models/{kind}/{version}/{file}", read=_SIGNED_IN, write=frozenset({ADMIN})),
+    Access("datasets/{version}/manifest.json"),  # a dataset version's frozen manifest: admin credentials only
 )
 
 
@@ -698,3 +718,50 @@ def erasure_writes(uid: str, *, tombstones: Iterable[str] = (),
     for case_id in tombstones:
         writes[erased_path(case_id)] = tombstone_record(now)
     return writes
+
+
+# ---- retraining: labels taken into dataset versions (issue 19) ---------------------------------------
+#
+# Retraining (``training/new_labels.py``, ``training/dataset_versions.py``, admin) freezes the
+# labels it takes into a content-addressed dataset version: its manifest in Storage
+# (``datasets/{version}/manifest.json``), its record in the RTDB (``/datasets/versions/{version}``),
+# and on each case taken ``training`` and the move ``reviewed`` -> ``labelled`` (after which the
+# review is a training label and never changes).
+
+
+def training_path(uid: str, case_id: str) -> str:
+    """A case's ``training`` field: which dataset version took its review as a label, and when."""
+    return f"{case_path(uid, case_id)}/training"
+
+
+def dataset_version_path(version: str) -> str:
+    """The RTDB record of one dataset version (``/datasets/versions/{version}``, admin only)."""
+    return f"datasets/versions/{_key('version', version)}"
+
+
+def dataset_manifest_object(version: str) -> str:
+    """The Storage path of a dataset version's manifest (admin only; never overwritten)."""
+    return f"datasets/{_key('version', version)}/manifest.json"
+
+
+def training_record(dataset_version: str, labelled_at: int) -> dict[str, Any]:
+    """The case's ``training`` field as retraining writes it when it takes the case's review as a
+    label: ``usable`` (the reviewer marked it so, the patient consented), the first dataset version
+    that took it and when."""
+    return {"usable": True, "labelledAt": int(labelled_at), "datasetVersion": _key("datasetVersion", dataset_version)}
+
+
+def labelled_case(case: Mapping[str, Any], dataset_version: str, labelled_at: int) -> dict[str, Any]:
+    """``case`` (a stored record) moved to ``labelled`` with its ``training`` field: what retraining
+    writes back in a transaction on the case, so that a case erased or re-reviewed meanwhile is
+    never written over. Refused (``CaseError``) from any status but ``reviewed``."""
+    check_move(case.get("status"), Status.LABELLED.value)
+    return {**case, "status": Status.LABELLED.value, "training": training_record(dataset_version, labelled_at)}
+
+
+def labelled_writes(uid: str, case_id: str, dataset_version: str, labelled_at: int) -> dict[str, Any]:
+    """The same move as a multi-path update, for a writer that has otherwise made sure the case still
+    exists and is ``reviewed`` (a plain update would recreate an erased case as a fragment)."""
+    case = case_path(uid, case_id)
+    return {f"{case}/status": Status.LABELLED.value,
+            f"{case}/training": training_record(dataset_version, labelled_at)}

@@ -11,6 +11,7 @@ find it by.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import logging
 import threading
@@ -27,7 +28,8 @@ from dermaloop.taxonomy import load_taxonomy
 from dermaloop.web_app import serve
 from reviewer_portal import claims, images, monitoring, review
 from reviewer_portal import queue as triage
-from reviewer_portal.session import NotAllowed, PortalSession, sign_in
+from reviewer_portal import templates as saved_templates
+from reviewer_portal.session import READ_ONLY_BANNER, NotAllowed, PortalSession, sign_in
 
 log = logging.getLogger("reviewer_portal")
 
@@ -35,6 +37,10 @@ PAGE_SIZE = 50  # rows drawn at once: a browser redraw of 1,000 rows would take 
 RENEW_EVERY_S = cases.CLAIM_TTL_MS / 3000  # renew an open case's claim well before it lapses
 REDRAW_DELAY_S = 0.15  # gather a burst of events into one redraw
 RISK_COLOURS = {"high": ft.Colors.RED_100, "moderate": ft.Colors.AMBER_100, "low": ft.Colors.GREEN_100}
+ZOOM_STEP = 1.5
+MAX_ZOOM = 6.0
+VIEW_W, VIEW_H = 480, 360  # the photo's box in the case view (the photo fits inside it)
+CASE_GONE = "This case was deleted by its patient. Nothing more can be saved here."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +67,13 @@ def _badge(text: str, colour: str) -> ft.Control:
                         bgcolor=colour, padding=ft.Padding.symmetric(horizontal=6, vertical=2), border_radius=6)
 
 
+def _read_only_banner() -> ft.Control:
+    return ft.Container(ft.Row([ft.Icon(ft.Icons.VISIBILITY, semantics_label="Read-only"),
+                                ft.Text(READ_ONLY_BANNER, weight=ft.FontWeight.W_500, expand=True)]),
+                        bgcolor=ft.Colors.BLUE_GREY_50, padding=10, border_radius=8,
+                        border=ft.Border.all(1, ft.Colors.BLUE_GREY_200))
+
+
 class PortalApp:
     """One browser session: one signed-in dermatologist and the screen they look at."""
 
@@ -73,7 +86,7 @@ class PortalApp:
         self.showing: tuple[str, Any] = ("signin", None)
         self.filters = triage.Filters()
         self.limit = PAGE_SIZE
-        self.templates = dict(review.DEFAULT_TEMPLATES)  # editable per session
+        self.templates = dict(review.DEFAULT_TEMPLATES)  # the dermatologist's own, once loaded
         self.case_view: CaseView | None = None
         self._lock = threading.RLock()
         self._dirty = threading.Event()
@@ -188,8 +201,22 @@ class PortalApp:
         self.session = PortalSession(user, self.settings, on_change=self.changed, on_ended=self.ended)
         self.show(_heading("Triage queue"), ft.ProgressRing(semantics_label="Loading the queue"),
                   ft.Text("Loading the queue..."), screen="loading")
+        if not self.session.read_only:
+            threading.Thread(target=self._prepare, args=(self.session,), name="portal-prepare", daemon=True).start()
         if self.session.synced:
             self.queue_screen()
+
+    def _prepare(self, session: PortalSession) -> None:
+        """Beside the first queue render: publish our name for colleagues, load our templates."""
+        session.publish_name()
+        try:
+            loaded = saved_templates.load(session.db, session.uid)
+        except ServiceError as exc:
+            session.check(exc)
+            log.info("loading the templates of %s failed: %s (defaults meanwhile)", session.uid, exc)
+            return
+        if self.session is session:
+            self.templates = loaded
 
     def ended(self, reason: str) -> None:
         self._leave_case()
@@ -226,14 +253,15 @@ class PortalApp:
         shown = triage.apply(rows, self.filters)
         f = self.filters
         online = "" if self.session.online else " · offline: showing the last known queue"
-        header = ft.Row([
-            _heading("Triage queue"),
-            ft.Row([ft.Text(f"Signed in as {self.session.email}"),
-                    ft.OutlinedButton("Monitoring", icon=ft.Icons.INSIGHTS, on_click=lambda e: self.monitoring_screen()),
-                    ft.OutlinedButton("Recommendation templates", icon=ft.Icons.EDIT_NOTE,
-                                      on_click=lambda e: self.templates_dialog()),
-                    ft.TextButton("Sign out", on_click=lambda e: self.sign_out())], wrap=True),
-        ], alignment=ft.MainAxisAlignment.SPACE_BETWEEN, wrap=True)
+        actions: list[ft.Control] = [
+            ft.Text(self._signed_in_as()),
+            ft.OutlinedButton("Monitoring", icon=ft.Icons.INSIGHTS, on_click=lambda e: self.monitoring_screen())]
+        if not self.session.read_only:
+            actions.append(ft.OutlinedButton("Recommendation templates", icon=ft.Icons.EDIT_NOTE,
+                                             on_click=lambda e: self.templates_dialog()))
+        actions.append(ft.TextButton("Sign out", on_click=lambda e: self.sign_out()))
+        header = ft.Row([_heading("Triage queue"), ft.Row(actions, wrap=True)],
+                        alignment=ft.MainAxisAlignment.SPACE_BETWEEN, wrap=True)
         filters = ft.Row([
             self._filter("Status", f.status, list(triage.STATUS_FILTERS), "status"),
             self._filter("Risk tier", f.risk, ["any", *triage.RISKS, "unknown"], "risk"),
@@ -250,7 +278,8 @@ class PortalApp:
             items.append(ft.OutlinedButton("Show more", on_click=lambda e: self._more()))
         if redraw and self.showing[0] != "queue":
             return
-        self.show(header, filters, count, ft.Divider(), *items, screen="queue")
+        top = [header, _read_only_banner()] if self.session.read_only else [header]
+        self.show(*top, filters, count, ft.Divider(), *items, screen="queue")
         if self.first_render_at is None:
             self.first_render_at = time.time()
 
@@ -270,10 +299,11 @@ class PortalApp:
         if r.disagree:
             badges.append(_badge("models disagree", ft.Colors.ORANGE_100))
         if r.unread:
-            badges.append(_badge(f"{r.unread} unread message{'s' if r.unread > 1 else ''}", ft.Colors.BLUE_100))
+            # An admin keeps no read marks: every patient message counts, so say what it is.
+            kind = "message from the patient" if self.session and self.session.read_only else "unread message"
+            badges.append(_badge(f"{r.unread} {kind}{'s' if r.unread > 1 else ''}", ft.Colors.BLUE_100))
         if r.claimed_by:
-            who = "you" if self.session and r.claimed_by == self.session.uid else r.claimed_by
-            badges.append(_badge(f"being reviewed by {who}", ft.Colors.GREY_300))
+            badges.append(_badge(f"being reviewed by {self.who(r.claimed_by)}", ft.Colors.GREY_300))
         if r.status == cases.Status.REVIEWED:
             badges.append(_badge("reviewed", ft.Colors.GREEN_200))
         if r.status == cases.Status.FAILED:  # the analysis gave up; the patient was told a person will look
@@ -289,18 +319,51 @@ class PortalApp:
             tooltip=f"Open case {r.case_id}",
         )
 
+    def who(self, uid: str | None) -> str:
+        """How a colleague is named on screen: "you", their display name, else their uid."""
+        if self.session is None:
+            return uid or "someone"
+        if uid == self.session.uid:
+            return "you"
+        try:
+            return self.session.names.of(uid)
+        except Unauthenticated as exc:
+            self.session.check(exc)
+            return uid or "someone"
+
+    def _signed_in_as(self) -> str:
+        s = self.session
+        assert s is not None
+        return f"Signed in as {s.email}" + (" (admin, read-only)" if s.read_only else "")
+
     def templates_dialog(self) -> None:
+        """Edit this dermatologist's templates; saved in the database, so every later session has them."""
+        session = self.session
+        if session is None or session.read_only:
+            return
         fields = {u: ft.TextField(label=f"Template: {u}", value=self.templates[u], multiline=True, min_lines=2,
                                   width=560) for u in cases.REVIEW_URGENCIES}
+        problem = ft.Text("", color=ft.Colors.RED_700)
 
         def save(e) -> None:
-            for u, f in fields.items():
-                self.templates[u] = (f.value or "").strip()[: cases.MAX_RECOMMENDATION_CHARS]
+            try:
+                stored = saved_templates.save(session.db, session.uid, {u: f.value or "" for u, f in fields.items()})
+            except saved_templates.TemplatesRefused as exc:
+                problem.value = str(exc)
+                self.page.update()
+                return
+            except ServiceError as exc:
+                problem.value = "Not saved."
+                self.page.update()
+                self.fail(exc, "Saving the templates")
+                return
+            self.templates.update(stored)
             self.page.pop_dialog()
-            self.notify("Templates saved for this session.")
+            self.notify("Templates saved: your next sessions start from them too.")
 
         self.page.show_dialog(ft.AlertDialog(
-            title=ft.Text("Recommendation templates"), content=ft.Column(list(fields.values()), tight=True),
+            title=ft.Text("Recommendation templates"),
+            content=ft.Column([*fields.values(), problem], tight=True, scroll=ft.ScrollMode.AUTO),
             actions=[ft.TextButton("Cancel", on_click=lambda e: self.page.pop_dialog()),
                      ft.FilledButton("Save templates", on_click=save)]))
 
@@ -342,35 +405,56 @@ class PortalApp:
             lines.append(ft.Text(f"{model.capitalize()} model agreed with the dermatologists: "
                                  f"{'n/a' if share is None else f'{share:.0%}'}"))
         png = monitoring.confusion_png(figures, self.taxonomy.ids)
+        banner = [_read_only_banner()] if self.session.read_only else []
         self.show(ft.TextButton("Back to queue", icon=ft.Icons.ARROW_BACK, on_click=lambda e: self.back_to_queue()),
-                  _heading("Monitoring"), *lines,
+                  *banner, _heading("Monitoring"), *lines,
                   ft.Image(src=png, width=900, fit=ft.BoxFit.CONTAIN,
                            semantics_label="Confusion matrices of the device and cloud models against dermatologists"),
                   screen="monitoring")
 
 
 class CaseView:
-    """The open case: its claim (renewed while open), pictures, both models, the form and the chat."""
+    """The open case: its claim (renewed while open), pictures, both models, the form and the chat.
+
+    For an admin (read-only session) the same case without the write controls: no claim is taken,
+    no read mark is kept, the review is shown instead of the form and the chat has no input."""
 
     def __init__(self, app: PortalApp, uid: str, case_id: str) -> None:
         self.app = app
         self.session = app.session
+        self.read_only = self.session.read_only
         self.uid, self.case_id = uid, case_id
         self.claimed = False
         self.holder: str | None = None
+        self.gone = False
         self._stop = threading.Event()
         self.photo: bytes | None = None
         self.heatmap: bytes | None = None
         self.earlier: bytes | None = None
         self.picture_note = ft.Text("", color=ft.Colors.RED_700)
-        self.picture = ft.Image(src=b"", width=480, fit=ft.BoxFit.CONTAIN, semantics_label="Case photo", visible=False)
+        # Zoom: the photo sits in an InteractiveViewer (scroll or pinch to zoom, drag to pan), with
+        # buttons for keyboards and screen readers. The viewer, not the image, is hidden until loaded
+        # (an InteractiveViewer refuses invisible content).
+        self.picture = ft.Image(src=b"", width=VIEW_W, height=VIEW_H, fit=ft.BoxFit.CONTAIN,
+                                semantics_label="Case photo (zoomable)")
+        self.viewer = ft.InteractiveViewer(content=self.picture, width=VIEW_W, height=VIEW_H, min_scale=1.0,
+                                           max_scale=MAX_ZOOM, visible=False)
+        self.zoom = 1.0  # the level the buttons last set
+        self._zooming = asyncio.Lock()
+        self.zoom_row = ft.Row([
+            ft.OutlinedButton("Zoom in", icon=ft.Icons.ZOOM_IN, on_click=self._zoom_in),
+            ft.OutlinedButton("Zoom out", icon=ft.Icons.ZOOM_OUT, on_click=self._zoom_out),
+            ft.TextButton("Reset zoom", icon=ft.Icons.CENTER_FOCUS_STRONG, on_click=self._zoom_reset),
+        ], wrap=True, visible=False)
         self.show_heatmap = ft.Switch(label="Heatmap", value=False, on_change=lambda e: self._redraw_picture())
         self.show_box = ft.Switch(label="Lesion box", value=False, on_change=lambda e: self._redraw_picture())
         self.claim_text = ft.Text("")
         self.status_text = ft.Text("")
         self.chat = ft.Column(spacing=4)
+        self.history = ft.Column([ft.Text("Loading the review history...", size=12)], spacing=4)
         self.form_message = ft.Text("", color=ft.Colors.RED_700)
         self.saved_text = ft.Text("")
+        self.send_button: ft.FilledButton | None = None
 
     # life cycle ---------------------------------------------------------------------------------
     def open(self) -> None:
@@ -379,28 +463,31 @@ class CaseView:
             self.app.notify("This case no longer exists: its patient deleted it.")
             self.app.queue_screen()
             return
-        try:
-            claims.take(self.session.db, self.session.uid, self.uid, self.case_id)
-            self.claimed = True
-        except claims.ClaimHeld as exc:
-            self.holder = exc.holder
-        except claims.CaseGone:
-            self.app.notify("This case no longer exists: its patient deleted it.")
-            self.app.queue_screen()
-            return
-        except Exception as exc:  # offline or refused: show the case read-only
-            self.app.fail(exc, "Claiming the case")
-            if self.session.ended:
+        if not self.read_only:
+            try:
+                claims.take(self.session.db, self.session.uid, self.uid, self.case_id)
+                self.claimed = True
+            except claims.ClaimHeld as exc:
+                self.holder = exc.holder
+            except claims.CaseGone:
+                self.app.notify("This case no longer exists: its patient deleted it.")
+                self.app.queue_screen()
                 return
+            except Exception as exc:  # offline or refused: show the case read-only
+                self.app.fail(exc, "Claiming the case")
+                if self.session.ended:
+                    return
         self.render(case)
         if self.claimed:
             threading.Thread(target=self._renew_loop, name="claim-renew", daemon=True).start()
         self.app.page.run_thread(self._load_pictures, case)
-        self._mark_read()
+        self.app.page.run_thread(self._load_history)
+        if not self.read_only:
+            self._mark_read()
 
     def leave(self) -> None:
         self._stop.set()
-        if self.claimed and not self.session.ended:
+        if self.claimed and not self.session.ended and not self.gone:
             try:
                 claims.release(self.session.db, self.session.uid, self.case_id)
             except ServiceError as exc:
@@ -414,8 +501,34 @@ class CaseView:
                 self.claimed, self.holder = False, exc.holder
                 self.app.changed("claims")
                 return
+            except claims.CaseGone:  # the live copy shows why; nothing left to hold
+                self.claimed = False
+                self.app.changed("cases")
+                return
             except Exception as exc:  # offline: try again next round; the save re-checks anyway
                 log.info("renewing the claim on %s failed: %s", self.case_id, exc)
+
+    # The buttons zoom about the photo's centre, where a lesion usually is (the viewer's own zoom()
+    # keeps the top-left corner still); scroll and pinch zoom about the pointer, as users expect.
+    async def _zoom_in(self, e) -> None:
+        await self._zoom_by(ZOOM_STEP)
+
+    async def _zoom_out(self, e) -> None:
+        await self._zoom_by(1 / ZOOM_STEP)
+
+    async def _zoom_reset(self, e) -> None:
+        await self._zoom_by(0.0)
+
+    async def _zoom_by(self, factor: float) -> None:
+        """Zoom to the current level times ``factor`` (0: back to the whole photo), about its centre."""
+        # One move at a time: two quick clicks would interleave their reset/zoom/pan calls.
+        async with self._zooming:
+            level = self.zoom = min(max(self.zoom * factor, 1.0), MAX_ZOOM)
+            await self.viewer.reset()
+            if level > 1.0:
+                await self.viewer.zoom(level)
+                # pan() moves the content in its own (zoomed) units: shift the centre back into view.
+                await self.viewer.pan(VIEW_W / 2 * (1 - level) / level, VIEW_H / 2 * (1 - level) / level)
 
     def case(self) -> dict[str, Any] | None:
         case = self.session.mirrors["cases"].get(f"{self.uid}/{self.case_id}")
@@ -479,8 +592,8 @@ class CaseView:
         if source is not None:
             try:
                 self.picture.src = images.render(source, box)
-                self.picture.visible = True
-                self.picture.semantics_label = "Heatmap" if source is self.heatmap else "Case photo"
+                self.viewer.visible = self.zoom_row.visible = True
+                self.picture.semantics_label = ("Heatmap" if source is self.heatmap else "Case photo") + " (zoomable)"
             except images.ImageMissing as exc:
                 self.picture_note.value = str(exc)
         if self.earlier is not None and self.earlier_image is not None:
@@ -496,11 +609,11 @@ class CaseView:
         app = self.app
         self.earlier_image = ft.Image(src=b"", width=360, fit=ft.BoxFit.CONTAIN, visible=False,
                                       semantics_label="Earlier photo of the same spot")
-        self._update_live(case)
         parts: list[ft.Control] = [
             ft.Row([ft.TextButton("Back to queue", icon=ft.Icons.ARROW_BACK, on_click=lambda e: app.back_to_queue()),
-                    ft.Text(f"Signed in as {self.session.email}", size=12)],
+                    ft.Text(app._signed_in_as(), size=12)],
                    alignment=ft.MainAxisAlignment.SPACE_BETWEEN),
+            *([_read_only_banner()] if self.read_only else []),
             _heading(f"Case {self.case_id}"),
             ft.Text(f"Created {_when(case.get('createdAt'))}", size=12),
             self.status_text, self.claim_text,
@@ -508,7 +621,10 @@ class CaseView:
         if (case.get("flags") or {}).get("sentAnyway"):
             parts.append(_badge("SENT ANYWAY: the device checks declined this photo and the patient sent it regardless",
                                 ft.Colors.PURPLE_100))
-        pictures = ft.Row([self.picture, self.earlier_image], wrap=True, vertical_alignment=ft.CrossAxisAlignment.START)
+        photo = ft.Column([self.viewer, self.zoom_row,
+                           ft.Text("Zoom: scroll or pinch on the photo and drag to move it, or use the buttons.",
+                                   size=12)], spacing=4)
+        pictures = ft.Row([photo, self.earlier_image], wrap=True, vertical_alignment=ft.CrossAxisAlignment.START)
         parts += [ft.Row([self.show_heatmap, self.show_box], wrap=True), self.picture_note, pictures]
         if case.get("sameLesionAs"):
             parts.append(ft.Text(f"Right: the earlier photo of the same spot (case {case['sameLesionAs']}).", size=12))
@@ -520,10 +636,59 @@ class CaseView:
             parts.append(ft.Text(f"Analysis failed: {cases.failure_message(failure.get('reason'))} "
                                  f"({failure.get('detail', '')})", color=ft.Colors.RED_700))
         parts += self._patient(case)
-        parts += self._form(case)
-        parts += [ft.Divider(), _heading("Chat with the patient", 16), self.chat, *self._chat_input(),
-                  ft.Text(DISCLAIMER, size=11, italic=True)]
+        parts += self._review_shown(case) if self.read_only else self._form(case)
+        parts += [ft.Divider(), _heading("Review history", 16), self.history]
+        parts += [ft.Divider(), _heading("Chat with the patient", 16), self.chat,
+                  *([] if self.read_only else self._chat_input()), ft.Text(DISCLAIMER, size=11, italic=True)]
+        self._update_live(case)
         app.show(*parts, screen="case", key=self.case_id)
+
+    def _review_shown(self, case: dict[str, Any]) -> list[ft.Control]:
+        """The review as it stands, for a read-only session (no form)."""
+        existing = case.get("review") if isinstance(case.get("review"), dict) else None
+        parts: list[ft.Control] = [ft.Divider(), _heading("Review", 16)]
+        if not existing:
+            return [*parts, ft.Text("Not reviewed yet.")]
+        label = self._name(existing.get("label", ""))
+        if existing.get("otherText"):
+            label += f" ({existing['otherText']})"
+        parts += [ft.Text(f"By {self.app.who(existing.get('reviewerUid'))} on {_when(existing.get('at'))}"),
+                  ft.Text(f"Diagnosis: {label}"),
+                  ft.Text(f"Confidence: {existing.get('confidence') or 'not given'} · Urgency: {existing.get('urgency')}"),
+                  ft.Text(f"Recommendation: {existing.get('recommendation') or '(none)'}"),
+                  ft.Text("Training use: " + ("allowed" if existing.get("trainingUse") else "not allowed"))]
+        return parts
+
+    def _load_history(self) -> None:
+        """The append-only audit of this case's reviews, oldest first (fetched, not live: it only
+        grows when someone saves, and a save here reloads it)."""
+        try:
+            entries = self.session.db.get(cases.review_history_path(self.case_id))
+        except Unauthenticated as exc:
+            self.session.check(exc)
+            return
+        except ServiceError as exc:
+            self.history.controls = [ft.Text(f"The review history could not be loaded ({exc.message}).", size=12)]
+            self._update_page()
+            return
+        rows: list[ft.Control] = []
+        items = entries.values() if isinstance(entries, dict) else []
+        for entry in sorted((e for e in items if isinstance(e, dict)), key=lambda e: e.get("at") or 0):
+            saved = entry.get("review") if isinstance(entry.get("review"), dict) else {}
+            before = entry.get("previous") if isinstance(entry.get("previous"), dict) else None
+            text = (f"{_when(entry.get('at'))}: {self.app.who(entry.get('editorUid'))} saved "
+                    f"{self._name(saved.get('label', ''))}, {saved.get('urgency')}")
+            if before:
+                text += f" (replacing {self._name(before.get('label', ''))}, {before.get('urgency')})"
+            rows.append(ft.Text(text, size=13))
+        self.history.controls = rows or [ft.Text("No review saved yet.", size=12)]
+        self._update_page()
+
+    def _update_page(self) -> None:
+        try:
+            self.app.page.update()
+        except Exception:
+            log.debug("update on a closed page")
 
     def _model_column(self, title: str, result: Any) -> ft.Control:
         rows: list[ft.Control] = [ft.Text(title, weight=ft.FontWeight.BOLD)]
@@ -591,7 +756,8 @@ class CaseView:
                                     visible=consent)
         parts: list[ft.Control] = [ft.Divider(), _heading("Review", 16)]
         if existing:
-            parts.append(ft.Text(f"Current review by {existing.get('reviewerUid')} on {_when(existing.get('at'))}: "
+            parts.append(ft.Text(f"Current review by {self.app.who(existing.get('reviewerUid'))} on "
+                                 f"{_when(existing.get('at'))}: "
                                  f"{self._name(existing.get('label', ''))}, {existing.get('urgency')}. "
                                  "Saving again keeps it in the audit history.", size=12))
         parts += [ft.Text("Diagnosis", weight=ft.FontWeight.W_500), self.diagnosis, self.other,
@@ -629,6 +795,7 @@ class CaseView:
         self.saved_text.value = (f"Review saved: {self._name(stored.get('label', ''))}, {stored.get('urgency')}. "
                                  "The patient sees it now.")
         self.app.page.update()
+        self.app.page.run_thread(self._load_history)
 
     def _chat_input(self) -> list[ft.Control]:
         self.message = ft.TextField(label="Message to the patient", multiline=True, width=640,
@@ -647,26 +814,43 @@ class CaseView:
             self.message.value = ""
             self.app.page.update()
 
-        return [self.message, ft.FilledButton("Send message", icon=ft.Icons.SEND, on_click=send)]
+        self.send_button = ft.FilledButton("Send message", icon=ft.Icons.SEND, on_click=send)
+        return [self.message, self.send_button]
 
     # live parts -------------------------------------------------------------------------------------
     def _update_live(self, case: dict[str, Any] | None) -> None:
         if case is None:
-            self.status_text.value = "This case was deleted by its patient. Nothing more can be saved here."
+            # Deleted while open (the patient's "delete my data"): say so where the eye is, at the
+            # top and beside the save button, and leave nothing to press.
+            self.gone = True
+            self._stop.set()
+            self.status_text.value = CASE_GONE
             self.status_text.color = ft.Colors.RED_700
+            self.status_text.weight = ft.FontWeight.BOLD
+            self.claim_text.value = ""
+            if not self.read_only:
+                self.form_message.value = CASE_GONE
+            if self.send_button is not None:
+                self.send_button.disabled = True
         else:
             self.status_text.value = f"Status: {case.get('status')}"
         claim = self.session.mirrors["claims"].get(self.case_id)
         holder = cases.claim_holder(claim, claims.now_ms())
         if self.claimed and holder not in (None, self.session.uid):
             self.claimed, self.holder = False, holder
-        if self.claimed:
+        if case is None:
+            pass  # nothing to claim any more: the status line says why
+        elif self.read_only:
+            self.claim_text.value = (f"{self.app.who(holder)} is reviewing this case." if holder
+                                     else "Nobody is reviewing this case now.")
+            self.claim_text.color = ft.Colors.BLUE_GREY_800
+        elif self.claimed:
             self.claim_text.value = "You are reviewing this case: others see it as taken until you leave it."
             self.claim_text.color = ft.Colors.GREEN_800
         else:
             who = holder or self.holder
-            self.claim_text.value = (f"{who} is reviewing this case: you can read it, but not save a review."
-                                     if who else "Not claimed: reopen the case to review it.")
+            self.claim_text.value = (f"{self.app.who(who)} is reviewing this case: you can read it, but not save "
+                                     "a review." if who else "Not claimed: reopen the case to review it.")
             self.claim_text.color = ft.Colors.ORANGE_900
         if hasattr(self, "save_button"):
             self.save_button.disabled = not self.claimed or case is None
@@ -674,7 +858,7 @@ class CaseView:
         rows: list[ft.Control] = []
         for msg in sorted((m for m in messages.values() if isinstance(m, dict)), key=lambda m: m.get("at") or 0):
             who = "Patient" if msg.get("senderRole") == "patient" else (
-                "You" if msg.get("senderUid") == self.session.uid else "Dermatologist")
+                "You" if msg.get("senderUid") == self.session.uid else self.app.who(msg.get("senderUid")))
             rows.append(ft.Text(f"{who} ({_when(msg.get('at'))}): {msg.get('text')}"))
         if not rows:
             rows.append(ft.Text("No messages yet.", size=12))
@@ -685,7 +869,7 @@ class CaseView:
         """Called on every change while the case is open: status, claim, chat (the form is kept)."""
         before = getattr(self, "_seen", 0)
         self._update_live(self.case())
-        if self._seen != before:
+        if self._seen != before and not self.read_only and not self.gone:
             self._mark_read()
         self.app.page.update()
 

@@ -5,6 +5,7 @@ the role gate and missing pictures. No browser: tests/test_portal_browser.py dri
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import uuid
 
@@ -12,14 +13,14 @@ import pytest
 
 from dermaloop import cases
 from dermaloop.admin_app import delete_app
-from dermaloop.auth import AuthClient, create_user
+from dermaloop.auth import AuthClient, create_user, revoke
 from dermaloop.database import UserDatabase, admin_reference, new_push_id
 from dermaloop.errors import PermissionDenied, Unauthenticated
 from dermaloop.storage import UserStorage, admin_bucket
 from localbase.tokens import mint_id_token
-from reviewer_portal import claims, images, monitoring, review
+from reviewer_portal import claims, images, monitoring, people, review, templates
 from reviewer_portal import queue as triage
-from reviewer_portal.session import NOT_FOR_PATIENTS, NotAllowed, sign_in
+from reviewer_portal.session import NOT_FOR_PATIENTS, SESSION_ENDED, NotAllowed, PortalSession, sign_in
 
 APP_NAME = "test_portal_core"
 LABELS = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -378,3 +379,151 @@ def test_missing_pictures_are_sentences_not_crashes(settings):
     data = images.fetch(storage, cases.image_object(patient, case_id), "photo")
     with pytest.raises(images.ImageMissing, match="not a readable image"):
         images.render(data)
+
+
+# ---- admins: a read-only portal ---------------------------------------------------------------------
+
+
+def test_admins_read_what_dermatologists_read_and_write_nothing(settings):
+    patient_uid, _ = user(settings, "patient", "pat")
+    case_id = seed_case(settings, patient_uid)
+    d_uid, derm = user(settings, "dermatologist", "derm")
+    a_uid, admin_db = user(settings, "admin", "lead")
+    claims.take(derm, d_uid, patient_uid, case_id)
+    review.save(derm, d_uid, patient_uid, case_id, _form(), LABELS)
+    derm.push(cases.messages_path(patient_uid, case_id), cases.message_record(d_uid, "dermatologist", "Hello"))
+    admin(settings, cases.user_path(d_uid)).set({"displayName": "Dr Derm", "role": "dermatologist", "createdAt": 1})
+    # Reads: the queue, every case, claims, the review audit, every chat, colleagues' names.
+    assert admin_db.get(f"{cases.queue_path(case_id)}/status") == "reviewed"
+    assert admin_db.get(cases.case_path(patient_uid, case_id))["review"]["reviewerUid"] == d_uid
+    assert patient_uid in admin_db.get("cases", shallow=True)
+    assert admin_db.get(cases.claim_path(case_id))["uid"] == d_uid
+    assert len(admin_db.get(cases.review_history_path(case_id))) == 1
+    assert len(admin_db.get(cases.messages_path(patient_uid, case_id))) == 1
+    assert admin_db.get("messages", shallow=True)
+    assert admin_db.get(f"{cases.user_path(d_uid)}/displayName") == "Dr Derm"
+    # Writes: no claim (not even a free one), no review, no message as either role, no read mark, no
+    # templates, no queue status, nobody's name; and none of the dermatologists' own records.
+    other_case = seed_case(settings, patient_uid)
+    assert refused(lambda: admin_db.set(cases.claim_path(other_case), cases.claim_record(a_uid, patient_uid)))
+    with pytest.raises(PermissionDenied):
+        claims.take(admin_db, a_uid, patient_uid, other_case)
+    record = cases.review_record(a_uid, "nv", "fine", "routine", taxonomy_labels=LABELS)
+    assert refused(lambda: admin_db.update("/", cases.reviewed_writes(patient_uid, other_case, record, new_push_id())))
+    assert refused(lambda: admin_db.update(cases.case_path(patient_uid, other_case),
+                                           {"review": record, "status": "reviewed"}))
+    for role in ("dermatologist", "patient"):
+        assert refused(lambda r=role: admin_db.push(cases.messages_path(patient_uid, case_id),
+                                                    cases.message_record(a_uid, r, "from the admin")))
+    assert refused(lambda: admin_db.set(cases.reads_path(a_uid, case_id), cases.SERVER_TIMESTAMP))
+    assert refused(lambda: admin_db.get(cases.reads_path(d_uid)))
+    assert refused(lambda: admin_db.set(cases.reviewer_templates_path(a_uid, "soon"), "x"))
+    assert refused(lambda: admin_db.get(cases.reviewer_templates_path(d_uid)))
+    assert refused(lambda: admin_db.set(f"{cases.queue_path(other_case)}/status", "reviewed"))
+    assert refused(lambda: admin_db.set(f"{cases.user_path(d_uid)}/displayName", "Renamed"))
+    assert refused(lambda: admin_db.delete(cases.claim_path(case_id)))
+    assert admin(settings, cases.claim_path(other_case)).get() is None
+    assert admin(settings, f"{cases.case_path(patient_uid, other_case)}/status").get() == "diagnosed"
+    assert len(admin(settings, cases.messages_path(patient_uid, case_id)).get()) == 1
+
+
+def test_an_admin_session_is_read_only_and_complete(settings):
+    """The portal's session for an admin: every live copy syncs (none is refused, so none cancels the
+    session), no read marks are kept, nothing is published."""
+    tag = uuid.uuid4().hex[:6]
+    create_user(f"lead-{tag}@dermaloop.test", "portal-pass-1", "admin", display_name="Lead", settings=settings)
+    ended: list[str] = []
+    session = PortalSession(sign_in(AuthClient(settings), f"lead-{tag}@dermaloop.test", "portal-pass-1"), settings,
+                            on_change=lambda what: None, on_ended=ended.append)
+    try:
+        assert session.read_only and session.role == "admin"
+        assert session.wait_synced(60), "an admin's live copies did not sync"
+        assert "reads" not in session.mirrors and session.value("reads") == {}
+        assert isinstance(session.value("queue"), dict) and session.value("queue")
+        session.publish_name()
+        assert admin(settings, f"{cases.user_path(session.uid)}/displayName").get() is None
+        assert not ended and not session.ended
+    finally:
+        session.close()
+
+
+def test_a_revoked_session_ends_with_a_clear_message(settings):
+    tag = uuid.uuid4().hex[:6]
+    record, _ = create_user(f"derm-{tag}@dermaloop.test", "portal-pass-1", "dermatologist", settings=settings)
+    ended: list[str] = []
+    got = threading.Event()
+    session = PortalSession(sign_in(AuthClient(settings), f"derm-{tag}@dermaloop.test", "portal-pass-1"), settings,
+                            on_change=lambda what: None, on_ended=lambda reason: (ended.append(reason), got.set()))
+    try:
+        assert session.wait_synced(60)
+        # validSince counts whole seconds (as in production): a token issued in the second of the
+        # revocation stays valid, so revoke from the next second on.
+        time.sleep(1.1)
+        revoke(record.uid, settings=settings)
+        assert got.wait(120), "revoking the account did not end the portal session"
+        assert session.ended and ended == [SESSION_ENDED]  # once, however many copies were cancelled
+        assert "Please sign in again" in SESSION_ENDED
+        assert all(m.listener.closed for m in session.mirrors.values())
+    finally:
+        session.close()
+
+
+# ---- names instead of uids ---------------------------------------------------------------------------
+
+
+def test_colleagues_are_named_not_numbered(settings):
+    d_uid, derm = user(settings, "dermatologist", "derm")
+    e_uid, other = user(settings, "dermatologist", "derm2")
+    n_uid, nameless = user(settings, "dermatologist", "derm3")
+    # Published on sign-in: the Auth display name, else the email; a name the user set stays.
+    assert people.publish_own(derm, d_uid, "Dr One", "one@x.test") == "Dr One"
+    assert people.publish_own(other, e_uid, None, "two@x.test") == "two@x.test"
+    other.set(f"{cases.user_path(e_uid)}/displayName", "Dr Two")
+    assert people.publish_own(other, e_uid, None, "two@x.test") == "Dr Two"
+    assert people.publish_own(derm, d_uid, "x" * 300, None) == "x" * people.MAX_NAME_CHARS
+    derm.set(f"{cases.user_path(d_uid)}/displayName", "Dr One")
+    # Read once per session: a later rename shows in the next session, an unknown uid stays a uid.
+    names = people.Names(derm)
+    assert names.of(e_uid) == "Dr Two"
+    admin(settings, f"{cases.user_path(e_uid)}/displayName").set("Dr Renamed")
+    assert names.of(e_uid) == "Dr Two"
+    assert people.Names(derm).of(e_uid) == "Dr Renamed"
+    assert names.of(n_uid) == n_uid and names.of("bad/key") == "bad/key" and names.of(None) == "someone"
+    # A patient cannot read a dermatologist's record, so their Names says the uid.
+    p_uid, patient = user(settings, "patient", "pat")
+    assert people.Names(patient).of(d_uid) == d_uid
+
+
+# ---- recommendation templates, kept per dermatologist -------------------------------------------------
+
+
+def test_templates_are_kept_per_dermatologist_and_checked(settings):
+    d_uid, derm = user(settings, "dermatologist", "derm")
+    e_uid, other = user(settings, "dermatologist", "derm2")
+    p_uid, patient = user(settings, "patient", "pat")
+    assert templates.load(derm, d_uid) == review.DEFAULT_TEMPLATES
+    stored = templates.save(derm, d_uid, {"soon": "  Book within two weeks.  ", "urgent": ""})
+    assert stored == {"soon": "Book within two weeks.", "urgent": ""}
+    loaded = templates.load(derm, d_uid)  # as a later session loads them
+    assert loaded == {**review.DEFAULT_TEMPLATES, "soon": "Book within two weeks.", "urgent": ""}
+    # Bad input: a clear error, nothing stored (not even the good template in the same save).
+    with pytest.raises(templates.TemplatesRefused, match=r"urgent template is limited to 4000 characters \(100000"):
+        templates.save(derm, d_uid, {"routine": "Fine.", "urgent": "x" * 100_000})
+    with pytest.raises(templates.TemplatesRefused, match="no urgency called 'later'"):
+        templates.save(derm, d_uid, {"later": "x"})
+    assert templates.load(derm, d_uid) == loaded
+    # The rules, however the portal is bypassed: own only, 4000 characters, the three urgencies, no delete.
+    path = cases.reviewer_templates_path(d_uid)
+    assert refused(lambda: derm.set(f"{path}/urgent", "x" * 4001))
+    assert refused(lambda: derm.set(f"{path}/later", "x"))
+    assert refused(lambda: derm.set(f"{path}/soon", 5))
+    assert refused(lambda: derm.delete(f"{path}/soon"))
+    assert refused(lambda: derm.set(path, {"soon": "whole record"}))
+    for db in (other, patient):
+        assert refused(lambda db=db: db.get(path))
+        assert refused(lambda db=db: db.set(f"{path}/soon", "hijacked"))
+    assert refused(lambda: patient.set(f"{cases.reviewer_templates_path(p_uid)}/soon", "mine"))
+    derm.set(f"{path}/urgent", "x" * 4000)
+    assert templates.load(derm, d_uid)["soon"] == "Book within two weeks."
+    with pytest.raises(cases.CaseError):
+        cases.reviewer_templates_path(d_uid, "later")

@@ -30,7 +30,7 @@ import requests
 
 from dermaloop import cases
 from dermaloop.admin_app import delete_app
-from dermaloop.cases import ACCESS, ACCESS_ROLES, DERMATOLOGIST, OWNER, PATIENT, SIGNED_OUT, Access
+from dermaloop.cases import ACCESS, ACCESS_ROLES, ADMIN, DERMATOLOGIST, OWNER, PATIENT, SIGNED_OUT, Access
 from dermaloop.database import UserDatabase, admin_reference, new_push_id
 from dermaloop.errors import PermissionDenied, Unauthenticated
 from dermaloop.settings import PROJECT_ROOT
@@ -135,7 +135,7 @@ def seed(localbase) -> Seed:
     tag = uuid.uuid4().hex[:8]
     actors = {}
     for role, claims in ((OWNER, {"role": "patient"}), (PATIENT, {"role": "patient"}),
-                         (DERMATOLOGIST, {"role": "dermatologist"}), (SIGNED_OUT, None)):
+                         (DERMATOLOGIST, {"role": "dermatologist"}), (ADMIN, {"role": "admin"}), (SIGNED_OUT, None)):
         uid = f"{role}-{tag}"
         token = None if claims is None else mint_id_token(settings.project_id, uid, claims)
         actors[role] = Actor(role, uid, UserDatabase(token, settings), UserStorage(token, settings))
@@ -146,7 +146,7 @@ def seed(localbase) -> Seed:
     s.done = s.diagnosed_case()
     s.admin(cases.case_path(s.owner, s.done)).update(
         {"review": {**review(derm), "at": NOW}, "status": cases.Status.LABELLED.value,
-         "training": {"usable": True, "labelledAt": NOW}})
+         "training": cases.training_record("ds-0123456789ab", NOW)})
     s.failed = s.queued_case()
     s.admin().update(cases.failed_writes(s.owner, s.failed, "corrupt_image", "truncated", 3, NOW))
     # Sent anyway, and the same spot as the failed case (both written by the patient at creation).
@@ -164,14 +164,20 @@ def seed(localbase) -> Seed:
     s.admin(f"{cases.review_history_path(s.done)}/{s.history}").set(
         cases.review_history_record(derm, s.owner, {**review(derm), "at": NOW}, at=NOW))
     s.admin(cases.reads_path(derm, s.done)).set(NOW)
+    s.admin(cases.reviewer_templates_path(derm, "soon")).set("Please book an appointment.")
     # "Delete my data" (issue 17): a request carried out, and the tombstone of an erased case.
     s.admin(cases.erasure_path(s.owner)).set(erasure_done())
     s.admin(cases.erased_path(s.done)).set(cases.tombstone_record(NOW))
+    # A dataset version (retraining, issue 19): its record and its manifest, admin credentials only.
+    s.admin(cases.dataset_version_path(s.version)).set({"manifestSha256": "0" * 64, "createdAt": NOW,
+                                                        "storagePath": cases.dataset_manifest_object(s.version)})
 
     bucket = admin_bucket(settings)
     bucket.blob(cases.image_object(s.owner, s.done)).upload_from_string(JPEG, content_type="image/jpeg")
     bucket.blob(cases.heatmap_object(s.owner, s.done)).upload_from_string(PNG, content_type="image/png")
     bucket.blob(f"models/cloud/{s.version}/model.keras").upload_from_string(b"keras", content_type="application/octet-stream")
+    bucket.blob(cases.dataset_manifest_object(s.version)).upload_from_string(b'{"format":1}',
+                                                                             content_type="application/json")
     yield s
     delete_app(APP_NAME)
 
@@ -184,7 +190,8 @@ def concrete(seed: Seed, row: Access) -> str:
     case_id = seed.failed if row.path.endswith("/failure") else seed.done
     values = {"uid": seed.owner, "caseId": case_id, "msgId": seed.message, "kind": "cloud",
               "version": seed.version, "workerId": "w1", "file": "model.keras", "entryId": seed.history,
-              "readerUid": seed.actors[DERMATOLOGIST].uid}
+              "readerUid": seed.actors[DERMATOLOGIST].uid, "reviewerUid": seed.actors[DERMATOLOGIST].uid,
+              "urgency": "soon"}
     return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], row.path).lstrip("/")
 
 
@@ -242,7 +249,7 @@ def _history(s: Seed, actor: Actor) -> Writes:
 
 
 def _message(s: Seed, actor: Actor) -> dict:
-    sender_role = "dermatologist" if actor.role == DERMATOLOGIST else "patient"
+    sender_role = "dermatologist" if actor.role in (DERMATOLOGIST, ADMIN) else "patient"
     return cases.message_record(actor.uid, sender_role, f"from {actor.role}")
 
 
@@ -273,7 +280,7 @@ WRITES: dict[str, Scenario] = {
     "/cases/{uid}/{caseId}/failure": _case_field(
         "failure", lambda s, c: cases.failure_record("model_error", "x", 1, NOW), untouched_too=True),
     "/cases/{uid}/{caseId}/training": _case_field(
-        "training", lambda s, c: {"usable": True, "labelledAt": NOW}, untouched_too=True),
+        "training", lambda s, c: cases.training_record("ds-0123456789ab", NOW), untouched_too=True),
     "/cases/{uid}/{caseId}/flags": _case_field("flags", lambda s, c: {"sentAnyway": True}),
     "/cases/{uid}/{caseId}/sameLesionAs": _case_field("sameLesionAs", lambda s, c: s.failed),
     "/jobs/{caseId}": lambda s, a: (lambda cid: {cases.job_path(cid): cases.job_record(s.owner, cid)})(
@@ -291,6 +298,10 @@ WRITES: dict[str, Scenario] = {
     "/reads/{readerUid}": lambda s, a: {cases.reads_path(s.actors[DERMATOLOGIST].uid): {s.done: NOW}},
     "/reads/{readerUid}/{caseId}": lambda s, a: {
         cases.reads_path(s.actors[DERMATOLOGIST].uid, s.diagnosed_case()): cases.SERVER_TIMESTAMP},
+    "/reviewers/{reviewerUid}": lambda s, a: {
+        f"reviewers/{s.actors[DERMATOLOGIST].uid}": {"templates": {"soon": f"by {a.role}"}}},
+    "/reviewers/{reviewerUid}/templates/{urgency}": lambda s, a: {
+        cases.reviewer_templates_path(s.actors[DERMATOLOGIST].uid, "urgent"): f"by {a.role} {uuid.uuid4().hex[:6]}"},
     "/messages": lambda s, a: {"messages": {s.owner: {s.done: {new_push_id(): _message(s, a)}}}},
     "/messages/{uid}": lambda s, a: {f"messages/{s.owner}": {s.done: {new_push_id(): _message(s, a)}}},
     "/messages/{uid}/{caseId}/{msgId}": lambda s, a: {
@@ -306,8 +317,13 @@ WRITES: dict[str, Scenario] = {
     "/erasures/{uid}": _erasure_request,
     "/erasures/{uid}/state": _erasure_state,
     "/erased/{caseId}": lambda s, a: {cases.erased_path(s.queued_case()): cases.tombstone_record(NOW)},
+    "/datasets/versions/{version}": lambda s, a: [
+        {cases.dataset_version_path(s.version): {"manifestSha256": "f" * 64, "createdAt": NOW}},
+        {cases.dataset_version_path(f"ds-{uuid.uuid4().hex[:12]}"): {"manifestSha256": "f" * 64, "createdAt": NOW}}],
+    "datasets/{version}/manifest.json": lambda s, a: (cases.dataset_manifest_object(s.version), b'{"evil":1}',
+                                                      "application/json"),
     "cases/{uid}/{caseId}/image.jpg": lambda s, a: (cases.image_object(s.owner, new_push_id()), JPEG, "image/jpeg"),
-    "cases/{uid}/{caseId}/heatmap.png": lambda s, a: (cases.heatmap_object(s.owner, s.done), PNG, "image/png"),
+    "cases/{uid}/{caseId}/heatmap.png": lambda s, a: (cases.heatmap_object(s.owner, new_push_id()), PNG, "image/png"),
     "models/{kind}/{version}/{file}": lambda s, a: (f"models/cloud/{s.version}/model.keras", b"evil",
                                                     "application/octet-stream"),
 }
