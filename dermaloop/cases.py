@@ -202,7 +202,7 @@ def heatmap_object(uid: str, case_id: str) -> str:
 # The identities a rule can tell apart. Server programs use admin *credentials*, bypass the rules
 # and have no column: they read and write everything. ADMIN is an end user whose token carries the
 # ``admin`` role claim (a clinical lead or maintainer in the reviewer portal): what dermatologists
-# read, read-only in the database (never a claim, a review or a message).
+# read, read-only in the database (never a claim, a review or a message) and in Storage.
 OWNER = "owner"  # the patient whose uid is in the path (or in the job); a patient where there is none
 PATIENT = "patient"  # any other signed-in patient
 DERMATOLOGIST = "dermatologist"  # the ``role`` claim
@@ -285,10 +285,11 @@ ACCESS: tuple[Access, ...] = (
     Access("/erasures/{uid}/state", read=_OWNER),  # and doneAt, counts, lease: the server program's
     Access("/erased/{caseId}"),  # tombstones of erased cases (retraining checks them)
     Access("/datasets/versions/{version}"),  # training-set versions (training/dataset_versions.py): admin only
-    # storage.rules lets an admin token write photos, heatmaps and model files (the database rules do not)
-    Access("cases/{uid}/{caseId}/image.jpg", read=_CARE_READ, write=_OWNER | {ADMIN}),  # IMAGE_CONTENT_TYPES only
-    Access("cases/{uid}/{caseId}/heatmap.png", read=_CARE_READ, write=frozenset({ADMIN})),
-    Access("models/{kind}/{version}/{file}", read=_SIGNED_IN, write=frozenset({ADMIN})),
+    # Storage: the admin role reads here as in the database and writes nothing; heatmaps and model
+    # files are written with admin credentials (the worker, `dermaloop models publish`)
+    Access("cases/{uid}/{caseId}/image.jpg", read=_CARE_READ, write=_OWNER),  # IMAGE_CONTENT_TYPES only
+    Access("cases/{uid}/{caseId}/heatmap.png", read=_CARE_READ),
+    Access("models/{kind}/{version}/{file}", read=_SIGNED_IN),
     Access("datasets/{version}/manifest.json"),  # a dataset version's frozen manifest: admin credentials only
 )
 

@@ -26,7 +26,7 @@ from dermaloop.errors import ServiceError, Unauthenticated, Unavailable
 from dermaloop.settings import Settings, load_settings
 from dermaloop.taxonomy import load_taxonomy
 from dermaloop.web_app import serve
-from reviewer_portal import claims, images, monitoring, review
+from reviewer_portal import claims, images, monitoring, results, review
 from reviewer_portal import queue as triage
 from reviewer_portal import templates as saved_templates
 from reviewer_portal.session import READ_ONLY_BANNER, NotAllowed, PortalSession, sign_in
@@ -54,8 +54,7 @@ def _when(ms: Any) -> str:
     return dt.datetime.fromtimestamp(ms / 1000).strftime("%d %b %Y, %H:%M")
 
 
-def _pct(p: Any) -> str:
-    return f"{float(p) * 100:.0f}%" if isinstance(p, int | float) else "?"
+_pct = results.pct
 
 
 def _heading(text: str, size: int = 20) -> ft.Text:
@@ -65,6 +64,16 @@ def _heading(text: str, size: int = 20) -> ft.Text:
 def _badge(text: str, colour: str) -> ft.Control:
     return ft.Container(ft.Text(text, size=12, weight=ft.FontWeight.BOLD),
                         bgcolor=colour, padding=ft.Padding.symmetric(horizontal=6, vertical=2), border_radius=6)
+
+
+def _model_line(line: results.Line) -> ft.Control:
+    if line.kind == "warning":
+        return _badge(line.text, ft.Colors.AMBER_200)
+    if line.kind == "title":
+        return ft.Text(line.text, weight=ft.FontWeight.BOLD)
+    if line.kind == "call":
+        return ft.Text(line.text, weight=ft.FontWeight.W_500)
+    return ft.Text(line.text, size=12 if line.kind == "small" else None, italic=line.kind == "note")
 
 
 def _read_only_banner() -> ft.Control:
@@ -290,8 +299,10 @@ class PortalApp:
     def _row(self, r: triage.QueueRow) -> ft.Control:
         cloud = f"cloud: {r.cloud.name} {_pct(r.cloud.p)}" if r.cloud else "cloud: no call (photo declined or pending)"
         device = f"device: {r.device.name} {_pct(r.device.p)}" if r.device else "device: no call"
-        risk = (r.risk or "unknown").upper()
-        badges: list[ft.Control] = [_badge(f"{risk} risk", RISK_COLOURS.get(r.risk or "", ft.Colors.GREY_200))]
+        badges: list[ft.Control] = [
+            _badge(text, ft.Colors.AMBER_200 if results.DEMONSTRATION in text
+                   else RISK_COLOURS.get(r.risk or "", ft.Colors.GREY_200))
+            for text in r.risk_badges]
         if r.overdue:
             badges.append(_badge(f"OVERDUE ({triage.waited_text(r.waited_ms)})", ft.Colors.RED_300))
         if r.sent_anyway:
@@ -691,29 +702,7 @@ class CaseView:
             log.debug("update on a closed page")
 
     def _model_column(self, title: str, result: Any) -> ft.Control:
-        rows: list[ft.Control] = [ft.Text(title, weight=ft.FontWeight.BOLD)]
-        if not isinstance(result, dict):
-            rows.append(ft.Text("No result yet." if title.startswith("Cloud") else "No on-device result."))
-        else:
-            rows.append(ft.Text(f"Version: {result.get('modelVersion', '?')}", size=12))
-            probs = result.get("probs") if isinstance(result.get("probs"), dict) else None
-            if probs:
-                for label, p in sorted(probs.items(), key=lambda kv: -float(kv[1] or 0)):
-                    rows.append(ft.Text(f"{self._name(label)}: {_pct(p)}"))
-            else:
-                for t in result.get("top") or []:
-                    rows.append(ft.Text(f"{t.get('name') or t.get('label')}: {_pct(t.get('p'))}"))
-            call = triage.top_call(result)
-            rows.append(ft.Text(f"Call: {call.name if call else 'none (photo declined)'}", weight=ft.FontWeight.W_500))
-            rows.append(ft.Text(f"Risk: {result.get('risk') or 'not classified'}"
-                                + (f" · malignant p {_pct(result['malignantP'])}"
-                                   if isinstance(result.get("malignantP"), int | float) else "")))
-            quality = result.get("quality") or {}
-            issues = quality.get("issues") or []
-            rows.append(ft.Text("Photo quality: " + ("good" if quality.get("ok") else "problems")
-                                + (f" ({', '.join(map(str, issues))})" if issues else "")))
-            if result.get("message"):
-                rows.append(ft.Text(str(result["message"]), italic=True))
+        rows = [_model_line(line) for line in results.model_lines(title, result, self._name)]
         return ft.Container(ft.Column(rows, spacing=2), width=330, padding=10,
                             border=ft.Border.all(1, ft.Colors.GREY_300), border_radius=8)
 

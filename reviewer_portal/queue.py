@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dermaloop import cases
+from reviewer_portal import results
+from reviewer_portal.results import Call, top_call
 
 HOUR_MS = 3_600_000
 # How long a case of each risk tier may wait before it is flagged overdue (issue 18: high 24 h).
@@ -28,15 +30,6 @@ AGE_FILTERS: dict[str, tuple[float, float]] = {
     "any": (0.0, float("inf")), "under 1 day": (0.0, 24.0), "1 to 3 days": (24.0, 72.0),
     "over 3 days": (72.0, float("inf")),
 }
-
-
-@dataclass(frozen=True)
-class Call:
-    """One model's top call on a case."""
-
-    label: str
-    name: str
-    p: float
 
 
 @dataclass(frozen=True)
@@ -54,6 +47,8 @@ class QueueRow:
     sent_anyway: bool
     unread: int
     claimed_by: str | None  # a live claim's holder (None: free or lapsed)
+    answered: tuple[str, ...] = ()  # the models ("device", "cloud") with a record on the case
+    demonstration: tuple[str, ...] = ()  # those of them that are demonstration models (no risk)
 
     @property
     def overdue(self) -> bool:
@@ -63,6 +58,11 @@ class QueueRow:
     def disagree(self) -> bool:
         return self.device is not None and self.cloud is not None and self.device.label != self.cloud.label
 
+    @property
+    def risk_badges(self) -> list[str]:
+        """The tier badge, or the demonstration warning in place of any risk wording."""
+        return results.risk_badges(self.risk, self.demonstration, self.answered)
+
 
 @dataclass(frozen=True)
 class Filters:
@@ -70,19 +70,6 @@ class Filters:
     risk: str = "any"
     site: str = "any"
     age: str = "any"
-
-
-def top_call(result: Any) -> Call | None:
-    """A model's call (``top[0]``) from a ``device`` or ``cloud`` record, None when it made none."""
-    if not isinstance(result, Mapping):
-        return None
-    top = result.get("top")
-    if not isinstance(top, list) or not top or not isinstance(top[0], Mapping):
-        return None
-    first = top[0]
-    p = first.get("p")
-    return Call(str(first.get("label")), str(first.get("name") or first.get("label")),
-                float(p) if isinstance(p, int | float) else 0.0)
 
 
 def unread_count(messages: Any, last_read: Any) -> int:
@@ -114,6 +101,7 @@ def build_rows(queue: Any, all_cases: Any, messages: Any, reads: Any, claims: An
         flags = case.get("flags") if isinstance(case.get("flags"), Mapping) else {}
         chat = (messages.get(uid) or {}).get(case_id) if isinstance(messages.get(uid), Mapping) else None
         score = entry.get("score")
+        models = ("device", "cloud")
         rows.append(QueueRow(
             case_id=case_id, uid=uid, score=float(score) if isinstance(score, int | float) else float("-inf"),
             # The case's own status wins: it is the truth (the queue entry follows it).
@@ -125,6 +113,8 @@ def build_rows(queue: Any, all_cases: Any, messages: Any, reads: Any, claims: An
             sent_anyway=flags.get("sentAnyway") is True,
             unread=unread_count(chat, reads.get(case_id)),
             claimed_by=cases.claim_holder(claims.get(case_id), now_ms),
+            answered=tuple(m for m in models if isinstance(case.get(m), Mapping)),
+            demonstration=tuple(m for m in models if results.is_demonstration(case.get(m))),
         ))
     return ordered(rows)
 

@@ -1,0 +1,98 @@
+"""How the portal words a model's answer: a demonstration model's output is never shown as a risk.
+
+Pure view-model functions (reviewer_portal.results, reviewer_portal.queue) over records built by
+dermaloop.cases, as the worker and the patient app store them; no browser, no server.
+"""
+
+from __future__ import annotations
+
+from dermaloop import cases
+from reviewer_portal import queue as triage
+from reviewer_portal import results
+
+HOUR = 3_600_000
+NOW = 50 * 24 * HOUR
+DEMO = "DEMONSTRATION MODEL (synthetic training data): not a clinical result"
+
+
+def device(demonstration: bool, risk: str | None = "high") -> dict:
+    answer = {"modelVersion": "device-1", "quality": {"ok": True, "issues": []},
+              "top": [{"label": "mel", "name": "Melanoma", "p": 0.81}], "risk": None if demonstration else risk}
+    if demonstration:
+        answer["demonstration"] = True
+    return cases.device_record(answer, at=NOW - HOUR)
+
+
+def cloud(demonstration: bool, risk: str | None = "high") -> dict:
+    return cases.cloud_record(model_version="cloud-1", quality={"ok": True, "issues": []}, lesion=None, box=None,
+                              heatmap_path=None, timings_ms={}, message=None, at=NOW - HOUR,
+                              probs={"mel": 0.72, "nv": 0.28},
+                              top=[{"label": "mel", "name": "Melanoma", "p": 0.72}], risk=risk, malignant_p=0.72,
+                              demonstration=demonstration)
+
+
+def rows_for(**case_records: dict) -> dict[str, triage.QueueRow]:
+    """One queue row per case; the queue entry's tier is the cloud record's, as the worker writes it."""
+    queue, all_cases = {}, {"p1": {}}
+    for case_id, case in case_records.items():
+        risk = (case.get("cloud") or {}).get("risk")
+        queue[case_id] = {"uid": "p1", "status": "diagnosed", "risk": risk, "score": 1.0, "createdAt": NOW - HOUR}
+        all_cases["p1"][case_id] = {"status": "diagnosed", **case}
+    return {r.case_id: r for r in triage.build_rows(queue, all_cases, {}, {}, {}, NOW)}
+
+
+def test_the_wording_is_the_one_asked_for():
+    assert results.DEMONSTRATION == DEMO
+
+
+def test_queue_rows_badge_demonstration_answers_instead_of_a_risk():
+    rows = rows_for(both={"device": device(True), "cloud": cloud(True)},
+                    real={"device": device(False), "cloud": cloud(False)},
+                    cloud_demo={"device": device(False), "cloud": cloud(True)},
+                    device_demo={"device": device(True), "cloud": cloud(False)},
+                    device_only_demo={"device": device(True)},
+                    nothing={})
+    assert rows["both"].demonstration == ("device", "cloud")
+    assert rows["both"].risk_badges == [DEMO]  # no "UNKNOWN risk": a demonstration has no tier to be unknown
+    assert rows["device_only_demo"].risk_badges == [DEMO]  # the only answer so far
+    assert rows["real"].demonstration == () and rows["real"].risk_badges == ["HIGH risk"]
+    assert rows["cloud_demo"].risk_badges == [f"cloud: {DEMO}"]
+    assert rows["device_demo"].risk_badges == ["HIGH risk", f"device: {DEMO}"]
+    assert rows["nothing"].risk_badges == ["UNKNOWN risk"]  # pending, not a demonstration
+    for row in rows.values():
+        if row.demonstration:
+            assert not any(b.startswith("UNKNOWN") for b in row.risk_badges), row.case_id
+    # the calls are still there to read, and the rows still filter as unknown risk
+    assert rows["both"].cloud.name == "Melanoma" and rows["both"].device.p == 0.81
+    assert "both" in [r.case_id for r in triage.apply(rows.values(), triage.Filters(risk="unknown"))]
+
+
+def texts(lines: list[results.Line]) -> list[str]:
+    return [line.text for line in lines]
+
+
+def test_the_case_view_puts_the_warning_next_to_the_probabilities_and_no_risk_line():
+    lines = results.model_lines("Cloud model", cloud(True), {"mel": "Melanoma", "nv": "Mole"}.get)
+    shown = texts(lines)
+    warning = shown.index(DEMO)
+    assert lines[warning].kind == "warning"
+    assert shown[warning + 1:warning + 3] == ["Melanoma: 72%", "Mole: 28%"]  # right above the numbers
+    assert not any(t.startswith("Risk") or "malignant" in t for t in shown)  # although malignantP is stored
+    device_lines = texts(results.model_lines("Device model", device(True), str))
+    assert device_lines[device_lines.index(DEMO) + 1] == "Melanoma: 81%"
+    assert not any(t.startswith("Risk") for t in device_lines)
+
+
+def test_a_real_model_keeps_its_risk_line_and_no_warning():
+    shown = texts(results.model_lines("Cloud model", cloud(False), str))
+    assert DEMO not in shown
+    assert "Risk: high · malignant p 72%" in shown and "Call: Melanoma" in shown
+    assert texts(results.model_lines("Cloud model", None, str)) == ["Cloud model", "No result yet."]
+    assert "Risk: not classified" in texts(results.model_lines("Device model", device(False, risk=None), str))
+
+
+def test_demonstration_must_be_exactly_true():
+    assert results.is_demonstration({"demonstration": True})
+    for value in (False, "true", 1, None):
+        assert not results.is_demonstration({"demonstration": value, "risk": "low"})
+    assert not results.is_demonstration(None) and not results.is_demonstration("x")
