@@ -14,6 +14,7 @@ tests find it by.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import io
 import logging
@@ -27,6 +28,7 @@ import flet as ft
 from client import wording
 from client.device import Device, preview_png, thumbnail_png
 from client.photos import PhotoError, prepare
+from client.remember import PREFERENCE, SESSION_ENDED, RememberedSessions
 from dermaloop import cases
 from dermaloop.auth import AuthClient, UserSession
 from dermaloop.errors import Conflict, InvalidArgument, ServiceError, Unauthenticated, Unavailable
@@ -96,18 +98,78 @@ class PatientApp:
         self.device = device
         self.settings = device.settings
         self.auth = AuthClient(self.settings)
+        self.remembered = RememberedSessions(device.store, self.auth)
         self.session: UserSession | None = None
+        self.key: str | None = None  # this browser's sign-in key (client.remember)
         self.sync = None
         self.showing: tuple[str, str | None] = ("signin", None)
         self.draft: dict[str, Any] = {}
         self.chat_drafts: dict[str, str] = {}
         self._lock = threading.RLock()
         self.picker = ft.FilePicker()
-        page.services.append(self.picker)
+        self.prefs = ft.SharedPreferences()  # the browser's half of "stay signed in"
+        page.services.extend([self.picker, self.prefs])
         page.title = "DermaLoop"
         page.scroll = ft.ScrollMode.AUTO
         page.padding = PAD
-        page.on_disconnect = lambda e: self.close()
+        self._life = threading.RLock()  # sync engine start/stop (never held while drawing)
+        # Flet calls these on its event loop: stopping an engine waits for its thread, so not there
+        # (and a disconnected page has no executor of its own).
+        page.on_disconnect = lambda e: threading.Thread(target=self.close, daemon=True).start()
+        page.on_connect = lambda e: page.run_thread(self.reconnected)
+
+    async def open(self) -> None:
+        """The first screen: this browser's saved session if it has one (no network needed, so
+        the app opens offline), else the sign-in screen. A restored session is then checked with
+        Auth in the background: a refused refresh token goes back to the sign-in screen."""
+        self.page.update()  # the services must reach the browser before they are asked
+        try:
+            key = await asyncio.wait_for(self.prefs.get(PREFERENCE), timeout=30)
+        except Exception:  # an old browser, a closed page: then the patient signs in
+            log.warning("the browser's saved sign-in key could not be read", exc_info=True)
+            key = None
+        self.page.run_thread(self._opened, key if isinstance(key, str) else None)
+
+    def _opened(self, key: str | None) -> None:
+        session = self.remembered.restore(key)
+        if session is None:
+            self.sign_in_screen()
+            return
+        self.key = key
+        self.signed_in(session)
+        self._check_restored(key, session)
+
+    def _set_preference(self, key: str | None) -> None:
+        """Keep (or, with None, drop) the key in the browser; not waited for: the store's half is
+        what counts, and it is already written or forgotten."""
+        try:
+            if key is None:
+                self.page.run_task(self.prefs.remove, PREFERENCE)
+            else:
+                self.page.run_task(self.prefs.set, PREFERENCE, key)
+        except Exception:
+            log.warning("the browser's sign-in key could not be updated", exc_info=True)
+
+    def _check_restored(self, key: str, session: UserSession) -> None:
+        if self.remembered.check(key, session).ended and self.session is session:
+            self.session_ended()
+
+    def session_ended(self, message: str = SESSION_ENDED) -> None:
+        """The refresh token was refused (revoked, password changed, account gone): forget it on
+        both halves and ask for the password, saying why."""
+        self.close()
+        self.remembered.forget(self.key)
+        self._set_preference(None)
+        self.key = None
+        self.session = None
+        self.sign_in_screen(message, problem=True)
+
+    def reconnected(self) -> None:
+        """The same page session came back (Flet reconnects a reloaded or woken tab): the sync
+        engine the disconnect stopped runs again."""
+        with self._life:
+            if self.session is not None and self.sync is None:
+                self._start_sync(self.session)
 
     # ---- plumbing -------------------------------------------------------------------------
     def show(self, *controls: ft.Control, screen: str, case_id: str | None = None) -> None:
@@ -121,18 +183,29 @@ class PatientApp:
         self.page.show_dialog(ft.SnackBar(ft.Text(text)))
 
     def close(self) -> None:
-        if self.sync is not None:
-            self.sync.stop()
-            self.sync = None
+        with self._life:
+            if self.sync is not None:
+                self.sync.stop()
+                self.sync = None
 
     def on_sync_change(self, case_id: str | None) -> None:
         """Called by the sync thread: redraw what the patient is looking at, if it changed."""
+        from client.sync import SIGNED_OUT
+
+        sync = self.sync
+        if sync is not None and sync.state == SIGNED_OUT:
+            # Not from this (the engine's) thread: ending the session stops the engine.
+            self.page.run_thread(self._ended_by, sync)
+            return
         try:
-            screen, shown = self.showing
-            if screen == "home":
-                self.home()
-            elif screen == "case" and (case_id is None or case_id == shown):
-                self.case(shown)
+            # Under the drawing lock: a screen the patient just opened (say "New case") is never
+            # replaced by a redraw of the one they left.
+            with self._lock:
+                screen, shown = self.showing
+                if screen == "home":
+                    self.home()
+                elif screen == "case" and (case_id is None or case_id == shown):
+                    self.case(shown)
         except Exception:  # a closed page must never kill the sync thread
             log.exception("redraw after a sync change failed")
 
@@ -163,14 +236,14 @@ class PatientApp:
                 error.color = ft.Colors.RED_700
                 self.page.update()
                 return
-            self.signed_in(session)
+            self.signed_in(session, remember=True)
 
         self.show(
             _heading("DermaLoop"),
             ft.Text("Photograph a skin spot and get a first risk estimate at once, then a dermatologist's view."),
             email, password,
             ft.Row([ft.FilledButton("Sign in", on_click=lambda e: attempt(False)),
-                    ft.OutlinedButton("Create account", on_click=lambda e: attempt(True))]),
+                    ft.OutlinedButton("Create account", on_click=lambda e: attempt(True))], wrap=True),
             error,
             ft.Text(wording.disclaimer(), size=12, italic=True),
             screen="signin",
@@ -193,13 +266,26 @@ class PatientApp:
             return f"The service refused this: {exc.message}"
         return f"{'Creating the account' if create else 'Signing in'} failed: {exc.message}"
 
-    def signed_in(self, session: UserSession) -> None:
+    def _ended_by(self, sync) -> None:
+        if sync is self.sync:  # not already signed out or ended meanwhile
+            self.session_ended()
+
+    def _start_sync(self, session: UserSession) -> None:
         from client.sync import SyncEngine
 
+        with self._life:
+            self.sync = SyncEngine(self.device.store, session, self.settings, on_change=self.on_sync_change)
+            self.sync.start()
+
+    def signed_in(self, session: UserSession, *, remember: bool = False) -> None:
+        """``remember``: a sign-in with the password, kept for this browser's next visit."""
+        if remember:
+            self.remembered.forget(self.key)
+            self.key = self.remembered.remember(session)
+            self._set_preference(self.key)
         self.session = session
         self.device.follow_models(session)
-        self.sync = SyncEngine(self.device.store, session, self.settings, on_change=self.on_sync_change)
-        self.sync.start()
+        self._start_sync(session)
         if self.device.consent.get(session.uid) is None:
             self.consent_screen()
         else:
@@ -207,6 +293,9 @@ class PatientApp:
 
     def sign_out(self) -> None:
         self.close()
+        self.remembered.forget(self.key)
+        self._set_preference(None)
+        self.key = None
         self.session = None
         self.sign_in_screen("Signed out.")
 
@@ -217,6 +306,7 @@ class PatientApp:
             self.erase()
 
         self.page.show_dialog(ft.AlertDialog(
+            scrollable=True,  # large text on a small screen
             title=ft.Text("Delete all your data?"),
             content=ft.Text("Your cases, photos, results, messages and your account are deleted everywhere: on "
                             "this device and on the service. This cannot be undone."),
@@ -247,19 +337,30 @@ class PatientApp:
                             "Try again when you are online.")
                 return
             self.session = None
+            if final.finished:  # remove_user forgot the saved sessions: the browser's key goes too
+                self._set_preference(None)
+                self.key = None
             self.sign_in_screen(final.text)
 
         self.page.run_thread(work)
 
     # ---- consent ------------------------------------------------------------------------------
     def consent_screen(self) -> None:
-        research = ft.Checkbox(label=wording.RESEARCH_TEXT, value=False)
+        # A Checkbox's own label stays on one line (cut off at large text sizes): the sentence
+        # wraps beside it instead, and tapping it ticks the box too.
+        research = ft.Checkbox(value=False, semantics_label=wording.RESEARCH_TEXT)
+
+        def toggle(e) -> None:
+            research.value = not research.value
+            self.page.update()
 
         def agree(e) -> None:
             self.device.consent.accept(self.session.uid, bool(research.value))
             self.home()
 
-        self.show(_heading(wording.CONSENT_TITLE), ft.Text(wording.CONSENT_TEXT), research,
+        opt_in = ft.Row([research, ft.Container(ft.Text(wording.RESEARCH_TEXT), expand=True, on_click=toggle)],
+                        vertical_alignment=ft.CrossAxisAlignment.START)
+        self.show(_heading(wording.CONSENT_TITLE), ft.Text(wording.CONSENT_TEXT), opt_in,
                   ft.FilledButton("I agree", on_click=agree),
                   ft.TextButton("Sign out", on_click=lambda e: self.sign_out()), screen="consent")
 
@@ -275,10 +376,11 @@ class PatientApp:
         if not rows:
             rows.append(ft.Text("No cases yet. Tap 'New case' to photograph a skin spot."))
         self.show(
+            # Rows wrap: at 200 % text on a phone the buttons go below the title instead of off the screen.
             ft.Row([_heading("My cases"),
                     ft.Row([ft.TextButton("Delete my data", on_click=lambda e: self.confirm_erasure()),
-                            ft.TextButton("Sign out", on_click=lambda e: self.sign_out())])],
-                   alignment=ft.MainAxisAlignment.SPACE_BETWEEN),
+                            ft.TextButton("Sign out", on_click=lambda e: self.sign_out())], wrap=True)],
+                   alignment=ft.MainAxisAlignment.SPACE_BETWEEN, wrap=True),
             ft.Text(status, size=12),
             ft.FilledButton("New case", icon=ft.Icons.ADD_A_PHOTO, on_click=lambda e: self.new_case()),
             ft.Divider(),
@@ -435,7 +537,7 @@ class PatientApp:
         parts: list[ft.Control] = [
             ft.TextButton("Back to my cases", icon=ft.Icons.ARROW_BACK, on_click=lambda e: self.home()),
             _heading(f"Case of {_when(case.created_at)}"),
-            ft.Text(wording.state_text(status, remote.get("failure"))),
+            ft.Text(self._state(status, remote.get("failure"))),  # offline: "on this device only", not "uploading"
         ]
         if case.last_error and status in (cases.Status.DIAGNOSED_ON_DEVICE, cases.Status.UPLOADING,
                                            cases.Status.CAPTURED, cases.Status.FAILED):
@@ -517,6 +619,7 @@ class PatientApp:
             self.notify(f"The heatmap cannot be shown now: {exc.message}")
             return
         self.page.show_dialog(ft.AlertDialog(
+            scrollable=True,
             title=ft.Text("Where the cloud model looked"),
             content=_picture(data, 420, "Heatmap of where the cloud model looked"),
             actions=[ft.TextButton("Close", on_click=lambda e: self.page.pop_dialog())]))
@@ -527,23 +630,39 @@ class PatientApp:
         rows: list[ft.Control] = [ft.Divider(), ft.Text("Messages", weight=ft.FontWeight.BOLD)]
         for message in self.sync.messages(case_id) if self.sync else []:
             who = "You" if message.get("senderRole") == "patient" else "Dermatologist"
-            rows.append(ft.Text(f"{who} ({_when(message.get('at'))}): {message.get('text')}"))
+            if message.get("error"):
+                when = message["error"]
+            elif message.get("waiting"):
+                when = f"{_when(message.get('at'))}, waiting to send"
+            else:
+                when = _when(message.get("at"))
+            rows.append(ft.Text(f"{who} ({when}): {message.get('text')}"))
         # Live updates redraw the screen: what the patient is typing survives them.
         box = ft.TextField(label="Message", multiline=True, max_length=cases.MAX_MESSAGE_CHARS, width=480,
                            value=self.chat_drafts.get(case_id, ""))
         box.on_change = lambda e: self.chat_drafts.__setitem__(case_id, box.value or "")
 
         def send(e) -> None:
-            text = box.value or self.chat_drafts.get(case_id, "")
-            try:
-                self.sync.send_message(case_id, text)
-            except (ValueError, ServiceError) as exc:
-                self.notify(f"Not sent: {exc}")
-                return
+            # Kept in the outbox first and sent in the background: offline it shows as waiting.
+            text = box.value or self.chat_drafts.pop(case_id, "")
             self.chat_drafts.pop(case_id, None)
-            self.case(case_id)
+            self.page.run_thread(self._send_chat, case_id, text)
 
         return [*rows, box, ft.FilledButton("Send message", icon=ft.Icons.SEND, on_click=send)]
+
+    def _send_chat(self, case_id: str, text: str) -> None:
+        sync = self.sync
+        if sync is None:  # signed out meanwhile: nothing is sent, nothing typed is lost
+            self.chat_drafts[case_id] = text
+            return
+        try:
+            sync.send_message(case_id, text)
+        except (ValueError, ServiceError) as exc:
+            if text.strip():
+                self.chat_drafts[case_id] = text  # what the patient wrote is not lost
+            self.notify(f"Not sent: {exc}")
+        if self.showing == ("case", case_id):
+            self.case(case_id)
 
 
 def preview_png_from_file(path: Path | None, box: list[float] | None) -> bytes | None:
@@ -565,7 +684,7 @@ def run(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or Path(settings.data_dir) / "client"
     device = Device(settings, data_dir)
 
-    def main(page: ft.Page) -> None:
-        PatientApp(page, device).sign_in_screen()
+    async def main(page: ft.Page) -> None:
+        await PatientApp(page, device).open()
 
     return serve(main, "client", host, port)

@@ -4,12 +4,13 @@ The patient app is offline first: a photo is diagnosed on the device and must su
 network, a killed app and a reboot until it reached the server. So a case is written here *before*
 anything else happens to it, and everything the sync engine (``client.sync``) needs to resume later
 lives here too: the status, the resumable upload's session URL, the last error, the server's latest
-copy of the case and the chat, the last-read mark of each chat, and the signed-in session (for
-signing in again without a password after a restart).
+copy of the case and the chat, the last-read mark of each chat, the chat messages written offline
+(the outbox, until the server has them), and each browser's signed-in session (for coming back
+signed in after a reload or a restart, without the password).
 
 Layout under ``root`` (one folder per device; rows are keyed by the signed-in uid)::
 
-    store.sqlite3            cases, messages, read marks, the saved session (SQLite, WAL)
+    store.sqlite3            cases, messages, outbox, read marks, sessions by browser key (SQLite, WAL)
     images/<uid hash>/       the photos, one file per case
 
 Nothing is stored half-way: a photo goes to a temporary name, is fsynced and renamed, and only then
@@ -98,6 +99,21 @@ CREATE TABLE IF NOT EXISTS read_marks (
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    key_hash TEXT PRIMARY KEY,       -- sha256 of the browser's random key (the key itself is not kept)
+    uid TEXT NOT NULL,
+    data TEXT NOT NULL,              -- JSON: UserSession.to_dict()
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    uid TEXT NOT NULL,
+    case_id TEXT NOT NULL,
+    msg_id TEXT NOT NULL,            -- made on the device: every retry writes the same message
+    created_at INTEGER NOT NULL,
+    record TEXT NOT NULL,            -- JSON: cases.message_record(...)
+    last_error TEXT,                 -- plain words once the server refused it for good
+    PRIMARY KEY (uid, case_id, msg_id)
 );
 """
 
@@ -293,6 +309,8 @@ class LocalStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        # One device-wide session from before sessions were kept per browser: no browser can claim it.
+        self._db.execute("DELETE FROM settings WHERE key = 'session'")
         self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         self._lock_handle = self._open_lock()
         self._closed = False
@@ -607,6 +625,8 @@ class LocalStore:
             db.execute("INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?)",
                        (uid, case_id, str(msg_id), at if isinstance(at, int) else 0,
                         message.get("senderRole"), _json(dict(message))))
+            # An answer lost on the way: the server has it, so it is sent.
+            db.execute("DELETE FROM outbox WHERE uid = ? AND case_id = ? AND msg_id = ?", (uid, case_id, str(msg_id)))
 
     def messages(self, uid: str, case_id: str) -> list[dict[str, Any]]:
         """The case's messages, oldest first, each with its ``id``."""
@@ -642,34 +662,92 @@ class LocalStore:
                 "COALESCE((SELECT last_read_at FROM read_marks WHERE uid = ? AND case_id = ?), 0)",
                 (uid, case_id, cases.DERMATOLOGIST, uid, case_id)).fetchone()[0]
 
-    # ---- the signed-in session and signing out ----------------------------------------------------
-    def save_session(self, data: Mapping[str, Any]) -> None:
-        """Keep ``UserSession.to_dict()`` for signing in after a restart (it holds the refresh token:
-        the database file is readable by this user only). Pass it as the session's ``on_change``
-        (``lambda s: store.save_session(s.to_dict())``) so renewed tokens are kept too."""
+    # ---- signed-in sessions, one per browser ---------------------------------------------------------
+    @staticmethod
+    def _key_hash(key: Any) -> str:
+        if not isinstance(key, str) or not 16 <= len(key) <= 200:
+            raise StoreError("a browser's sign-in key is a random text of 16 to 200 characters")
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def save_session(self, key: str, data: Mapping[str, Any]) -> None:
+        """Keep ``UserSession.to_dict()`` under one browser's random ``key``, so that browser comes
+        back signed in after a reload or an app restart. Only the key's hash is kept: the key lives
+        in the browser, the session (with its refresh token: the database file is readable by this
+        user only) here, and neither is any use without the other. Pass it as the session's
+        ``on_change`` so renewed tokens are kept too."""
+        key_hash = self._key_hash(key)
         if not isinstance(data, Mapping) or not isinstance(data.get("uid"), str):
             raise StoreError("a session to save is UserSession.to_dict()")
         with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO settings VALUES ('session', ?)", (_json(dict(data)),))
+            db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
+                       (key_hash, data["uid"], _json(dict(data)), _now_ms()))
 
-    def load_session(self) -> dict[str, Any] | None:
-        """The saved session, for ``AuthClient.restore`` (None: nobody is signed in)."""
+    def load_session(self, key: str) -> dict[str, Any] | None:
+        """The session saved under ``key``, for ``AuthClient.restore`` (None: that browser is not
+        signed in, or the key is not one this device made)."""
+        try:
+            key_hash = self._key_hash(key)
+        except StoreError:
+            return None
         with self._lock:
-            row = self._db.execute("SELECT value FROM settings WHERE key = 'session'").fetchone()
+            row = self._db.execute("SELECT data FROM sessions WHERE key_hash = ?", (key_hash,)).fetchone()
         return None if row is None else json.loads(row[0])
 
-    def clear_session(self) -> None:
+    def forget_session(self, key: str) -> None:
+        """Sign one browser out on this device (the others stay signed in)."""
+        try:
+            key_hash = self._key_hash(key)
+        except StoreError:
+            return
         with self._transaction() as db:
-            db.execute("DELETE FROM settings WHERE key = 'session'")
+            db.execute("DELETE FROM sessions WHERE key_hash = ?", (key_hash,))
 
-    def remove_user(self, uid: str) -> None:
-        """Forget everything of ``uid`` on this device: rows, photos, chat, read marks, and the saved
-        session if it is theirs. Rows go first: a crash before the files are gone leaves files
-        without rows, which the next start deletes."""
+    # ---- chat messages waiting to be sent -------------------------------------------------------
+    def queue_message(self, uid: str, case_id: str, msg_id: str, record: Mapping[str, Any]) -> None:
+        """Keep a message the patient wrote until the server has it. ``msg_id`` is made once, here
+        on the device, so however often it is sent there is one message."""
+        _key("uid", uid)
+        _key("caseId", case_id)
+        _key("caseId", msg_id)  # a push id, like a case id
+        if not isinstance(record, Mapping) or not isinstance(record.get("text"), str):
+            raise StoreError("a message to send is cases.message_record(...)")
         with self._transaction() as db:
-            for table in ("cases", "messages", "read_marks"):
+            db.execute("INSERT OR IGNORE INTO outbox VALUES (?, ?, ?, ?, ?, NULL)",
+                       (uid, case_id, msg_id, _now_ms(), _json(dict(record))))
+
+    def outbox(self, uid: str, case_id: str | None = None, *, failed: bool | None = None) -> list[dict[str, Any]]:
+        """The user's messages not on the server yet, oldest first: ``{"case_id", "id", "record",
+        "created_at", "error"}``. ``failed``: only those the server refused (True) or not (False)."""
+        sql = "SELECT case_id, msg_id, created_at, record, last_error FROM outbox WHERE uid = ?"
+        args: list[Any] = [uid]
+        if case_id is not None:
+            sql += " AND case_id = ?"
+            args.append(case_id)
+        if failed is not None:
+            sql += " AND last_error IS NOT NULL" if failed else " AND last_error IS NULL"
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY created_at, msg_id", args).fetchall()
+        return [{"case_id": c, "id": m, "created_at": at, "record": json.loads(r), "error": e}
+                for c, m, at, r, e in rows]
+
+    def message_sent(self, uid: str, case_id: str, msg_id: str) -> None:
+        """The server has the message: it leaves the outbox."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM outbox WHERE uid = ? AND case_id = ? AND msg_id = ?", (uid, case_id, msg_id))
+
+    def message_refused(self, uid: str, case_id: str, msg_id: str, error: str) -> None:
+        """The server refused the message for good: it stays, marked, so the patient sees it was
+        not sent (it is not tried again)."""
+        with self._transaction() as db:
+            db.execute("UPDATE outbox SET last_error = ? WHERE uid = ? AND case_id = ? AND msg_id = ?",
+                       (error, uid, case_id, msg_id))
+
+    # ---- forgetting a user -------------------------------------------------------------------------
+    def remove_user(self, uid: str) -> None:
+        """Forget everything of ``uid`` on this device: rows, photos, chat, unsent messages, read
+        marks, and their sessions in every browser. Rows go first: a crash before the files are
+        gone leaves files without rows, which the next start deletes."""
+        with self._transaction() as db:
+            for table in ("cases", "messages", "read_marks", "outbox", "sessions"):
                 db.execute(f"DELETE FROM {table} WHERE uid = ?", (uid,))
-            row = db.execute("SELECT value FROM settings WHERE key = 'session'").fetchone()
-            if row is not None and json.loads(row[0]).get("uid") == uid:
-                db.execute("DELETE FROM settings WHERE key = 'session'")
         shutil.rmtree(self._user_images(uid), ignore_errors=True)

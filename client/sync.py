@@ -13,6 +13,9 @@ the order they were made and for each one:
    let the patient repeat while the worker has not touched the case;
 4. marks it ``queued``.
 
+Then it sends the chat messages the patient wrote while offline (the store's outbox), each at the
+id it was given when written, so a retry never posts one twice.
+
 The case id is fixed when the photo is taken, so however often a step is repeated there is one case
 and one job. When the backend cannot be reached the case stays pending and the engine tries again
 with exponential backoff (capped, with jitter), or at once on :meth:`SyncEngine.kick` (a new case,
@@ -76,6 +79,7 @@ CASE_REFUSED = "The server did not accept this case. Please take the photo again
 PHOTO_MISSING = "The photo is no longer on this phone. Please take it again."
 PHOTO_DAMAGED = "The photo on this phone was damaged after it was taken. Please take it again."
 UPLOAD_MISMATCH = "The photo did not arrive intact. Please take it again."
+MESSAGE_REFUSED = "Not sent: the service did not accept this message."
 
 
 class _Stopped(Exception):
@@ -200,21 +204,48 @@ class SyncEngine:
     # ---- chat --------------------------------------------------------------------------------------
     def messages(self, case_id: str) -> list[dict[str, Any]]:
         """The case's chat, oldest first (``at``), each message with its ``id``; kept in the store,
-        so it shows offline too."""
-        return self.store.messages(self.uid, case_id)
+        so it shows offline too. The patient's messages not on the server yet come last, marked
+        ``waiting: True`` (and ``error`` in plain words if the server refused one for good)."""
+        shown = self.store.messages(self.uid, case_id)
+        seen = {m["id"] for m in shown}
+        for item in self.store.outbox(self.uid, case_id):
+            if item["id"] not in seen:
+                shown.append({**item["record"], "at": item["created_at"], "id": item["id"], "waiting": True,
+                              "error": item["error"]})
+        return shown
 
     def send_message(self, case_id: str, text: str) -> str:
         """Send a chat message about one of the patient's cases (which must be on the server);
-        returns its id. The id is made here, so a repeat after a lost answer cannot post it twice.
-        Raises ``cases.CaseError`` (a ValueError) for an empty or too long text, and
-        :class:`~dermaloop.errors.Unavailable` offline."""
+        returns its id. It goes to the store's outbox first, then is sent at once if the backend
+        answers, else by the engine when it is back. The id is made here, so a repeat after a lost
+        answer cannot post it twice. Raises ``cases.CaseError`` (a ValueError) for an empty or too
+        long text, and a :class:`~dermaloop.errors.ServiceError` when the server refuses it for good
+        (it is then not kept)."""
         record = cases.message_record(self.uid, "patient", text)
         msg_id = new_push_id()
+        self.store.queue_message(self.uid, case_id, msg_id, record)
+        self._notify(case_id)
+        try:
+            self._deliver(case_id, msg_id, record)
+        except (Unavailable, Unauthenticated) as exc:
+            log.info("sync engine: message %s waits to be sent (%s)", msg_id, exc)
+            if isinstance(exc, Unauthenticated):
+                self._signed_out(exc)
+            else:
+                self._set(online=False)
+            self.kick()  # the engine's backoff takes it from here
+        except ServiceError:
+            self.store.message_sent(self.uid, case_id, msg_id)  # refused: the patient is told, nothing kept
+            self._notify(case_id)
+            raise
+        return msg_id
+
+    def _deliver(self, case_id: str, msg_id: str, record: dict[str, Any]) -> None:
+        """Write one message at its own id; a message already there (an earlier try whose answer
+        was lost) counts as sent. Then it leaves the outbox."""
         path = f"{cases.messages_path(self.uid, case_id)}/{msg_id}"
         try:
             self.db.set(path, record)
-        except Unauthenticated:
-            raise
         except PermissionDenied:
             # Messages are never rewritten, so a repeat of a write that got through is refused.
             there = self.db.get(path)
@@ -222,7 +253,20 @@ class SyncEngine:
                     and there.get("text") == record["text"]):
                 raise
         self._contact_ok()
-        return msg_id
+        self.store.message_sent(self.uid, case_id, msg_id)
+        self._notify(case_id)
+
+    def _send_outbox(self) -> None:
+        """Send the messages written while offline, oldest first."""
+        for item in self.store.outbox(self.uid, failed=False):
+            if self._stop.is_set():
+                return
+            try:
+                self._deliver(item["case_id"], item["id"], item["record"])
+            except (PermissionDenied, InvalidArgument, NotFound) as exc:
+                log.warning("sync engine: message %s refused: %s", item["id"], exc)
+                self.store.message_refused(self.uid, item["case_id"], item["id"], MESSAGE_REFUSED)
+                self._notify(item["case_id"])
 
     def mark_read(self, case_id: str) -> None:
         """The patient has seen the case's chat up to its newest message."""
@@ -313,6 +357,7 @@ class SyncEngine:
         while not self._stop.is_set():
             pending = self.store.pending(self.uid)
             if not pending:
+                self._send_outbox()  # after the cases: a message needs its case on the server
                 return
             self._set(state=SYNCING)
             self._send(pending[0])

@@ -4,6 +4,7 @@ desktop can hand over gets either a clean upright JPEG without metadata or a mes
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -29,7 +30,6 @@ def _skin(size=(640, 480)) -> Image.Image:
     (b"", "is empty"),
     (b"GIF89a not really", "not a photo this app can read"),
     (b"%PDF-1.4 hello", "not a photo this app can read"),
-    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "HEIC photo"),
 ])
 def test_unusable_files_get_a_plain_message(data, expected):
     with pytest.raises(PhotoError, match=expected):
@@ -65,6 +65,44 @@ def test_a_40_mp_photo_is_scaled_down_and_exif_is_dropped():
     assert max(photo.width, photo.height) == MAX_SIDE
     assert photo.height > photo.width  # upright: the EXIF rotation was applied
     assert not Image.open(io.BytesIO(photo.jpeg)).getexif()  # nothing of the phone's metadata leaves the device
+
+
+def _heic(img: Image.Image, **kw) -> bytes:
+    pillow_heif = pytest.importorskip("pillow_heif", reason="pillow-heif (a dependency) is not installed here")
+    pillow_heif.register_heif_opener()
+    return _encode(img, "HEIF", quality=90, **kw)
+
+
+def test_a_phone_heic_is_decoded_upright_like_a_jpeg():
+    img = _skin((640, 480))
+    img.paste((255, 0, 0), (0, 0, 80, 80))  # a red mark in the top-left corner as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the phone was held upright: show it turned 90 degrees clockwise
+    exif[0x8825] = {1: "N"}  # a GPS block a phone would add
+    data = _heic(img, exif=exif.tobytes())
+    assert data[4:12] == b"ftypheic"
+    photo = prepare(data, "IMG_0001.HEIC")
+    assert (photo.width, photo.height) == (480, 640)  # upright
+    def red(x0: int, y0: int) -> float:  # the mean red of a 40 px square
+        return float(np.asarray(photo.image.crop((x0, y0, x0 + 40, y0 + 40)))[..., 0].mean())
+
+    assert red(photo.width - 60, 20) > 240 and red(20, 20) < 200  # the mark is now top-right
+    stored = Image.open(io.BytesIO(photo.jpeg))
+    assert stored.format == "JPEG" and photo.content_type == "image/jpeg" and not stored.getexif()
+
+
+def test_a_damaged_heic_is_called_damaged():
+    data = _heic(_skin())
+    with pytest.raises(PhotoError, match="damaged or incomplete"):
+        prepare(data[: len(data) // 2], "IMG_0002.HEIC")
+    with pytest.raises(PhotoError, match="damaged or incomplete"):
+        prepare(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "IMG_0003.HEIC")
+
+
+def test_without_the_heic_decoder_the_patient_is_told_how_to_send_a_jpeg(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as on a machine without pillow-heif
+    with pytest.raises(PhotoError, match="HEIC photo, which this app cannot read.*JPEG"):
+        prepare(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "IMG_0004.HEIC")
 
 
 def test_risk_and_state_wording_is_calibrated_and_says_not_a_diagnosis():

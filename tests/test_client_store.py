@@ -205,23 +205,60 @@ def test_chat_and_read_marks(store):
     assert store.unread(UID, case.case_id) == 1 and len(store.messages(UID, case.case_id)) == 1
 
 
-def test_the_session_is_kept_for_the_next_start_and_remove_user_forgets_everything(tmp_path):
+def test_sessions_are_kept_per_browser_key_and_remove_user_forgets_everything(tmp_path):
     root = tmp_path / "app"
     saved = {"version": 1, "uid": UID, "email": "p@example.com", "refresh_token": "r", "id_token": "", "expires_at": 0}
+    other = {**saved, "uid": "other-patient", "refresh_token": "r2"}
+    mine_key, second_key, their_key = "k" * 43, "m" * 43, "t" * 43
     with LocalStore(root) as s:
-        s.save_session(saved)
+        s.save_session(mine_key, saved)
+        s.save_session(second_key, saved)  # the same patient in a second browser
+        s.save_session(their_key, other)
         mine = s.add_case(UID, lesion_jpeg(13))
         s.mark_read(UID, mine.case_id, at=3)
+        s.queue_message(UID, mine.case_id, "-msg1", cases.message_record(UID, "patient", "Hi"))
         theirs = s.add_case("other-patient", lesion_jpeg(14))
     if os.name == "posix":
         assert (root / DB_FILE).stat().st_mode & 0o077 == 0  # it holds the refresh token
+    with sqlite3.connect(root / DB_FILE) as db:  # the browser's key itself is never stored
+        dump = "\n".join(db.iterdump())
+    assert mine_key not in dump and their_key not in dump
     with LocalStore(root) as s:
-        assert s.load_session() == saved
+        assert s.load_session(mine_key) == saved and s.load_session(their_key) == other
+        assert s.load_session("x" * 43) is None and s.load_session("short") is None
+        s.forget_session(second_key)
+        assert s.load_session(second_key) is None and s.load_session(mine_key) == saved
         s.remove_user(UID)
-        assert s.cases(UID) == [] and s.last_read(UID, mine.case_id) == 0 and s.load_session() is None
+        assert s.cases(UID) == [] and s.last_read(UID, mine.case_id) == 0 and s.load_session(mine_key) is None
+        assert s.outbox(UID) == [] and s.load_session(their_key) == other
         assert not mine.image_path.exists() and s.get("other-patient", theirs.case_id).image_path.exists()
         with pytest.raises(StoreError):
-            s.save_session({"no": "uid"})
+            s.save_session(mine_key, {"no": "uid"})
+        with pytest.raises(StoreError):
+            s.save_session("short", saved)
+
+
+def test_the_outbox_keeps_unsent_messages_until_the_server_has_them(store):
+    case = store.add_case(UID, lesion_jpeg(15))
+    first = cases.message_record(UID, "patient", "First")
+    store.queue_message(UID, case.case_id, "-a1", first)
+    store.queue_message(UID, case.case_id, "-a2", cases.message_record(UID, "patient", "Second"))
+    store.queue_message(UID, case.case_id, "-a1", cases.message_record(UID, "patient", "Changed"))  # same id: kept once
+    assert [(m["id"], m["record"]["text"], m["error"]) for m in store.outbox(UID)] == [
+        ("-a1", "First", None), ("-a2", "Second", None)]
+    store.message_refused(UID, case.case_id, "-a2", "Not sent")
+    assert [m["id"] for m in store.outbox(UID, failed=False)] == ["-a1"]
+    assert [m["error"] for m in store.outbox(UID, case.case_id, failed=True)] == ["Not sent"]
+    # the server's copy arrives (an answer lost on the way): the message leaves the outbox
+    store.replace_messages(UID, case.case_id, {"-a1": {**first, "at": 10}})
+    assert [m["id"] for m in store.outbox(UID)] == ["-a2"]
+    store.message_sent(UID, case.case_id, "-a2")
+    assert store.outbox(UID) == []
+    with pytest.raises(StoreError):
+        store.queue_message(UID, case.case_id, "bad/id", first)
+    with pytest.raises(StoreError):
+        store.queue_message(UID, case.case_id, "-a3", {"no": "text"})
+    assert store.outbox(UID) == []
 
 
 def test_the_ui_and_the_sync_thread_can_use_it_at_once(store):

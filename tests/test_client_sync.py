@@ -15,13 +15,14 @@ import uuid
 import pytest
 
 from client.store import DB_FILE, LocalStore
-from client.sync import CASE_REFUSED, IDLE, OFFLINE, SIGNED_OUT, SyncEngine
+from client.sync import CASE_REFUSED, IDLE, MESSAGE_REFUSED, OFFLINE, SIGNED_OUT, SyncEngine
 from dermaloop import auth as dl_auth
 from dermaloop import cases
 from dermaloop.admin_app import delete_app
 from dermaloop.auth import AuthClient, UserSession
 from dermaloop.cases import Status
 from dermaloop.database import UserDatabase, admin_reference, new_push_id
+from dermaloop.errors import PermissionDenied
 from dermaloop.http import RetryPolicy
 from dermaloop.storage import UserStorage, admin_bucket
 from localbase.tokens import mint_id_token
@@ -419,3 +420,79 @@ def test_a_revoked_session_stops_the_engine_without_losing_cases(settings, tmp_p
     wait_until(lambda: engine.state == SIGNED_OUT, "the engine to see the session ended")
     assert "TOKEN_EXPIRED" in engine.error
     assert [c.case_id for c in store.pending(uid)] == [case.case_id]  # kept for after the next sign-in
+
+
+def test_a_message_written_offline_waits_and_is_sent_once_when_the_backend_is_back(own_localbase, tmp_path, engines):
+    server, app_name = own_localbase
+    settings = server.settings()
+    session = sign_up(settings)
+    uid = session.uid
+    store = LocalStore(tmp_path / "app")
+    engines.append(store)
+    changes: list[str | None] = []
+    engine = SyncEngine(store, session, settings, on_change=changes.append, retry=FAST, request_retry=FAST).start()
+    engines.append(engine)
+    case = store.add_case(uid, lesion_jpeg(80))
+    engine.kick()
+    wait_until(lambda: status_of(store, uid, case.case_id) == Status.QUEUED, "the case to be queued")
+
+    server.stop()  # the patient writes with no backend
+    msg_id = engine.send_message(case.case_id, "It bled a little this morning.")
+    (waiting,) = engine.messages(case.case_id)
+    assert waiting["id"] == msg_id and waiting["waiting"] is True and waiting["error"] is None
+    assert waiting["text"] == "It bled a little this morning." and waiting["senderRole"] == "patient"
+    assert [m["id"] for m in store.outbox(uid)] == [msg_id]
+    assert case.case_id in changes
+    wait_until(lambda: engine.state == OFFLINE, "the engine to retry with backoff")
+
+    # a restarted app still has it: it is in the store, not in the engine
+    engine.stop()
+    engine = SyncEngine(store, session, settings, retry=FAST, request_retry=FAST)
+    engines.append(engine)
+    assert [m["id"] for m in engine.messages(case.case_id)] == [msg_id]
+    engine.start()
+
+    server.restart()
+    wait_until(lambda: store.outbox(uid) == [], "the waiting message to be sent")
+    on_server = admin(settings, cases.messages_path(uid, case.case_id), app_name).get()
+    assert list(on_server) == [msg_id]  # exactly once, at the id it was given offline
+    assert on_server[msg_id]["text"] == "It bled a little this morning." and isinstance(on_server[msg_id]["at"], int)
+    wait_until(lambda: [m.get("waiting") for m in engine.messages(case.case_id)] == [None],
+               "the server's copy to replace the waiting one")
+
+
+def test_a_message_whose_answer_was_lost_is_not_posted_twice(settings, tmp_path, engines):
+    session = sign_up(settings)
+    uid = session.uid
+    store = LocalStore(tmp_path / "app")
+    engines.append(store)
+    engine = SyncEngine(store, session, settings, retry=FAST, request_retry=FAST).start()
+    engines.append(engine)
+    case = store.add_case(uid, lesion_jpeg(81))
+    engine.kick()
+    wait_until(lambda: status_of(store, uid, case.case_id) == Status.QUEUED, "the case to be queued")
+    engine.stop()  # nothing follows the server now: the outbox is all the phone knows
+
+    # The write got through, the answer never came back: the message is still in the outbox.
+    sent = cases.message_record(uid, "patient", "Sent once")
+    msg_id = new_push_id()
+    UserDatabase(session, settings, retry=FAST).set(f"{cases.messages_path(uid, case.case_id)}/{msg_id}", sent)
+    store.queue_message(uid, case.case_id, msg_id, sent)
+    # And one the rules refuse (its case is not on the server): it stays, marked, and is not retried.
+    refused = new_push_id()
+    store.queue_message(uid, case.case_id + "x", refused, cases.message_record(uid, "patient", "Nowhere"))
+
+    engine = SyncEngine(store, session, settings, retry=FAST, request_retry=FAST).start()
+    engines.append(engine)
+    wait_until(lambda: store.outbox(uid, failed=False) == [], "the outbox to be worked through")
+    assert list(admin(settings, cases.messages_path(uid, case.case_id)).get()) == [msg_id]
+    (kept,) = store.outbox(uid)
+    assert kept["id"] == refused and kept["error"] == MESSAGE_REFUSED
+    (shown,) = engine.messages(case.case_id + "x")
+    assert shown["waiting"] is True and shown["error"] == MESSAGE_REFUSED
+    assert admin(settings, cases.messages_path(uid, case.case_id + "x")).get() is None
+
+    # Refused at once while online: the patient is told, nothing is kept.
+    with pytest.raises(PermissionDenied):
+        engine.send_message(case.case_id + "y", "Also nowhere")
+    assert [m["id"] for m in store.outbox(uid)] == [refused]
