@@ -5,8 +5,9 @@ small: the release keeps only what the runtimes load (the int8 device model, the
 their cards, labels, split and reports) and stores the cloud Keras weights as float16. Keras loads
 float16 weights into its float32 variables, so the packed directory is an ordinary model directory:
 ``dermaloop evaluate --model models/release``, the worker, the app and the registry use it as is.
-Rounding to float16 moves calibrated probabilities by about 1e-4 (measured by ``pack`` and recorded
-in the card), far below anything a decision depends on.
+Rounding to float16 moves calibrated probabilities by at most about 6e-3 on random-pixel inputs (the
+figure ``pack`` measures and records in the card); on HAM10000's validation split the packed release
+scored balanced accuracy 0.6709 against 0.6711 for its float32 source (models/release/README.md).
 
     python -m training.release var/models/ham-release models/release
 """
