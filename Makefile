@@ -12,7 +12,7 @@ FIREBASE_TOOLS = .tools/node_modules/.bin/firebase
 .PHONY: run test install system-deps firebase-tools lint clean
 
 run: install
-	$(VENV)/bin/dermaloop run
+	$(VENV)/bin/dermaloop run $(ARGS)
 
 test: install system-deps firebase-tools
 	$(PY) -m ruff check .
