@@ -110,8 +110,9 @@ class PatientApp:
         self.prefs = ft.SharedPreferences()  # the browser's half of "stay signed in"
         page.services.extend([self.picker, self.prefs])
         page.title = "DermaLoop"
-        page.scroll = ft.ScrollMode.AUTO
+        page.horizontal_alignment = ft.CrossAxisAlignment.STRETCH  # the screen's column spans the page
         page.padding = PAD
+        self._body: ft.Column | None = None  # the screen shown, scrolling on its own (see show)
         self._life = threading.RLock()  # sync engine start/stop (never held while drawing)
         # Flet calls these on its event loop: stopping an engine waits for its thread, so not there
         # (and a disconnected page has no executor of its own).
@@ -173,10 +174,17 @@ class PatientApp:
 
     # ---- plumbing -------------------------------------------------------------------------
     def show(self, *controls: ft.Control, screen: str, case_id: str | None = None) -> None:
+        """A redraw of the screen shown keeps the patient's place in it; another screen starts at
+        its top, in a scroll view of its own. (One scroll view for all opened the case half-way
+        down after 'Save and send' at the foot of a long answer, and left Flutter's web
+        accessibility tree shifted when a scrolled screen gave way to one that does not scroll.)"""
         with self._lock:
+            if self._body is None or self.showing != (screen, case_id):
+                self._body = ft.Column(scroll=ft.ScrollMode.AUTO, expand=True)
+                self.page.controls.clear()
+                self.page.controls.append(self._body)
             self.showing = (screen, case_id)
-            self.page.controls.clear()
-            self.page.add(*controls)
+            self._body.controls = list(controls)
             self.page.update()
 
     def notify(self, text: str) -> None:

@@ -5,22 +5,33 @@ var/test-screens/patient-app-200-percent/.
 
 How a web user gets 200 % text: the browser's font size setting changes the root (``html``) font
 size, and Flutter's web engine takes that over as its text scale (it watches the ``html`` element's
-style). Setting ``html { font-size: 32px }`` (2 x 16 px) is what that setting does."""
+style). Setting ``html { font-size: 32px }`` (2 x 16 px) is what that setting does.
+
+Flutter builds its accessibility tree (what the role queries find) ahead of, and apart from, what it
+paints: a test can pass while its screenshots show something else (they once all showed Flet's
+"Working..." boot screen). So each screenshot is checked against the tree: the screen's key controls
+must be painted across their boxes, and no screenshot may repeat the one before it."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import sqlite3
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from client import wording
 from client.remember import PREFERENCE
 from client.store import DB_FILE
 from dermaloop import auth as dl_auth
+from dermaloop import cases
 from dermaloop.database import admin_reference
 from tests.browser_support import (
     LAUNCH_ARGS,
@@ -167,28 +178,139 @@ def wait_for(predicate, what: str) -> None:
     wait_until(predicate, what)
 
 
-def scroll_shots(page, shot, name: str) -> None:
-    """Screenshots of the whole screen from the top, one viewport at a time (Flutter scrolls inside
-    its canvas), until a scroll no longer moves it (a blinking caret aside)."""
+SCROLLBAR = 28  # the scroll bar, over the right edge, fades in and out: left out of comparisons
+MIN_INK = 0.02  # share of a control's box that its text or picture covers (a blank area has none)
+UNCHANGED = 0.002  # share of changed pixels below which two screenshots show the same (a caret blinks)
+
+
+def pixels_of(png: bytes | Path):
     import numpy as np
     from PIL import Image
 
+    with Image.open(io.BytesIO(png) if isinstance(png, bytes) else png) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def changed(a, b) -> float:
+    """Share of the content pixels (the scrollbar aside) that differ between two screenshots."""
+    import numpy as np
+
+    width = PHONE["width"] - SCROLLBAR
+    return float((np.abs(a[:, :width] - b[:, :width]).max(axis=2) > 0).mean())
+
+
+def drawn(pixels, box: dict[str, float]) -> bool:
+    """Something is painted where the accessibility tree puts the control, across its box: clearly
+    coloured pixels (text, icon, picture) cover part of it and reach its right and lower parts.
+    Flet's "Working..." boot screen or an unpainted canvas has nothing there. (A stale picture of
+    another screen can pass this: the screenshots are also compared with each other.)"""
+    import numpy as np
+
+    x0, y0 = max(int(box["x"]) + 1, 0), max(int(box["y"]) + 1, 0)
+    x1 = min(int(box["x"] + box["width"]) - 1, pixels.shape[1])
+    y1 = min(int(box["y"] + box["height"]) - 1, pixels.shape[0])
+    region = pixels[y0:y1, x0:x1]
+    if region.size == 0:
+        return False
+    colours, counts = np.unique(region.reshape(-1, 3), axis=0, return_counts=True)
+    ink = np.abs(region - colours[counts.argmax()]).max(axis=2) > 60  # off the box's own background
+    if ink.mean() < MIN_INK:
+        return False
+    rows, cols = np.nonzero(ink)
+    return bool(cols.max() >= 0.6 * (x1 - x0) and rows.max() >= 0.5 * (y1 - y0))
+
+
+def in_view(box: dict[str, float] | None) -> bool:
+    return box is not None and box["x"] >= -0.5 and box["y"] >= -0.5 and \
+        box["x"] + box["width"] <= PHONE["width"] + 0.5 and box["y"] + box["height"] <= PHONE["height"] + 0.5
+
+
+def wait_painted(page, keys: tuple, evidence: Path | None = None) -> dict[int, dict[str, float]]:
+    """Wait until the canvas shows every key control that lies on the screen (the accessibility
+    tree runs ahead of the paint); returns their boxes by index. A screen that is never painted
+    fails the test (its last screenshot kept as ``evidence``) rather than leaving a screenshot of
+    something else."""
+    for _ in range(240):  # two minutes at most: only stops a hung paint, not a speed check
+        boxes = {}
+        for i, key in enumerate(keys):
+            box = key.first.bounding_box()
+            if in_view(box):
+                boxes[i] = box
+        png = page.screenshot()
+        pixels = pixels_of(png)
+        if all(drawn(pixels, box) for box in boxes.values()):
+            return boxes
+        page.wait_for_timeout(500)
+    if evidence is not None:
+        evidence.write_bytes(png)
+    missing = {str(keys[i]): box for i, box in boxes.items() if not drawn(pixels, box)}
+    shifted = page.evaluate(STALE_SCROLL)
+    raise AssertionError(f"the browser never painted {missing} (its canvas shows something else, such as "
+                         f"Flet's 'Working...' boot screen; see {evidence})" +
+                         (f"; or the accessibility tree is shifted: {shifted}" if shifted else ""))
+
+
+# Semantics elements that no longer scroll (no overflow helper) but kept a scroll offset: their
+# subtree's boxes no longer match the picture. Flutter left one when a scrolled screen gave way to
+# one that does not scroll (consent -> home), before client.app gave each screen its own scroll view.
+STALE_SCROLL = """() => [...document.querySelectorAll('flt-semantics')]
+    .filter(e => e.scrollTop > 0 && !e.querySelector(':scope > flt-semantics-scroll-overflow'))
+    .map(e => `${e.id} scrollTop=${e.scrollTop}`)"""
+
+
+def into_view(page, control) -> None:
+    """Bring a control onto the screen with the mouse wheel, as a person does, before it is
+    clicked or typed into: the app scrolls, and the screenshots and the accessibility tree follow.
+    (Playwright would scroll the tree's DOM element itself, which Flutter only turns into a scroll
+    of its own when it is not in pointer mode, as it is after a wheel.)"""
     centre = (PHONE["width"] // 2, PHONE["height"] // 2)
-    page.mouse.move(*centre)
-    page.mouse.wheel(0, -100_000)
-    previous = None
-    for part in range(12):
-        page.wait_for_timeout(600)  # let the scroll and the pictures settle before the screenshot
-        path = shot(page, f"{name}-{part}")
-        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
-        if previous is not None and (np.abs(pixels - previous).max(axis=2) > 0).mean() < 0.002:
-            path.unlink()  # the bottom was reached
-            break
-        previous = pixels
+    for _ in range(20):
+        box = control.first.bounding_box()
+        assert box is not None, f"{control} is not on the page"
+        if in_view(box):
+            return
         page.mouse.move(*centre)
-        page.mouse.wheel(0, PHONE["height"] * 0.7)
-    page.mouse.wheel(0, -100_000)
-    page.wait_for_timeout(600)
+        page.mouse.wheel(0, box["y"] + box["height"] / 2 - centre[1])
+        page.wait_for_timeout(400)
+    raise AssertionError(f"{control} could not be scrolled onto the screen")
+
+
+@dataclass
+class Screens:
+    """Screenshots of whole screens, each proven to show the screen it is named after: its key
+    controls are painted where the accessibility tree has them, and no screenshot repeats the one
+    kept before it (a canvas stuck on one picture, as once on Flet's boot screen, fails)."""
+
+    shots: Shots
+    previous: Any = None  # the pixels of the last screenshot kept
+
+    def __call__(self, page, name: str, *keys) -> None:
+        """From the top, one viewport at a time (Flutter scrolls inside its canvas), until a scroll
+        no longer moves it; every key must be seen painted in one of them."""
+        assert keys, "name the controls that show this screen"
+        centre = (PHONE["width"] // 2, PHONE["height"] // 2)
+        page.mouse.move(*centre)
+        page.mouse.wheel(0, -100_000)
+        seen: set[int] = set()
+        for part in range(12):
+            page.wait_for_timeout(600)  # let the scroll and the pictures settle before the screenshot
+            boxes = wait_painted(page, keys, self.shots.folder / f"{name}-{part}-unpainted.png")
+            path = self.shots(page, f"{name}-{part}")
+            pixels = pixels_of(path)
+            if self.previous is not None and changed(pixels, self.previous) < UNCHANGED:
+                assert part > 0, f"{path.name} shows the same picture as the screenshot before it"
+                path.unlink()  # the bottom was reached
+                break
+            unpainted = [str(keys[i]) for i, box in boxes.items() if not drawn(pixels, box)]
+            assert not unpainted, f"{path.name} does not show {unpainted}"
+            seen |= set(boxes)
+            self.previous = pixels
+            page.mouse.move(*centre)
+            page.mouse.wheel(0, PHONE["height"] * 0.7)
+        never = [str(key) for i, key in enumerate(keys) if i not in seen]
+        assert not never, f"no screenshot of {name} shows {never}"
+        page.mouse.wheel(0, -100_000)
+        page.wait_for_timeout(600)
 
 
 def reachable(page, role: str, name: str | re.Pattern, exact: bool = True) -> None:
@@ -200,21 +322,32 @@ def reachable(page, role: str, name: str | re.Pattern, exact: bool = True) -> No
     assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"] + 0.5, f"{role} {name!r} sticks out: {box}"
 
 
+def send_chat(page, text: str) -> None:
+    into_view(page, page.get_by_role("textbox", name="Message"))
+    type_into(page, "Message", text)
+    send = page.get_by_role("button", name="Send message")
+    into_view(page, send)
+    send.click()
+
+
 def test_the_main_screens_stay_usable_at_200_percent_text(system, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     backend, settings, client = system
     expect.set_options(timeout=60_000)
-    shot = Shots(shots_folder("patient-app-200-percent"))
+    shots = Screens(Shots(shots_folder("patient-app-200-percent")))
     photo = tmp_path / "spot.jpg"
     photo.write_bytes(lesion_jpeg(5, (640, 480)))
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=LAUNCH_ARGS)
         page = browser.new_context(viewport=PHONE).new_page()
         page.set_default_timeout(120_000)
+        page.on("console", lambda m: print("browser console:", m.type, m.text))  # shown if the test fails
         open_flet(page, client.url)
         expect(page.get_by_role("button", name="Create account")).to_be_visible()
         title = page.get_by_text("DermaLoop", exact=True)
+        wait_painted(page, (title,))
+        shots.previous = pixels_of(page.screenshot())  # at 100 %: the first screenshot must differ from it
         normal = title.bounding_box()
         page.evaluate("document.documentElement.style.fontSize = '32px'")  # the browser's text size: 200 %
         page.wait_for_timeout(1000)
@@ -224,7 +357,7 @@ def test_the_main_screens_stay_usable_at_200_percent_text(system, tmp_path):
         for role, name in (("textbox", "Email"), ("textbox", "Password"), ("button", "Sign in"),
                            ("button", "Create account")):
             reachable(page, role, name)
-        scroll_shots(page, shot, "sign-in")
+        shots(page, "sign-in", title, page.get_by_role("button", name="Create account"))
         email = f"big-{uuid.uuid4().hex[:6]}@dermaloop.test"
         type_into(page, "Email", email)
         type_into(page, "Password", PASSWORD)
@@ -234,20 +367,26 @@ def test_the_main_screens_stay_usable_at_200_percent_text(system, tmp_path):
         research = page.get_by_role("checkbox", name=re.compile("^Also allow my photos"))
         reachable(page, "checkbox", re.compile("^Also allow my photos"))
         reachable(page, "button", "I agree")
-        scroll_shots(page, shot, "consent")
-        page.get_by_text("Also allow my photos", exact=False).click()  # the wrapped sentence ticks it too
+        shots(page, "consent", page.get_by_text(wording.CONSENT_TITLE, exact=True),
+              page.get_by_role("button", name="I agree"))
+        sentence = page.get_by_text("Also allow my photos", exact=False)
+        into_view(page, sentence)
+        sentence.click()  # the wrapped sentence ticks it too
         expect(research).to_be_checked()
-        page.get_by_role("button", name="I agree").click()
+        agree = page.get_by_role("button", name="I agree")
+        into_view(page, agree)
+        agree.click()
 
         expect(page.get_by_role("button", name="New case")).to_be_visible()
         for name in ("New case", "Delete my data", "Sign out"):
             reachable(page, "button", name)
-        scroll_shots(page, shot, "home")
+        shots(page, "home", page.get_by_text("My cases", exact=True), page.get_by_role("button", name="New case"))
         page.get_by_role("button", name="New case").click()
         expect(page.get_by_role("button", name="Choose photo")).to_be_visible()
         reachable(page, "button", "Choose photo")
         reachable(page, "button", "Back")
-        scroll_shots(page, shot, "new-case")
+        shots(page, "new-case", page.get_by_text("New case", exact=True),
+              page.get_by_role("button", name="Choose photo"))
         with page.expect_file_chooser() as chooser:
             page.get_by_role("button", name="Choose photo").click()
         chooser.value.set_files(str(photo))
@@ -259,29 +398,41 @@ def test_the_main_screens_stay_usable_at_200_percent_text(system, tmp_path):
                            ("button", "Same spot as an earlier case"), ("button", "Retake"), ("button", "Cancel"),
                            ("button", re.compile("^(Save and send|Send to a dermatologist anyway)$"))):
             reachable(page, role, name)
-        scroll_shots(page, shot, "answer")
-        page.get_by_role("button", name=re.compile("^(Save and send|Send to a dermatologist anyway)$")).click()
+        shots(page, "answer", page.get_by_text("On-device answer", exact=True),
+              page.get_by_role("button", name=re.compile("^(Save and send|Send to a dermatologist anyway)$")))
+        send = page.get_by_role("button", name=re.compile("^(Save and send|Send to a dermatologist anyway)$"))
+        into_view(page, send)
+        send.click()
 
         expect(page.get_by_role("button", name="Send message")).to_be_visible(timeout=300_000)  # uploaded
+        # Typing waits for the last redraw the upload brings (a redraw replaces the text box under the keys).
+        expect(page.get_by_text(wording.STATE_TEXT[cases.Status.QUEUED], exact=True)).to_be_visible()
         for role, name in (("button", "Back to my cases"), ("img", "Case photo"), ("textbox", "Message"),
                            ("button", "Send message")):
             reachable(page, role, name)
-        type_into(page, "Message", "It has grown a little since the summer.")
-        page.get_by_role("button", name="Send message").click()
+        send_chat(page, "It has grown a little since the summer.")
         expect(page.get_by_text("It has grown a little since the summer.", exact=False)).to_be_visible()
-        scroll_shots(page, shot, "case")
+        shots(page, "case", page.get_by_role("button", name="Back to my cases"),
+              page.get_by_text("It has grown a little since the summer.", exact=False))
 
         # Written with the backend down: kept on the device, shown as waiting, sent once it is back.
+        # The backend goes down while the patient is on the home screen, which says when the app has
+        # noticed: that redraw is over before they open the case and type (a redraw replaces the
+        # controls under the keys and clicks).
+        page.get_by_role("button", name="Back to my cases").click()
+        expect(page.get_by_role("button", name="New case")).to_be_visible()
         backend.stop()
-        type_into(page, "Message", "And it itches at night.")
-        page.get_by_role("button", name="Send message").click()
+        expect(page.get_by_text(re.compile("^Offline: "))).to_be_visible()
+        page.get_by_role("button", name=re.compile(wording.STATE_TEXT[cases.Status.QUEUED])).click()
+        send_chat(page, "And it itches at night.")
         waiting = page.get_by_text(re.compile(r"waiting to send\): And it itches at night\."))
         expect(waiting).to_be_visible()
-        scroll_shots(page, shot, "case-message-waiting")
+        shots(page, "case-message-waiting", page.get_by_role("button", name="Back to my cases"), waiting)
         backend.start()
         expect(waiting).to_have_count(0, timeout=300_000)
         expect(page.get_by_text("And it itches at night.", exact=False)).to_be_visible()
-        scroll_shots(page, shot, "case-message-sent")
+        shots(page, "case-message-sent", page.get_by_role("button", name="Back to my cases"),
+              page.get_by_text("And it itches at night.", exact=False))
         uid = dl_auth.get_user_by_email(email, settings).uid
         chats = admin_reference(f"messages/{uid}", settings, app_name=f"big-{uuid.uuid4().hex[:6]}").get()
         texts = [m["text"] for chat in chats.values() for m in chat.values()]
@@ -293,6 +444,7 @@ def test_the_main_screens_stay_usable_at_200_percent_text(system, tmp_path):
         expect(page.get_by_text("Delete all your data?")).to_be_visible()
         reachable(page, "button", "Keep my data")
         reachable(page, "button", "Delete everything")
-        scroll_shots(page, shot, "delete-dialog")
+        shots(page, "delete-dialog", page.get_by_text("Delete all your data?"),
+              page.get_by_role("button", name="Delete everything"))
         page.get_by_role("button", name="Keep my data").click()
         browser.close()
