@@ -140,6 +140,10 @@ class KerasCloudModel:
     def rank(self, probs: np.ndarray) -> np.ndarray:
         return self.inner.policy.rank(probs)
 
+    def unsure(self, probs: np.ndarray) -> dict:
+        """``{"unsure": bool, "predictionSet": [class ids]}`` under the card's abstain rule, ``{}`` without one."""
+        return self.inner.unsure(probs)
+
 
 def load_model(model_dir: Path) -> CloudModel:
     return KerasCloudModel(Path(model_dir))

@@ -165,7 +165,7 @@ def record(item: Prepared, result: Inferred, heatmap_path: str | None, now_ms: i
         return cases.cloud_record(**base)
     probs = result.probs
     risk, malignant_p = model.risk(probs)
-    return cases.cloud_record(
+    written = cases.cloud_record(
         **base,
         probs={label.id: float(p) for label, p in zip(model.labels, probs, strict=True)},
         top=[{"label": model.labels[i].id, "name": model.labels[i].name, "p": float(probs[i])}
@@ -173,3 +173,6 @@ def record(item: Prepared, result: Inferred, heatmap_path: str | None, now_ms: i
         risk=risk,
         malignant_p=malignant_p,
     )
+    # The card's abstain rule, when it has one: "unsure: a dermatologist will look" and the prediction set.
+    unsure = getattr(model, "unsure", None)
+    return {**written, **(unsure(probs) if unsure is not None else {})}

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from dermaloop.preprocess import PreprocessConfig, load_image, symmetric_pixels, to_model_input
-from dermaloop.risk import RiskPolicy
+from dermaloop.risk import AbstainRule, RiskPolicy
 from dermaloop.taxonomy import Taxonomy, load_taxonomy
 
 __all__ = ["ModelDir", "DeviceModel", "CloudModel", "load_device_model", "load_cloud_model", "make_interpreter",
@@ -127,6 +127,8 @@ class _Model:
         self.preprocess = PreprocessConfig.from_dict(section["preprocess"])
         self.demonstration = is_demonstration(model_dir.card)
         self.policy = replace(RiskPolicy.from_dict(section["risk"]), demonstration=self.demonstration)
+        # The calibrated abstain rule (``python -m training.abstain``), when the card has one.
+        self.abstain = AbstainRule.from_dict(section["abstain"]) if section.get("abstain") else None
         self.size = self.preprocess.size
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:  # pragma: no cover - overridden
@@ -141,7 +143,16 @@ class _Model:
                 "probs": {cid: float(p) for cid, p in zip(self.taxonomy.ids, probs, strict=True)},
                 "top": [{"label": self.taxonomy.ids[i], "name": self.taxonomy.classes[i].name,
                          "p": float(probs[i])} for i in order],
-                **self.policy.assess(probs), **({"demonstration": True} if self.demonstration else {})}
+                **self.policy.assess(probs), **({"demonstration": True} if self.demonstration else {}),
+                **self.unsure(probs)}
+
+    def unsure(self, probs: np.ndarray) -> dict[str, Any]:
+        """``{"unsure": bool, "predictionSet": [class ids]}`` under the card's abstain rule; ``{}``
+        without one. Unsure means "a dermatologist will look" instead of one named class."""
+        if self.abstain is None:
+            return {}
+        unsure, members = self.abstain.judge(probs, int(self.policy.decide(probs)))
+        return {"unsure": unsure, "predictionSet": [self.taxonomy.ids[i] for i in members]}
 
 
 class DeviceModel(_Model):

@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = ["RiskPolicy", "softmax", "fit_temperature", "threshold_for_sensitivity",
            "threshold_for_specificity", "fit_policy", "policy_from_probabilities", "fit_class_offsets",
-           "decide", "RISK_TIERS"]
+           "decide", "RISK_TIERS", "AbstainRule", "ABSTAIN_METHODS", "conformal_scores"]
 
 RISK_TIERS = ("low", "moderate", "high")
 
@@ -198,3 +198,88 @@ def fit_policy(logits: np.ndarray, labels: np.ndarray, malignant_mask: list[bool
     t = fit_temperature(logits, labels)
     return policy_from_probabilities(t, softmax(logits, t), labels, malignant_mask, target_sensitivity,
                                      target_specificity)
+
+
+ABSTAIN_METHODS = ("lac", "aps")
+
+
+def conformal_scores(probs: np.ndarray, method: str) -> np.ndarray:
+    """Non-conformity score of every class of every row (same shape as ``probs``): how little the
+    model believes that class. The calib fit (``training.abstain``) and the runtime use this one
+    function, so a calib photo and a patient's photo are scored identically.
+
+    * ``lac`` (least ambiguous set-valued classifier, Sadinle et al. 2019): 1 - p. Smallest sets on
+      average; a set may be empty when no class is probable enough.
+    * ``aps`` (adaptive prediction sets, Romano et al. 2020, without randomisation): the probability
+      mass of the class and of every class ranked above it (ties broken by class index)."""
+    p = np.asarray(probs, np.float64)
+    if method == "lac":
+        return 1.0 - p
+    if method == "aps":
+        order = np.argsort(-p, axis=-1, kind="stable")
+        cumulative = np.cumsum(np.take_along_axis(p, order, axis=-1), axis=-1)
+        scores = np.empty_like(p)
+        np.put_along_axis(scores, order, cumulative, axis=-1)
+        return scores
+    raise ValueError(f"unknown conformal method {method!r}; expected one of {', '.join(ABSTAIN_METHODS)}")
+
+
+@dataclass(frozen=True)
+class AbstainRule:
+    """Say "unsure: a dermatologist will look" instead of naming one class.
+
+    A split-conformal prediction set (``qhat`` fitted on the calib split at ``coverage``) holds every
+    class whose score is at most ``qhat``; on photos like the calib ones it contains the true class
+    with probability at least ``coverage``. The model is *sure* only when that set is exactly the
+    class it names (the call, offsets included): a set of two or more classes means it cannot tell
+    them apart at that coverage, an empty set (``lac``) that no class is probable enough, and a set
+    without the call that the call rests on a decision offset, not on the evidence. APS sets always
+    keep the most probable class (only enlarging a set, so coverage still holds)."""
+
+    method: str
+    coverage: float
+    qhat: float
+    n_calib: int
+
+    def __post_init__(self) -> None:
+        if self.method not in ABSTAIN_METHODS:
+            raise ValueError(f"unknown conformal method {self.method!r}; expected one of {', '.join(ABSTAIN_METHODS)}")
+        if not 0.0 < self.coverage < 1.0:
+            raise ValueError(f"coverage must be between 0 and 1, not {self.coverage}")
+        if not np.isfinite(self.qhat):
+            raise ValueError("qhat must be a finite number")
+        if self.n_calib < 1:
+            raise ValueError("an abstain rule needs at least one calibration photo")
+
+    def prediction_set(self, probs: np.ndarray) -> np.ndarray:
+        """Boolean mask (the shape of ``probs``): which classes are in each row's prediction set."""
+        p = np.asarray(probs, np.float64)
+        inside = conformal_scores(p, self.method) <= self.qhat
+        if self.method == "aps":
+            top = p.argmax(axis=-1)
+            np.put_along_axis(inside, np.expand_dims(top, -1), True, axis=-1)
+        return inside
+
+    def unsure(self, probs: np.ndarray, called: np.ndarray | int) -> np.ndarray:
+        """True where the prediction set is not exactly ``{called}`` (one image or each row)."""
+        inside = self.prediction_set(probs)
+        called = np.asarray(called)
+        named = np.take_along_axis(inside, np.expand_dims(called, -1), axis=-1)[..., 0]
+        return ~(named & (inside.sum(axis=-1) == 1))
+
+    def judge(self, probs: np.ndarray, called: int) -> tuple[bool, list[int]]:
+        """(unsure?, the prediction set as class indices, most probable first) for one image."""
+        p = np.asarray(probs, np.float64)
+        inside = self.prediction_set(p)
+        members = [int(i) for i in np.argsort(-p, kind="stable") if inside[i]]
+        return bool(self.unsure(p, int(called))), members
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "coverage": self.coverage, "qhat": self.qhat, "n_calib": self.n_calib}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AbstainRule:
+        try:
+            return cls(str(data["method"]), float(data["coverage"]), float(data["qhat"]), int(data["n_calib"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"an abstain rule needs method, coverage, qhat and n_calib ({exc})") from None

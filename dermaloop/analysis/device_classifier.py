@@ -24,7 +24,8 @@ class DeviceClassifier:
         self.input_size = model.size
         self.path = Path(model.path)
 
-    def classify(self, img: Image.Image, box: Box | None) -> tuple[list[dict[str, Any]], str | None, dict[str, float]]:
+    def classify(self, img: Image.Image, box: Box | None) -> tuple[list[dict[str, Any]], str | None, dict[str, float],
+                                                                   dict[str, Any]]:
         from dermaloop.preprocess import to_model_input
 
         t = time.perf_counter()
@@ -37,7 +38,9 @@ class DeviceClassifier:
         classes = self.model.taxonomy.classes
         top = [{"label": classes[i].id, "name": classes[i].name, "p": float(probs[i])} for i in order]
         risk = self.model.policy.assess(probs)["risk"]
-        return top, risk, {"crop_resize": t_pre, "infer": t_inf}
+        # {} unless the card has an abstain rule: {"unsure": bool, "predictionSet": [class ids]}
+        abstain = self.model.unsure(probs) if getattr(self.model, "abstain", None) is not None else {}
+        return top, risk, {"crop_resize": t_pre, "infer": t_inf}, abstain
 
 
 def _open(model_dir: Path, threads: int) -> DeviceClassifier:

@@ -39,8 +39,10 @@ class Classifier(Protocol):
     version: str
     input_size: int
 
-    def classify(self, img: Image.Image, box: Box | None) -> tuple[list[dict[str, Any]], str | None, dict[str, float]]:
-        """(top-3 [{label, name, p}], risk tier or None, sub-timings in ms)."""
+    def classify(self, img: Image.Image, box: Box | None) -> tuple[list[dict[str, Any]], str | None, dict[str, float],
+                                                                   dict[str, Any]]:
+        """(top-3 [{label, name, p}], risk tier or None, sub-timings in ms, and the card's abstain
+        verdict ``{"unsure", "predictionSet"}`` or ``{}``; a 3-tuple without it is accepted too)."""
 
 
 class Analyser:
@@ -74,6 +76,8 @@ class DeviceResult:
     corrections: dict[str, float] = field(default_factory=dict)
     model_version: str | None = None
     demonstration: bool = False  # the answering model was trained on synthetic images: no risk tier
+    # The card's abstain rule (dermaloop.risk.AbstainRule), when it has one: {"unsure", "predictionSet"}.
+    abstain: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         r = lambda v: None if v is None or not np.isfinite(v) else round(float(v), 4)  # noqa: E731
@@ -89,6 +93,8 @@ class DeviceResult:
             "corrections": {k: r(v) for k, v in self.corrections.items()},
             "model_version": self.model_version,
             "demonstration": self.demonstration,
+            **({"unsure": bool(self.abstain["unsure"]), "prediction_set": list(self.abstain["predictionSet"])}
+               if self.abstain else {}),
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
         }
 
@@ -142,10 +148,11 @@ class DevicePath:
         elif seen.classify:
             result.crop = crop_fractions(seen.image.size, seen.box)
             t = time.perf_counter()
-            top, risk, sub = self.classifier.classify(seen.image, seen.box)
+            top, risk, sub, *abstain = self.classifier.classify(seen.image, seen.box)
             timings.update(sub)
             timings["classify"] = _ms(t)
             result.top, result.risk = top, risk
+            result.abstain = dict(abstain[0]) if abstain else {}
         timings["total"] = _ms(t_all)
         return result
 
