@@ -20,6 +20,7 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +83,25 @@ def _picture(png: bytes, width: int, label: str) -> ft.Control:
                     semantics_label=label)
 
 
-def _risk_box(risk: str | None, demonstration: bool = False) -> ft.Control:
+def _risk_box(result: dict[str, Any], name: Callable[[str], str]) -> ft.Control:
+    """The risk advice of one model's answer, and under it (never instead) the unsure line of the
+    card's abstain rule when the model could not tell classes apart."""
+    risk, demonstration = result.get("risk"), bool(result.get("demonstration"))
     title, advice = wording.risk_advice(risk, demonstration)
     colour = {"high": ft.Colors.RED_100, "moderate": ft.Colors.AMBER_100, "low": ft.Colors.GREEN_100}.get(
         risk or "", ft.Colors.GREY_200)
-    return ft.Container(ft.Column([ft.Text(title, weight=ft.FontWeight.BOLD), ft.Text(advice)], spacing=4),
-                        bgcolor=colour, padding=12, border_radius=8)
+    lines: list[ft.Control] = [ft.Text(title, weight=ft.FontWeight.BOLD), ft.Text(advice)]
+    unsure = wording.unsure_line(result, name)
+    if unsure:
+        lines.append(ft.Text(unsure, weight=ft.FontWeight.W_500))
+    return ft.Container(ft.Column(lines, spacing=4), bgcolor=colour, padding=12, border_radius=8)
+
+
+def _namer(result: dict[str, Any]) -> Callable[[str], str]:
+    """Class id to name: the answer's own top list first (its model's taxonomy), else the taxonomy's."""
+    known = {str(t.get("label")): str(t.get("name") or t.get("label")) for t in result.get("top") or []
+             if isinstance(t, dict)}
+    return lambda label: known.get(label) or PatientApp._label_name(label)
 
 
 class PatientApp:
@@ -472,7 +486,7 @@ class PatientApp:
                 parts.append(ft.Text(answer["message"]))
             parts += [ft.Text("Most likely, according to the model on this device:")]
             parts += _top_rows(answer["top"])
-            parts.append(_risk_box(answer.get("risk"), bool(answer.get("demonstration"))))
+            parts.append(_risk_box(answer, _namer(answer)))
         else:
             parts.append(ft.Text(answer.get("message") or "", weight=ft.FontWeight.BOLD))
             parts.append(ft.Text(wording.SENT_ANYWAY_NOTE))
@@ -562,7 +576,7 @@ class PatientApp:
         parts += [ft.Text("On this device", weight=ft.FontWeight.BOLD)]
         if device.get("top"):
             parts += _top_rows(device["top"])
-            parts.append(_risk_box(device.get("risk"), bool(device.get("demonstration"))))
+            parts.append(_risk_box(device, _namer(device)))
         else:
             parts.append(ft.Text("Not classified on this device" + (": sent to a dermatologist anyway."
                                                                      if case.sent_anyway else ".")))
@@ -572,7 +586,7 @@ class PatientApp:
             parts += [ft.Divider(), ft.Text("Cloud analysis", weight=ft.FontWeight.BOLD)]
             if cloud.get("top"):
                 parts += _top_rows(cloud["top"])
-                parts.append(_risk_box(cloud.get("risk"), bool(cloud.get("demonstration"))))
+                parts.append(_risk_box(cloud, _namer(cloud)))
             if cloud.get("message"):
                 parts.append(ft.Text(cloud["message"]))
             parts.append(ft.Text(f"Cloud model version: {cloud.get('modelVersion')}", size=12))

@@ -53,7 +53,8 @@ IMAGES_DIR = "images"
 _LOCK_FILE = ".store.lock"
 _SCHEMA_VERSION = 1
 _EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp"}
-_DEVICE_KEYS = frozenset({"modelVersion", "top", "risk", "quality", "box", "at"})
+_DEVICE_KEYS = frozenset({"modelVersion", "top", "risk", "quality", "box", "at", "demonstration", "unsure",
+                          "predictionSet"})
 _RISKS = ("low", "moderate", "high")
 _STATUS_VALUES = frozenset(s.value for s in Status)
 
@@ -270,6 +271,14 @@ def _check_device(device: Any) -> dict[str, Any] | None:
     box = device.get("box", [])
     if not isinstance(box, list) or not all(_number(v) for v in box):
         raise StoreError("the device box is a list of numbers")
+    if "demonstration" in device and device["demonstration"] is not True:
+        raise StoreError("the device demonstration mark is true or absent")
+    if "unsure" in device and not isinstance(device["unsure"], bool):
+        raise StoreError("the device unsure flag is a bool")
+    labels = device.get("predictionSet", [])
+    if not isinstance(labels, list) or len(labels) > cases.MAX_PREDICTION_SET or not all(
+            isinstance(label, str) and 1 <= len(label) <= 64 for label in labels):
+        raise StoreError(f"the device prediction set lists at most {cases.MAX_PREDICTION_SET} class ids")
     return json.loads(json.dumps(device))  # a plain copy, as it will be stored
 
 

@@ -7,6 +7,7 @@ time, never a diagnosis, and every answer carries the disclaimer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dermaloop import DISCLAIMER, cases
@@ -67,6 +68,32 @@ def risk_advice(risk: str | None, demonstration: bool = False) -> tuple[str, str
     if demonstration:
         return DEMONSTRATION
     return RISK_ADVICE.get(risk or "", NO_TIER)
+
+
+# The card's abstain rule (dermaloop.risk.AbstainRule, issue 20): the model is sure only when its
+# calibrated prediction set is exactly the class it names. Otherwise the app says so next to the
+# risk advice (the tier still stands: it is the calibrated malignancy estimate, not the call).
+UNSURE_APART = "Unsure: the model could not tell these apart: {names}. A dermatologist will look."
+UNSURE_ONE = ("Unsure: the photo does not clearly support the model's answer (closest: {names}). "
+              "A dermatologist will look.")
+UNSURE_NONE = "Unsure: no condition fits this photo clearly enough. A dermatologist will look."
+
+
+def unsure_text(names: Sequence[str]) -> str:
+    """The unsure line for a prediction set, given its classes' names (most probable first)."""
+    if len(names) >= 2:
+        return UNSURE_APART.format(names=", ".join(names))
+    return UNSURE_ONE.format(names=names[0]) if names else UNSURE_NONE
+
+
+def unsure_line(result: Mapping[str, Any] | None, name: Callable[[str], str] = str) -> str | None:
+    """The unsure line for a device answer (``prediction_set``) or a case's ``device``/``cloud``
+    record (``predictionSet``); None when the model is sure, its card has no abstain rule, or it is
+    a demonstration model (whose names mean nothing medically: its own wording says so)."""
+    if not isinstance(result, Mapping) or result.get("unsure") is not True or result.get("demonstration"):
+        return None
+    labels = result.get("predictionSet") or result.get("prediction_set") or []
+    return unsure_text([name(str(label)) for label in labels if label])
 
 
 def state_text(status: str | None, failure: dict[str, Any] | None = None) -> str:

@@ -325,10 +325,15 @@ def _round(value: Any) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
+# A prediction set names at most this many classes (the rules refuse more; the taxonomy has 7).
+MAX_PREDICTION_SET = 7
+
+
 def device_record(result: Mapping[str, Any], model_version: str | None = None, at: Any = None) -> dict[str, Any]:
     """The case's ``device`` field from the on-device answer (``DeviceResult.to_json()`` or
     ``DeviceAnswer.to_json()``), in the shape the rules accept: ``modelVersion``, ``top``, ``at``
-    and, when known, ``risk``, ``quality`` and ``box``."""
+    and, when known, ``risk``, ``quality`` and ``box``; with the card's abstain rule also ``unsure``
+    and ``predictionSet`` (so the portal sees "unsure: a dermatologist will look" for this answer)."""
     version = model_version or result.get("modelVersion") or result.get("model_version")
     if not isinstance(version, str) or not version:
         raise CaseError("a device result must name the model version that produced it")
@@ -342,6 +347,9 @@ def device_record(result: Mapping[str, Any], model_version: str | None = None, a
         "box": None if result.get("box") is None else [_round(v) for v in result["box"]],
         "at": SERVER_TIMESTAMP if at is None else at,
         "demonstration": True if result.get("demonstration") else None,
+        "unsure": None if result.get("unsure") is None else bool(result["unsure"]),
+        "predictionSet": [str(label)[:64] for label in
+                          (result.get("predictionSet") or result.get("prediction_set") or [])][:MAX_PREDICTION_SET],
     }
     # RTDB stores no empty list: a photo the checks declined has no ``top`` at all.
     return {k: v for k, v in record.items() if v is not None and v != []}

@@ -301,6 +301,7 @@ class PortalApp:
         device = f"device: {r.device.name} {_pct(r.device.p)}" if r.device else "device: no call"
         badges: list[ft.Control] = [
             _badge(text, ft.Colors.AMBER_200 if results.DEMONSTRATION in text
+                   else ft.Colors.BLUE_100 if text.startswith(results.UNSURE)
                    else RISK_COLOURS.get(r.risk or "", ft.Colors.GREY_200))
             for text in r.risk_badges]
         if r.overdue:

@@ -49,6 +49,7 @@ class QueueRow:
     claimed_by: str | None  # a live claim's holder (None: free or lapsed)
     answered: tuple[str, ...] = ()  # the models ("device", "cloud") with a record on the case
     demonstration: tuple[str, ...] = ()  # those of them that are demonstration models (no risk)
+    unsure: tuple[str, ...] = ()  # those whose card's abstain rule said unsure
 
     @property
     def overdue(self) -> bool:
@@ -60,8 +61,8 @@ class QueueRow:
 
     @property
     def risk_badges(self) -> list[str]:
-        """The tier badge, or the demonstration warning in place of any risk wording."""
-        return results.risk_badges(self.risk, self.demonstration, self.answered)
+        """The tier badge, or the demonstration warning in place of any risk wording; "UNSURE" too."""
+        return results.risk_badges(self.risk, self.demonstration, self.answered, self.unsure)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def build_rows(queue: Any, all_cases: Any, messages: Any, reads: Any, claims: An
             claimed_by=cases.claim_holder(claims.get(case_id), now_ms),
             answered=tuple(m for m in models if isinstance(case.get(m), Mapping)),
             demonstration=tuple(m for m in models if results.is_demonstration(case.get(m))),
+            unsure=tuple(m for m in models if results.is_unsure(case.get(m))),
         ))
     return ordered(rows)
 

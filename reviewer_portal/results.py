@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 DEMONSTRATION = "DEMONSTRATION MODEL (synthetic training data): not a clinical result"
+# The card's abstain rule (dermaloop.risk.AbstainRule, issue 20): the model is sure only when its
+# calibrated prediction set is exactly its call; otherwise its record says ``unsure: true``.
+UNSURE = "UNSURE"
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,20 @@ def is_demonstration(result: Any) -> bool:
     return isinstance(result, Mapping) and result.get("demonstration") is True
 
 
+def is_unsure(result: Any) -> bool:
+    """Whether a model's abstain rule said "unsure" (never said of a demonstration model's answer)."""
+    return isinstance(result, Mapping) and result.get("unsure") is True and not is_demonstration(result)
+
+
+def unsure_line(result: Any, name: Callable[[str], str] = str) -> str | None:
+    """"UNSURE (prediction set: A, B)" for a model whose abstain rule said unsure, else None."""
+    if not is_unsure(result):
+        return None
+    labels = result.get("predictionSet")
+    names = [name(str(label)) for label in labels if label] if isinstance(labels, list) else []
+    return f"{UNSURE} (prediction set: {', '.join(names) if names else 'empty'})"
+
+
 def risk_line(result: Mapping[str, Any]) -> str:
     """The case view's risk line under one model's probabilities."""
     if is_demonstration(result):
@@ -67,25 +84,30 @@ def risk_line(result: Mapping[str, Any]) -> str:
     return line
 
 
-def risk_badges(risk: str | None, demonstration: Iterable[str], answered: Iterable[str]) -> list[str]:
+def risk_badges(risk: str | None, demonstration: Iterable[str], answered: Iterable[str],
+                unsure: Iterable[str] = ()) -> list[str]:
     """A queue row's risk wording: the tier badge, or the demonstration badge in its place.
 
     ``demonstration`` names the models ("device", "cloud") whose answers came from a demonstration
     model, ``answered`` every model with a record on the case. The queue's tier is the cloud model's;
     a demonstration answer has none, so its row shows the warning and no "UNKNOWN risk". When only
     one of two models is a demonstration the badge names it, and the other model's tier (if any)
-    stays."""
+    stays. ``unsure`` names the models whose abstain rule said unsure: one more badge, after the tier
+    ("UNSURE (cloud)"), since the tier still stands."""
     demo = [m for m in ("device", "cloud") if m in set(demonstration)]
+    doubt = [m for m in ("device", "cloud") if m in set(unsure) and m not in demo]
+    doubt_badges = [f"{UNSURE} ({' and '.join(doubt)})"] if doubt else []
     if not demo:
-        return [f"{(risk or 'unknown').upper()} risk"]
+        return [f"{(risk or 'unknown').upper()} risk", *doubt_badges]
     badges = [f"{risk.upper()} risk"] if risk else []
     named = "" if set(demo) >= set(answered) else f"{' and '.join(demo)}: "
-    return [*badges, named + DEMONSTRATION]
+    return [*badges, *doubt_badges, named + DEMONSTRATION]
 
 
 def model_lines(title: str, result: Any, name: Callable[[str], str]) -> list[Line]:
     """One model's column in the case view: version, the demonstration warning right above the
-    probabilities (before any number can be read as a finding), the call, the risk line (never for
+    probabilities (before any number can be read as a finding), the call and, when the card's
+    abstain rule said unsure, its prediction set, the risk line (never for
     a demonstration model), photo quality and the worker's message. ``name`` turns a label into the
     taxonomy's name."""
     lines = [Line(title, "title")]
@@ -105,6 +127,9 @@ def model_lines(title: str, result: Any, name: Callable[[str], str]) -> list[Lin
                 lines.append(Line(f"{t.get('name') or t.get('label')}: {pct(t.get('p'))}"))
     call = top_call(result)
     lines.append(Line(f"Call: {call.name if call else 'none (photo declined)'}", "call"))
+    unsure = unsure_line(result, name)
+    if unsure:  # next to the call it qualifies; the risk line below still stands
+        lines.append(Line(unsure, "warning"))
     if not demonstration:
         lines.append(Line(risk_line(result)))
     quality = result.get("quality") if isinstance(result.get("quality"), Mapping) else {}

@@ -126,6 +126,11 @@ def test_what_a_crash_left_between_file_and_row_is_removed_on_the_next_start(tmp
     ({"device": {"modelVersion": "d", "at": 1, "risk": "extreme"}}, "risk"),
     ({"device": {"top": [], "at": 1}}, "model version"),
     ({"device": {**DEVICE, "secret": 1}}, "fields the server does not take"),
+    ({"device": {**DEVICE, "unsure": "yes"}}, "unsure flag is a bool"),
+    ({"device": {**DEVICE, "predictionSet": "mel"}}, "prediction set lists at most 7"),
+    ({"device": {**DEVICE, "predictionSet": ["mel"] * 8}}, "prediction set lists at most 7"),
+    ({"device": {**DEVICE, "predictionSet": ["mel", 3]}}, "prediction set lists at most 7"),
+    ({"device": {**DEVICE, "demonstration": False}}, "demonstration mark is true or absent"),
     ({"same_lesion_as": "-Nope"}, "no earlier case"),
     ({"case_id": "a/b"}, "not a valid database key"),
 ])
@@ -136,6 +141,18 @@ def test_bad_input_is_refused_and_nothing_is_stored(store, bad, message):
         store.add_case(UID, image, **args)
     assert isinstance(StoreError(""), ValueError)
     assert store.cases(UID) == [] and files_under(store.root) == [] and rows(store.root) == 0
+
+
+def test_the_abstain_verdict_and_the_demonstration_mark_are_kept_as_the_server_takes_them(store):
+    """What ``device_record`` makes of an unsure answer (or a demonstration model's) is stored whole."""
+    unsure = cases.device_record({"top": [{"label": "mel", "name": "melanoma", "p": 0.5}], "risk": "moderate",
+                                  "unsure": True, "prediction_set": ["mel", "nv"]}, "device-1", at=1)
+    demo = cases.device_record({"top": [{"label": "nv", "name": "naevus", "p": 0.5}], "demonstration": True},
+                               "starter", at=1)
+    for device in (unsure, demo):
+        case = store.add_case(UID, lesion_jpeg(9), device=device)
+        assert store.get(UID, case.case_id).device == device
+    assert unsure["unsure"] is True and unsure["predictionSet"] == ["mel", "nv"] and demo["demonstration"] is True
 
 
 def test_status_updates_refuse_unknown_statuses(store):

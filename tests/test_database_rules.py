@@ -144,6 +144,32 @@ def test_patient_write_shapes_are_validated(alice):
     alice.set(f"cases/{a}/{cid}", new_case(a, cid))
 
 
+def test_the_device_records_abstain_verdict_is_typed(alice):
+    """The card's abstain rule (issue 20): a patient's device record may say unsure and list the
+    prediction set (class ids, at most 7), as ``cases.device_record`` writes it; nothing else."""
+    a = uid_of(alice)
+
+    def write(**fields) -> str:
+        cid = new_push_id()
+        case = new_case(a, cid)
+        case["device"].update(fields)
+        alice.set(f"cases/{a}/{cid}", case)
+        return cid
+
+    cid = write(**{k: v for k, v in cases.device_record(
+        {"top": [{"label": "mel", "name": "melanoma", "p": 0.5}], "unsure": True,
+         "prediction_set": ["mel", "nv", "bkl"]}, "device-1", at=1).items() if k in ("unsure", "predictionSet")})
+    stored = alice.get(f"cases/{a}/{cid}/device")
+    assert stored["unsure"] is True and stored["predictionSet"] == ["mel", "nv", "bkl"]
+    write(unsure=False, predictionSet=["nv"])
+    write(predictionSet=[f"c{i}" for i in range(cases.MAX_PREDICTION_SET)])  # the whole taxonomy
+    for bad in ({"unsure": "yes"}, {"unsure": 1}, {"predictionSet": "mel"}, {"predictionSet": [3, "nv"]},
+                {"predictionSet": [""]}, {"predictionSet": ["x" * 65]},
+                {"predictionSet": [f"c{i}" for i in range(cases.MAX_PREDICTION_SET + 1)]},
+                {"predictionSet": {"a": "mel"}}):
+        assert denied(write, **bad), bad
+
+
 def test_jobs_are_created_by_their_patient_only(settings, alice, bob):
     a, b = uid_of(alice), uid_of(bob)
     case_id = create_case(alice)

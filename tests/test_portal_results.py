@@ -96,3 +96,49 @@ def test_demonstration_must_be_exactly_true():
     for value in (False, "true", 1, None):
         assert not results.is_demonstration({"demonstration": value, "risk": "low"})
     assert not results.is_demonstration(None) and not results.is_demonstration("x")
+
+
+UNSURE_SET = ["bkl", "mel", "nv"]
+
+
+def unsure_cloud(demonstration: bool = False) -> dict:
+    """A cloud record as the worker writes it when the card carries an abstain rule that said unsure."""
+    return {**cloud(demonstration), "unsure": True, "predictionSet": UNSURE_SET}
+
+
+def unsure_device(prediction_set: list[str]) -> dict:
+    answer = {"modelVersion": "device-1", "quality": {"ok": True, "issues": []}, "risk": "moderate",
+              "top": [{"label": "mel", "name": "Melanoma", "p": 0.51}], "unsure": True,
+              "prediction_set": prediction_set}  # the device answer's own key (DeviceResult.to_json)
+    return cases.device_record(answer, at=NOW - HOUR)
+
+
+def test_an_unsure_model_shows_its_prediction_set_next_to_the_call_and_keeps_its_risk():
+    names = {"bkl": "Keratosis", "mel": "Melanoma", "nv": "Mole"}.get
+    lines = results.model_lines("Cloud model", unsure_cloud(), names)
+    shown = texts(lines)
+    line = "UNSURE (prediction set: Keratosis, Melanoma, Mole)"
+    assert shown[shown.index("Call: Melanoma") + 1] == line and lines[shown.index(line)].kind == "warning"
+    assert "Risk: high · malignant p 72%" in shown  # next to the risk, not instead of it
+    device_shown = texts(results.model_lines("Device model", unsure_device(["mel", "nv"]), names))
+    assert "UNSURE (prediction set: Melanoma, Mole)" in device_shown and "Risk: moderate" in device_shown
+    assert "UNSURE (prediction set: empty)" in texts(results.model_lines("Device model", unsure_device([]), str))
+
+
+def test_a_sure_model_a_card_without_the_rule_and_a_demonstration_show_no_unsure_line():
+    sure = {**cloud(False), "unsure": False, "predictionSet": ["mel"]}
+    for record in (sure, cloud(False), unsure_cloud(demonstration=True)):
+        assert not any(t.startswith("UNSURE") for t in texts(results.model_lines("Cloud model", record, str)))
+    assert not results.is_unsure({"unsure": "true", "predictionSet": ["mel"]})  # only a real true counts
+
+
+def test_queue_rows_badge_the_unsure_models_after_the_tier():
+    rows = rows_for(cloud_unsure={"device": device(False), "cloud": unsure_cloud()},
+                    both_unsure={"device": unsure_device(["mel", "nv"]), "cloud": unsure_cloud()},
+                    sure={"device": device(False), "cloud": {**cloud(False), "unsure": False}},
+                    demo_unsure={"device": device(False), "cloud": unsure_cloud(demonstration=True)})
+    assert rows["cloud_unsure"].unsure == ("cloud",)
+    assert rows["cloud_unsure"].risk_badges == ["HIGH risk", "UNSURE (cloud)"]
+    assert rows["both_unsure"].risk_badges == ["HIGH risk", "UNSURE (device and cloud)"]
+    assert rows["sure"].risk_badges == ["HIGH risk"] and rows["sure"].unsure == ()
+    assert rows["demo_unsure"].unsure == () and rows["demo_unsure"].risk_badges == [f"cloud: {DEMO}"]
