@@ -315,8 +315,13 @@ class Screens:
 
 def reachable(page, role: str, name: str | re.Pattern, exact: bool = True) -> None:
     """The control is found by its label and lies within the screen's width (nothing cut off)."""
+    from playwright.sync_api import expect
+
     control = page.get_by_role(role, name=name, exact=exact) if isinstance(name, str) else \
         page.get_by_role(role, name=name)
+    # A live redraw (the upload, the cloud result) replaces the controls for a moment: wait for the
+    # control to be there again rather than catch it mid-swap.
+    expect(control.first).to_be_attached()
     box = control.first.bounding_box()
     assert box is not None, f"{role} {name!r} is not on the page"
     assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"] + 0.5, f"{role} {name!r} sticks out: {box}"
