@@ -285,6 +285,7 @@ ACCESS: tuple[Access, ...] = (
     Access("/erasures/{uid}/state", read=_OWNER),  # and doneAt, counts, lease: the server program's
     Access("/erased/{caseId}"),  # tombstones of erased cases (retraining checks them)
     Access("/datasets/versions/{version}"),  # training-set versions (training/dataset_versions.py): admin only
+    Access("/retrainRuns/{runId}"),  # retraining's decision records (training/decisions.py): admin only
     # Storage: the admin role reads here as in the database and writes nothing; heatmaps and model
     # files are written with admin credentials (the worker, `dermaloop models publish`)
     Access("cases/{uid}/{caseId}/image.jpg", read=_CARE_READ, write=_OWNER),  # IMAGE_CONTENT_TYPES only

@@ -30,6 +30,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("backend", "localbase.cli", "start localbase: the embedded Firebase-compatible backend"),
     Command("users", "dermaloop.users_cli", "manage accounts and roles (works on localbase and Firebase)"),
     Command("train", "training.train_cli", "train the device and cloud models into a model directory"),
+    Command("retrain", "training.retrain_cli", "retrain on dermatologists' new labels; promote only if the gates pass"),
     Command("evaluate", "training.evaluate_cli", "evaluate a model directory on a dataset; write a report"),
     Command("export", "training.export_cli", "export a trained model to TFLite (int8 and fp32)"),
     Command("lr-find", "training.lr_find_cli", "learning-rate range test for fine-tuning"),

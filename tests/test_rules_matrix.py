@@ -43,6 +43,7 @@ JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 2048
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 512
 LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 NOW = 1_700_000_000_000  # a past time (the rules refuse future ones): what the worker (admin) stamps
+RUN_ID = "20231114T221320Z-a1b2c3"  # a retraining run (training.decisions.new_run_id's shape)
 
 
 # ---- a seeded world --------------------------------------------------------------------------------
@@ -171,6 +172,8 @@ def seed(localbase) -> Seed:
     # A dataset version (retraining, issue 19): its record and its manifest, admin credentials only.
     s.admin(cases.dataset_version_path(s.version)).set({"manifestSha256": "0" * 64, "createdAt": NOW,
                                                         "storagePath": cases.dataset_manifest_object(s.version)})
+    # A retraining decision record (training/decisions.py), admin credentials only.
+    s.admin(f"retrainRuns/{RUN_ID}").set({"runId": RUN_ID, "startedAt": NOW, "status": "refused", "by": "ops@host"})
 
     bucket = admin_bucket(settings)
     bucket.blob(cases.image_object(s.owner, s.done)).upload_from_string(JPEG, content_type="image/jpeg")
@@ -191,7 +194,7 @@ def concrete(seed: Seed, row: Access) -> str:
     values = {"uid": seed.owner, "caseId": case_id, "msgId": seed.message, "kind": "cloud",
               "version": seed.version, "workerId": "w1", "file": "model.keras", "entryId": seed.history,
               "readerUid": seed.actors[DERMATOLOGIST].uid, "reviewerUid": seed.actors[DERMATOLOGIST].uid,
-              "urgency": "soon"}
+              "urgency": "soon", "runId": RUN_ID}
     return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], row.path).lstrip("/")
 
 
@@ -320,6 +323,8 @@ WRITES: dict[str, Scenario] = {
     "/datasets/versions/{version}": lambda s, a: [
         {cases.dataset_version_path(s.version): {"manifestSha256": "f" * 64, "createdAt": NOW}},
         {cases.dataset_version_path(f"ds-{uuid.uuid4().hex[:12]}"): {"manifestSha256": "f" * 64, "createdAt": NOW}}],
+    "/retrainRuns/{runId}": lambda s, a: [{f"retrainRuns/{RUN_ID}/status": "promoted"},
+                                          {f"retrainRuns/{RUN_ID[:-1]}0": {"runId": "x", "status": "done"}}],
     "datasets/{version}/manifest.json": lambda s, a: (cases.dataset_manifest_object(s.version), b'{"evil":1}',
                                                       "application/json"),
     "cases/{uid}/{caseId}/image.jpg": lambda s, a: (cases.image_object(s.owner, new_push_id()), JPEG, "image/jpeg"),
