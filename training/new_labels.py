@@ -225,7 +225,9 @@ def _remove_leftovers(cache_dir: Path) -> None:
 # ---- gathering --------------------------------------------------------------------------------------
 
 
-def _defaults(app: Any, bucket: Any, settings: Settings | None) -> tuple[Any, Any]:
+def server_handles(app: Any, bucket: Any, settings: Settings | None) -> tuple[Any, Any]:
+    """The firebase-admin app and the admin bucket retraining's steps use: the ones given, else the
+    ones the settings name."""
     if app is None:
         from dermaloop.admin_app import get_app
 
@@ -259,7 +261,7 @@ def gather_labels(cache_dir: str | Path, *, app: Any = None, bucket: Any = None,
     from tqdm import tqdm
 
     taxonomy = taxonomy if isinstance(taxonomy, Taxonomy) else load_taxonomy(taxonomy or DEFAULT_TAXONOMY)
-    app, bucket = _defaults(app, bucket, settings)
+    app, bucket = server_handles(app, bucket, settings)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(cache_dir)

@@ -64,6 +64,7 @@ from training.decisions import (
     who_ran,
     write_record,
 )
+from training.new_labels import server_handles
 from training.refit import EmbeddingCache, RefitError
 
 __all__ = ["RetrainOptions", "RunResult", "RetrainError", "NoNewLabels", "retrain", "watch", "CRASH_ENV"]
@@ -118,18 +119,6 @@ def _crash_point(step: str) -> None:
 
 def _say(opts: RetrainOptions, msg: str) -> None:
     (opts.say or (lambda m: print(m, flush=True)))(msg)
-
-
-def _defaults(app: Any, bucket: Any, settings: Settings | None) -> tuple[Any, Any]:
-    if app is None:
-        from dermaloop.admin_app import get_app
-
-        app = get_app(settings)
-    if bucket is None:
-        from dermaloop.storage import admin_bucket
-
-        bucket = admin_bucket(settings)
-    return app, bucket
 
 
 def _current_models(opts: RetrainOptions, app: Any, bucket: Any) -> tuple[dict[str, str], dict[str, ModelDir]]:
@@ -359,7 +348,7 @@ def retrain(opts: RetrainOptions, *, app: Any = None, bucket: Any = None, settin
             train_arguments(opts.refit.train_args, opts.out, opts.out, taxonomy.name, opts.out, False)
         except CandidateError as exc:
             raise RetrainError(str(exc)) from exc
-    app, bucket = _defaults(app, bucket, settings)
+    app, bucket = server_handles(app, bucket, settings)
     by = who_ran(opts.by)
     timings: dict[str, float] = {}
     with run_lock(opts.out):
@@ -519,7 +508,7 @@ def watch(opts: RetrainOptions, every: int, *, poll_seconds: float = 60.0, app: 
 
     if every < 1:
         raise RetrainError("--watch takes a positive number of new labels")
-    app, bucket = _defaults(app, bucket, settings)
+    app, bucket = server_handles(app, bucket, settings)
     taxonomy = load_taxonomy(opts.taxonomy)
     stop = stop or threading.Event()
     results: list[RunResult] = []
