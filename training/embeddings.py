@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from dermaloop import backbones
-from dermaloop.preprocess import SYMMETRIES, PreprocessConfig, load_image, symmetric_image, to_model_input
+from dermaloop.preprocess import (
+    SYMMETRIES,
+    PreprocessConfig,
+    load_image,
+    symmetric_image,
+    symmetric_pixels,
+    to_model_input,
+)
 from training.datasets import Dataset, Sample
 
 CACHE_VERSION = 1
@@ -35,6 +42,19 @@ CROP_SCALE = (0.7, 1.0)
 JITTER = 0.2  # brightness, contrast, saturation factors in [1 - JITTER, 1 + JITTER]
 CHANNEL_GAIN = 0.08  # per-channel gains in [1 - CHANNEL_GAIN, 1 + CHANNEL_GAIN]
 
+# Serving-matched views (issue 20): the runtimes do not feed the classifier the centre square but a
+# square around the localiser's lesion box with ``box_margin`` context (preprocess.crop_box). "box"
+# is that crop around the dataset's lesion box (HAM10000's metadata boxes, from the masks), "box-<s>"
+# the same crop under symmetry s, and "boxjK" a scale-jittered version: a margin drawn from
+# BOX_MARGIN_JITTER (from tight to about four times the runtime's context), a shift of the box by up
+# to BOX_SHIFT of its side (a localiser's box is not the mask's) and a random symmetry, fixed per
+# (image, view). A photo without a box falls back to the centre square, as the runtimes do.
+CROPS = ("centre", "box")
+BOX_MARGIN_JITTER = (0.0, 0.6)
+BOX_SHIFT = 0.1
+BOX_VIEWS = ("box", *(f"box-{s}" for s in SYMMETRIES[1:]))
+BOX_JITTERED = tuple(f"boxj{k}" for k in range(1, len(AUGMENTED) + 1))
+
 
 @dataclass
 class Features:
@@ -46,7 +66,54 @@ class Features:
 
 
 def is_view(view: str) -> bool:
-    return view in VIEWS or view in AUGMENTED
+    return view in VIEWS or view in AUGMENTED or view in BOX_VIEWS or view in BOX_JITTERED
+
+
+def view_for_crop(crop: str, view: str) -> str:
+    """The cached view that plays ``view`` (a symmetry or augK, as recipes name them) when the
+    classifier is trained on ``crop``: "centre" keeps it, "box" maps orig -> box, s -> box-s and
+    augK -> boxjK."""
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    if crop == "centre" or view in BOX_VIEWS or view in BOX_JITTERED:
+        return view
+    if view == "orig":
+        return "box"
+    if view in SYMMETRIES:
+        return f"box-{view}"
+    if view in AUGMENTED:
+        return f"boxj{view[3:]}"
+    raise ValueError(f"unknown view {view!r}")
+
+
+def jittered_box(box: tuple[float, float, float, float] | None, seed: int) -> tuple[tuple[float, ...] | None, float]:
+    """A lesion box shifted by up to BOX_SHIFT of its side, and a context margin drawn from
+    BOX_MARGIN_JITTER: what a localiser's box and the runtime's crop might have made of this photo."""
+    rng = np.random.default_rng(seed)
+    margin = float(rng.uniform(*BOX_MARGIN_JITTER))
+    if box is None:
+        return None, margin
+    x0, y0, x1, y1 = box
+    dx, dy = rng.uniform(-BOX_SHIFT, BOX_SHIFT, size=2) * (x1 - x0, y1 - y0)
+    dx = float(np.clip(dx, -x0, 1.0 - x1))
+    dy = float(np.clip(dy, -y0, 1.0 - y1))
+    return (x0 + dx, y0 + dy, x1 + dx, y1 + dy), margin
+
+
+def _seed(key: str, view: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{key}/{view}".encode()).digest()[:8], "little")
+
+
+def _box_input(img: Image.Image, sample: Sample, config: PreprocessConfig, view: str) -> np.ndarray:
+    if view in BOX_VIEWS:
+        pixels = to_model_input(img, box=sample.box, config=config)
+        symmetry = "orig" if view == "box" else view[4:]
+    else:
+        seed = _seed(sample.id, view)
+        box, margin = jittered_box(sample.box, seed)
+        pixels = to_model_input(img, box=box, config=replace(config, box_margin=margin))
+        symmetry = SYMMETRIES[int(np.random.default_rng(seed + 1).integers(len(SYMMETRIES)))]
+    return pixels if symmetry == "orig" else np.ascontiguousarray(symmetric_pixels(pixels[None], symmetry)[0])
 
 
 def augment(img: Image.Image, seed: int) -> Image.Image:
@@ -70,14 +137,16 @@ def _view(img: Image.Image, view: str, key: str = "") -> Image.Image:
     if view in VIEWS:
         return symmetric_image(img, view)
     if view in AUGMENTED:
-        digest = hashlib.sha256(f"{key}/{view}".encode()).digest()
-        return augment(img, int.from_bytes(digest[:8], "little"))
-    raise ValueError(f"unknown view {view!r}; choose from {VIEWS} or aug1..aug{len(AUGMENTED)}")
+        return augment(img, _seed(key, view))
+    raise ValueError(f"unknown view {view!r}; choose from {VIEWS}, aug1..aug{len(AUGMENTED)}, "
+                     f"box, box-<symmetry> or boxj1..boxj{len(BOX_JITTERED)}")
 
 
 def model_input(sample: Sample, config: PreprocessConfig, view: str = "orig") -> np.ndarray:
     """The shared preprocessing (dermaloop.preprocess) of one sample, in one of the label-preserving
     views (augmented views are seeded by the sample id, so a cache can be rebuilt exactly)."""
+    if view in BOX_VIEWS or view in BOX_JITTERED:
+        return _box_input(load_image(sample.path), sample, config, view)
     return to_model_input(_view(load_image(sample.path), view, sample.id), config=config)
 
 
@@ -99,6 +168,14 @@ def extractor(name: str, with_maps: bool, stage: int = TAIL_STAGE):
     return keras.Model(model.input, [model.get_layer(f"block{k}_add").output, model.output])
 
 
+def _boxes_digest(dataset: Dataset) -> str:
+    """Box views depend on the lesion boxes, which the dataset fingerprint (ids, labels, groups) omits."""
+    h = hashlib.sha256()
+    for s in dataset.samples:
+        h.update(f"{s.id}\t{s.box}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _key(name: str, config: PreprocessConfig, view: str, dataset: Dataset, stage: int = TAIL_STAGE) -> str:
     seeded = backbones.BACKBONES[name].wheel_module is None
     ckpt = "seeded-init" if seeded else backbones.checkpoint_path(name).name
@@ -106,6 +183,8 @@ def _key(name: str, config: PreprocessConfig, view: str, dataset: Dataset, stage
                        "pre": config.to_dict(), "view": view, "data": dataset.fingerprint(),
                        "source": dataset.source,
                        **({"aug": [CROP_SCALE, JITTER, CHANNEL_GAIN]} if view in AUGMENTED else {}),
+                       **({"boxj": [BOX_MARGIN_JITTER, BOX_SHIFT]} if view in BOX_JITTERED else {}),
+                       **({"boxes": _boxes_digest(dataset)} if view in BOX_VIEWS or view in BOX_JITTERED else {}),
                        **({"stage": stage} if stage != TAIL_STAGE else {})},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -43,6 +43,8 @@ class FinetuneConfig:
     class_weight_power: float = 1.0  # 1.0 = fully balanced, 0 = none
     seed: int = 0
     train_stages: int = 2  # top stages trained (of 7); the rest are frozen and their output is cached
+    distill_alpha: float = 0.0  # weight of the teacher's soft labels (training/distill.py); 0: labels only
+    distill_temperature: float = 2.0
 
 
 def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> np.ndarray:
@@ -76,8 +78,9 @@ def predict_logits(model, maps: np.ndarray, batch_size: int = 256) -> np.ndarray
 
 def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: np.ndarray,
              calib_idx: np.ndarray, n_classes: int, config: FinetuneConfig, checkpoint_dir: str | Path,
-             progress: bool = True, imagenet: bool = True):
-    """Train; returns (model with the best calibration-split weights, history list)."""
+             progress: bool = True, imagenet: bool = True, soft_targets: np.ndarray | None = None):
+    """Train; returns (model with the best calibration-split weights, history list). ``soft_targets``:
+    a teacher's probabilities per dataset row, learnt from with ``config.distill_alpha``."""
     import keras
 
     keras.utils.set_random_seed(config.seed)
@@ -103,8 +106,9 @@ def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: 
                     src = rows[pick]
                     srt = np.argsort(src)  # sorted reads are much faster on memmaps
                     x[np.flatnonzero(pick)[srt]] = np.asarray(views[v][src[srt]], np.float32)
-            yield x, labels[rows]
+            yield (x, labels[rows]) if soft is None else (x, labels[rows], soft[rows])
 
+    soft = distill_targets(soft_targets, train_idx, config)
     calib = np.sort(calib_idx)
 
     def calib_logits(m) -> np.ndarray:
@@ -113,6 +117,25 @@ def finetune(name: str, views: list[np.ndarray], labels: np.ndarray, train_idx: 
     loop = EpochLoop(model, labels, train_idx, labels[calib], n_classes, config, schedule(config.lr_head),
                      schedule(config.lr_body), checkpoint_dir, f"{name} fine-tune", progress)
     return loop.run(batches, steps, calib_logits)
+
+
+def distill_targets(soft_targets: np.ndarray | None, train_idx: np.ndarray, config) -> np.ndarray | None:
+    """The teacher's probabilities softened to the recipe's temperature, or None when not distilling;
+    refuses a recipe that asks for distillation without a teacher, or a teacher missing training rows."""
+    from training.distill import soften
+
+    alpha = float(getattr(config, "distill_alpha", 0.0))
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"distill_alpha must be in [0, 1], got {alpha}")
+    if alpha == 0.0:
+        return None
+    if soft_targets is None:
+        raise ValueError("distill_alpha > 0 needs the teacher's probabilities (--distill-from)")
+    if np.isnan(soft_targets[train_idx]).any():
+        raise ValueError("the teacher's probabilities do not cover every training image")
+    out = np.zeros_like(soft_targets, dtype=np.float32)
+    out[train_idx] = soften(soft_targets[train_idx], config.distill_temperature)
+    return out
 
 
 class EpochLoop:
@@ -146,18 +169,32 @@ class EpochLoop:
         loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing,
                                                        reduction="none")
         opt_head, opt_body = self.opt_head, self.opt_body
+        alpha = float(getattr(config, "distill_alpha", 0.0))
+        temperature = float(getattr(config, "distill_temperature", 1.0))
+
+        def apply(tape, loss):
+            grads = tape.gradient(loss, head_vars + body_vars)
+            opt_head.apply_gradients(zip(grads[:len(head_vars)], head_vars, strict=True))
+            opt_body.apply_gradients(zip(grads[len(head_vars):], body_vars, strict=True))
+            return loss
 
         @tf.function(reduce_retracing=True)
         def step(x, y):
             with tf.GradientTape() as tape:
                 logits = model(x, training=True)
                 loss = tf.reduce_mean(loss_fn(tf.one_hot(y, n_classes), logits) * tf.gather(cw, y))
-            grads = tape.gradient(loss, head_vars + body_vars)
-            opt_head.apply_gradients(zip(grads[:len(head_vars)], head_vars, strict=True))
-            opt_body.apply_gradients(zip(grads[len(head_vars):], body_vars, strict=True))
-            return loss
+            return apply(tape, loss)
 
-        self.step = step
+        @tf.function(reduce_retracing=True)
+        def distill_step(x, y, soft):
+            from training.distill import distillation_loss
+
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)
+                loss = distillation_loss(logits, y, soft, cw, alpha, temperature, config.label_smoothing)
+            return apply(tape, loss)
+
+        self.step = distill_step if alpha > 0 else step
 
     def _resume(self, steps: int) -> tuple[list[dict], float, int]:
         state_file = self.ckpt / "state.json"
@@ -188,8 +225,8 @@ class EpochLoop:
             losses = []
             with tqdm(total=steps, desc=f"{self.desc} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                       disable=not self.progress) as bar:
-                for x, y in batches(np.random.default_rng([cfg.seed, epoch])):
-                    losses.append(float(self.step(tf.constant(x), tf.constant(y))))
+                for batch in batches(np.random.default_rng([cfg.seed, epoch])):  # (x, y) or (x, y, teacher)
+                    losses.append(float(self.step(*(tf.constant(a) for a in batch))))
                     bar.update(1)
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             bacc = float(balanced_accuracy_score(self.calib_labels, calib_logits(self.model).argmax(1)))

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from dermaloop.preprocess import PreprocessConfig, load_image, symmetric_pixels, to_model_input
+from dermaloop.preprocess import PreprocessConfig, crop_box, load_image, symmetric_pixels, to_model_input
 from training.datasets import Dataset
-from training.embeddings import augment, model_input
-from training.finetune import EpochLoop
+from training.embeddings import augment, jittered_box, model_input, view_for_crop
+from training.finetune import EpochLoop, distill_targets
 
 
 @dataclass
@@ -42,6 +42,12 @@ class FullFinetuneConfig:
     label_smoothing: float = 0.1
     class_weight_power: float = 1.0
     seed: int = 0
+    # "box": each augmentation starts from a scale-jittered crop around the lesion box (the runtime's
+    # view of the photo, training.embeddings.jittered_box) instead of the whole photo; the calib
+    # split is scored on the runtime's box crop
+    crop: str = "centre"
+    distill_alpha: float = 0.0  # as in FinetuneConfig
+    distill_temperature: float = 2.0
 
 
 def warm_start_key(start) -> str:
@@ -86,7 +92,8 @@ def image_logits(model, ds: Dataset, rows: np.ndarray, config: PreprocessConfig,
 
 
 def finetune_full(name: str, ds: Dataset, train_idx: np.ndarray, calib_idx: np.ndarray, config: FullFinetuneConfig,
-                  preprocess: PreprocessConfig, checkpoint_dir: str | Path, start=None, progress: bool = True):
+                  preprocess: PreprocessConfig, checkpoint_dir: str | Path, start=None, progress: bool = True,
+                  soft_targets: np.ndarray | None = None):
     """Train every layer on augmented images; returns (network with the best calib weights, history)."""
     import keras
 
@@ -104,7 +111,12 @@ def finetune_full(name: str, ds: Dataset, train_idx: np.ndarray, calib_idx: np.n
 
     def one(args: tuple[int, int]) -> np.ndarray:
         row, seed = args
-        return to_model_input(augment(load_image(samples[row].path), seed), config=preprocess)
+        img = load_image(samples[row].path)
+        if config.crop == "box":
+            box, margin = jittered_box(samples[row].box, seed)
+            img = img.crop(tuple(round(v) for v in crop_box(img.width, img.height, box,
+                                                             replace(preprocess, box_margin=margin))))
+        return to_model_input(augment(img, seed), config=preprocess)
 
     def batches(rng: np.random.Generator):
         order = rng.permutation(train_idx)
@@ -120,13 +132,16 @@ def finetune_full(name: str, ds: Dataset, train_idx: np.ndarray, calib_idx: np.n
                 x = pending.result()
                 if i + 1 < len(chunks):
                     pending = submit(chunks[i + 1])
-                yield x.astype(np.float32), ds.labels[order[sel]]
+                rows = order[sel]
+                yield (x.astype(np.float32), ds.labels[rows]) if soft is None else \
+                    (x.astype(np.float32), ds.labels[rows], soft[rows])
 
+    soft = distill_targets(soft_targets, train_idx, config)
     calib = np.sort(calib_idx)
     loop = EpochLoop(model, ds.labels, train_idx, ds.labels[calib], k, config, schedule(config.lr_head),
                      schedule(config.lr_body), checkpoint_dir, f"{name} whole-network fine-tune", progress,
                      extendable=False)  # the cosine decay spans all epochs: a longer run is another run
-    return loop.run(batches, steps, lambda m: image_logits(m, ds, calib, preprocess))
+    return loop.run(batches, steps, lambda m: image_logits(m, ds, calib, preprocess, view_for_crop(config.crop, "orig")))
 
 
 def checkpoint_dir(base: Path, name: str, ds: Dataset, recipe: str, start) -> Path:

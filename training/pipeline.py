@@ -44,7 +44,7 @@ from dermaloop.risk import (
 from dermaloop.taxonomy import load_taxonomy
 from training.assemble import ensemble_classifier, full_classifier
 from training.datasets import Dataset, grouped_split, open_dataset
-from training.embeddings import TAIL_STAGE, extract_features, map_stage, model_input
+from training.embeddings import TAIL_STAGE, extract_features, map_stage, model_input, view_for_crop
 from training.finetune import FinetuneConfig, finetune, predict_logits
 from training.finetune_images import FullFinetuneConfig, checkpoint_dir, finetune_full, image_logits
 from training.heads import fit_linear_head
@@ -63,6 +63,9 @@ class TrainOptions:
     # the symmetries the cloud runtime averages over at test time; None: the symmetric views in views
     cloud_tta: tuple[str, ...] | None = None
     colour_constancy: bool = False
+    # what the classifier sees: "centre" = the centre square of the photo (the views as named), "box" =
+    # the runtime's crop around the lesion box, each view applied to that crop (serving-matched, issue 20)
+    crop: str = "centre"
     cache_dir: Path | None = None
     val_fraction: float = 0.2
     calib_fraction: float = 0.1
@@ -83,6 +86,11 @@ class TrainOptions:
     cloud_seeds: tuple[int, ...] = ()
     # class id -> recall the call must reach on the calib split (per-class decision offsets, risk.py)
     class_recall: dict[str, float] = field(default_factory=dict)
+    # knowledge distillation of the device network (training/distill.py): a model directory whose cloud
+    # model is the teacher, and the weight and temperature of its soft labels in the device's loss
+    distill_from: Path | None = None
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
 
 def _log(opts: TrainOptions, msg: str) -> None:
@@ -126,9 +134,14 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     chosen = opts.cloud_views if kind == "cloud" and opts.cloud_views else opts.views
     views = list(chosen if fine or kind == "cloud" else ("orig",))
     recipe_cfg = opts.cloud_finetune if kind == "cloud" and opts.cloud_finetune else opts.finetune
+    soft, distill_tag, distilled = None, "", None
+    if kind == "device" and opts.distill_from is not None:
+        soft, distill_tag, distilled = _teacher(ds, split, opts)
+        recipe_cfg = replace(recipe_cfg, distill_alpha=opts.distill_alpha, distill_temperature=opts.distill_temperature)
     stage = map_stage(recipe_cfg.train_stages)
-    feats = [extract_features(ds, backbone, cfg, opts.cache_dir, view=v, with_maps=fine, progress=opts.progress,
-                              stage=stage) for v in views]
+    base_view = view_for_crop(opts.crop, "orig")  # the photo as the runtime crops it; symmetries apply to it
+    feats = [extract_features(ds, backbone, cfg, opts.cache_dir, view=view_for_crop(opts.crop, v), with_maps=fine,
+                              progress=opts.progress, stage=stage) for v in views]
     t_features = time.perf_counter() - t0
     y = ds.labels
     k = len(ds.taxonomy)
@@ -138,17 +151,20 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     calib = split["calib"]
     if fine:
         # One checkpoint folder per (backbone, data, views, preprocessing): resuming never mixes recipes.
-        recipe = "+".join(views) + ("-cc" if opts.colour_constancy else "") + \
-            (f"-top{recipe_cfg.train_stages}" if stage != TAIL_STAGE else "")
+        recipe = ("box-" if opts.crop == "box" else "") + "+".join(views) + ("-cc" if opts.colour_constancy else "") + \
+            (f"-top{recipe_cfg.train_stages}" if stage != TAIL_STAGE else "") + distill_tag
         base = opts.cache_dir or opts.out / "checkpoints"
         ckpt = base / f"finetune-{backbone}-{ds.fingerprint()}-{recipe}"
         tail, history = finetune(backbone, [f.maps for f in feats], y, split["train"], split["calib"], k,
-                                 recipe_cfg, ckpt, progress=opts.progress)
+                                 recipe_cfg, ckpt, progress=opts.progress, soft_targets=soft)
         full_cfg = opts.cloud_full_finetune if kind == "cloud" else opts.full_finetune
+        if soft is not None:
+            full_cfg = replace(full_cfg, distill_alpha=opts.distill_alpha, distill_temperature=opts.distill_temperature)
         if full_cfg.epochs > 0:
             warm = tail
-            tail, full_history = _finetune_full_seed(backbone, ds, split, full_cfg, cfg, base, recipe, warm, opts)
-            calib_logits = [image_logits(tail, ds, calib, cfg, v) for v in views]
+            tail, full_history = _finetune_full_seed(backbone, ds, split, full_cfg, cfg, base, recipe, warm, opts,
+                                                     soft)
+            calib_logits = [image_logits(tail, ds, calib, cfg, view_for_crop(opts.crop, v)) for v in views]
             seed_members = [{"seed": s, "network": _finetune_full_seed(backbone, ds, split, replace(full_cfg, seed=s),
                                                                        cfg, base, recipe, warm, opts)[0]}
                             for s in seeds]
@@ -164,13 +180,12 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     if missing:  # views used only at test time: the whole network on the calib images, as the runtime sees them
         net = tail if full_history else full_classifier(backbone, k, tail_model=tail, head=head,
                                                         with_probabilities=False)
-        calib_logits += [image_logits(net, ds, calib, cfg, symmetry=v) for v in missing]
+        calib_logits += [image_logits(net, ds, calib, cfg, base_view, symmetry=v) for v in missing]
         views += missing
     for member in seed_members:  # logits as the runtime computes them: training views as photos, the rest on inputs
         net = member.pop("network")
-        logits = {v: image_logits(net, ds, calib, cfg, v) if v in chosen else image_logits(net, ds, calib, cfg,
-                                                                                            symmetry=v)
-                  for v in views}
+        logits = {v: image_logits(net, ds, calib, cfg, view_for_crop(opts.crop, v)) if v in chosen
+                  else image_logits(net, ds, calib, cfg, base_view, symmetry=v) for v in views}
         t = fit_temperature(logits["orig"], y[calib])
         member.update(model=full_classifier(backbone, k, t, tail_model=net), calib_logits=logits,
                       temperature=t)
@@ -194,19 +209,39 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     model = full_classifier(backbone, k, policy.temperature, tail_model=tail, head=head)
     return {"model": model, "policy": policy, "preprocess": cfg, "tta": tta, "history": history,
             "full_history": full_history, "calib_logits": dict(zip(views, calib_logits, strict=True)),
-            "seed_members": seed_members, "decision": decision,
+            "seed_members": seed_members, "decision": decision, "distillation": distilled,
             "calib": _calib_scores(yc, softmax(calib_logits[0], policy.temperature), probs_c, policy),
             "features_seconds": t_features, "train_seconds": t_train,
             "images_per_second": feats[0].images_per_second, "features_cached": feats[0].cached}
 
 
+def _teacher(ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions) -> tuple[np.ndarray, str, dict[str, Any]]:
+    """The teacher's probabilities on the training rows, the checkpoint-name tag that keeps a distilled
+    recipe from resuming an undistilled one (or another teacher's), and what the card says."""
+    from training.distill import teacher_probabilities
+
+    md = ModelDir.open(opts.distill_from)
+    soft = teacher_probabilities(opts.distill_from, ds, split["train"], opts.crop, opts.cache_dir, progress=opts.progress)
+    teacher_key = sha256_file(md.root / CARD)[:8]
+    tag = f"-distill{opts.distill_alpha:g}T{opts.distill_temperature:g}-{teacher_key}"
+    info = {"teacher": str(opts.distill_from), "teacher_version": md.card.get("version"),
+            "teacher_card_sha256": sha256_file(md.root / CARD), "alpha": opts.distill_alpha,
+            "temperature": opts.distill_temperature,
+            "how": "loss = (1 - alpha) * label cross-entropy + alpha * T^2 * KL(teacher || student) at T, "
+                   "the teacher's cloud model run once on each training image as the student's crop sees it"}
+    return soft, tag, info
+
+
 def _finetune_full_seed(backbone: str, ds: Dataset, split: dict[str, np.ndarray], full_cfg: FullFinetuneConfig,
-                        cfg: PreprocessConfig, base: Path, recipe: str, warm, opts: TrainOptions):
+                        cfg: PreprocessConfig, base: Path, recipe: str, warm, opts: TrainOptions,
+                        soft: np.ndarray | None = None):
     """The whole-network phase with ``full_cfg.seed``; each seed has its own checkpoint folder (seed 0
     keeps the unsuffixed name, so earlier checkpoints stay valid)."""
     suffix = f"-seed{full_cfg.seed}" if full_cfg.seed else ""
+    full_cfg = replace(full_cfg, crop=opts.crop)
     return finetune_full(backbone, ds, split["train"], split["calib"], full_cfg, cfg,
-                         checkpoint_dir(base, backbone, ds, recipe + suffix, warm), start=warm, progress=opts.progress)
+                         checkpoint_dir(base, backbone, ds, recipe + suffix, warm), start=warm, progress=opts.progress,
+                         soft_targets=soft)
 
 
 def _ensemble(cloud: dict[str, Any], device: dict[str, Any] | None, ds: Dataset, split: dict[str, np.ndarray],
@@ -272,7 +307,8 @@ def _section(kind: str, backbone: str, r: dict[str, Any]) -> dict[str, Any]:
                                             "dtype": "uint8 (int8 model) / float32 pixel values 0..255"},
             "output": "calibrated class probabilities (temperature folded into the model)",
             "preprocess": r["preprocess"].to_dict(), "risk": {**policy.to_dict(), "temperature_in_model": True},
-            "tta": r["tta"], "calib": r["calib"], "decision": r["decision"], "training": {"fine_tuned_epochs": len(r["history"]), "history": r["history"],
+            "tta": r["tta"], "calib": r["calib"], "decision": r["decision"],
+            **({"distillation": r["distillation"]} if r.get("distillation") else {}), "training": {"fine_tuned_epochs": len(r["history"]), "history": r["history"],
                                           **({"whole_network_epochs": len(r["full_history"]),
                                               "whole_network_history": r["full_history"]}
                                              if r["full_history"] else {}),
@@ -301,6 +337,16 @@ def train(opts: TrainOptions) -> Path:
     unknown = [v for v in opts.cloud_tta or () if v not in SYMMETRIES]
     if unknown:
         raise ValueError(f"test-time views must be symmetries ({', '.join(SYMMETRIES)}), not {', '.join(unknown)}")
+    view_for_crop(opts.crop, "orig")  # refuses an unknown crop before any work
+    if opts.distill_from is not None:
+        if opts.epochs == 0:
+            raise ValueError("--distill-from teaches a fine-tuned device network: give --epochs > 0 too")
+        if not 0.0 < opts.distill_alpha <= 1.0 or opts.distill_temperature <= 0:
+            raise ValueError(f"--distill-alpha must be in (0, 1] and --distill-temperature positive; got "
+                             f"{opts.distill_alpha} and {opts.distill_temperature}")
+        teacher = ModelDir.open(opts.distill_from)  # a ModelError says what is wrong with it
+        if "cloud" not in teacher.card:
+            raise ValueError(f"{opts.distill_from} has no cloud model to learn from")
     keras.utils.set_random_seed(opts.seed)
     ds = _subsample(open_dataset(opts.data, taxonomy), opts.limit, opts.seed)
     split = grouped_split(ds, opts.val_fraction, opts.calib_fraction, opts.seed)
@@ -321,7 +367,7 @@ def train(opts: TrainOptions) -> Path:
     device["model"].save(tmp / DEVICE_KERAS)
     rng = np.random.default_rng(opts.seed)
     calib_rows = rng.choice(split["train"], size=min(opts.calibration_images, len(split["train"])), replace=False)
-    images = [model_input(ds.samples[i], device["preprocess"]) for i in calib_rows]
+    images = [model_input(ds.samples[i], device["preprocess"], view_for_crop(opts.crop, "orig")) for i in calib_rows]
     _log(opts, "exporting device model to TFLite (fp32 and int8)")
     from training.export import export_fp32, export_int8
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from dermaloop import backbones
 from dermaloop.preprocess import SYMMETRIES
 from dermaloop.taxonomy import available_taxonomies
-from training.embeddings import VIEWS, is_view
+from training.embeddings import AUGMENTED, VIEWS
 
 
 def default_cache_dir() -> Path:
@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cycle-epochs", type=int, default=3,
                         help="length of the first cosine cycle; each warm restart doubles it")
     parser.add_argument("--colour-constancy", action="store_true", help="shades-of-grey white balance")
+    parser.add_argument("--crop", choices=("centre", "box"), default="centre",
+                        help="what the classifier is trained on: the centre square of each photo, or the crop the "
+                             "runtimes make around the lesion box (the dataset's boxes, with the runtime's margin; "
+                             "views then apply to that crop, augK becomes a scale-jittered crop)")
     parser.add_argument("--target-sensitivity", type=float, default=0.90,
                         help="malignant sensitivity the malignancy threshold is chosen for (on the calib split)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default: DATA_DIR/cache/embeddings)")
@@ -72,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="e.g. mel=0.75: per-class decision offsets, the smallest that make the call reach "
                              "these recalls on the calib split (missing a melanoma costs more than over-calling "
                              "a nevus); probabilities and risk tiers are unchanged")
+    parser.add_argument("--distill-from", type=Path, default=None,
+                        help="a model directory whose cloud model teaches the device network: its probabilities on "
+                             "each training image (computed once, cached) join the labels in the device's loss")
+    parser.add_argument("--distill-alpha", type=float, default=0.5,
+                        help="weight of the teacher's soft labels in the device's loss (0..1)")
+    parser.add_argument("--distill-temperature", type=float, default=2.0,
+                        help="temperature at which student and teacher probabilities are compared")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -82,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
 
     def parse_views(text: str) -> tuple[str, ...]:
         views = tuple(v.strip() for v in text.split(",") if v.strip())
-        if any(not is_view(v) for v in views) or not views or views[0] != "orig":
-            raise SystemExit(f"views must start with 'orig' and use only {', '.join(VIEWS)} or aug1..aug16; "
+        if any(v not in VIEWS and v not in AUGMENTED for v in views) or not views or views[0] != "orig":
+            raise SystemExit(f"views must start with 'orig' and use only {', '.join(VIEWS)} or aug1..aug16 "
+                             "(--crop box applies them to the lesion-box crop); "
                              f"got {text!r}")
         return views
 
@@ -118,17 +130,20 @@ def run(args: argparse.Namespace) -> int:
     opts = TrainOptions(
         data=args.data, out=args.out, taxonomy=args.taxonomy, device_backbone=args.device_backbone,
         cloud_backbone=args.cloud_backbone, epochs=args.epochs, views=views, cloud_views=cloud_views, cloud_tta=cloud_tta,
-        colour_constancy=args.colour_constancy, cache_dir=args.cache_dir or default_cache_dir(),
+        colour_constancy=args.colour_constancy, crop=args.crop, cache_dir=args.cache_dir or default_cache_dir(),
         seed=args.seed, target_sensitivity=args.target_sensitivity, limit=args.limit, skip_cloud=args.skip_cloud,
         cloud_ensemble=args.cloud_ensemble, cloud_seeds=cloud_seeds, class_recall=class_recall,
+        distill_from=args.distill_from, distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
         finetune=recipe, cloud_finetune=cloud_recipe, progress=not args.quiet,
         full_finetune=FullFinetuneConfig(epochs=args.full_epochs, lr_head=args.full_lr, lr_body=args.full_lr,
                                          seed=args.seed),
         cloud_full_finetune=FullFinetuneConfig(epochs=args.cloud_full_epochs, lr_head=args.full_lr,
                                                lr_body=args.full_lr, seed=args.seed))
+    from dermaloop.model_dir import ModelError
+
     try:
         out = train(opts)
-    except ValueError as exc:
+    except (ValueError, ModelError) as exc:
         print(f"dermaloop train: {exc}")
         return 2
     print(f"wrote {out}")
