@@ -157,10 +157,10 @@ def record(item: Prepared, result: Inferred, heatmap_path: str | None, now_ms: i
     """The ``cloud`` field of a case, from what the checks and the model found."""
     model = result.model
     checked = item.checked
+    demonstration = bool(getattr(model, "demonstration", False))
     base: dict[str, Any] = dict(model_version=model.version, quality=checked.quality, lesion=checked.lesion,
                                 box=checked.box, heatmap_path=heatmap_path, timings_ms=item.timings_ms,
-                                message=checked.message, at=now_ms,
-                                demonstration=bool(getattr(model, "demonstration", False)))
+                                message=checked.message, at=now_ms, demonstration=demonstration)
     if result.probs is None:  # declined: no classification to show, only why
         return cases.cloud_record(**base)
     probs = result.probs
@@ -174,5 +174,6 @@ def record(item: Prepared, result: Inferred, heatmap_path: str | None, now_ms: i
         malignant_p=malignant_p,
     )
     # The card's abstain rule, when it has one: "unsure: a dermatologist will look" and the prediction set.
+    # (A demonstration model's rule says nothing: model_dir._Model.unsure; it claims no calibrated doubt.)
     unsure = getattr(model, "unsure", None)
     return {**written, **(unsure(probs) if unsure is not None else {})}

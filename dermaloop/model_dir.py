@@ -148,8 +148,9 @@ class _Model:
 
     def unsure(self, probs: np.ndarray) -> dict[str, Any]:
         """``{"unsure": bool, "predictionSet": [class ids]}`` under the card's abstain rule; ``{}``
-        without one. Unsure means "a dermatologist will look" instead of one named class."""
-        if self.abstain is None:
+        without one, and for a demonstration model (its answers mean nothing medically, so it claims no
+        calibrated doubt either). Unsure means "a dermatologist will look" instead of one named class."""
+        if self.abstain is None or self.demonstration:
             return {}
         unsure, members = self.abstain.judge(probs, int(self.policy.decide(probs)))
         return {"unsure": unsure, "predictionSet": [self.taxonomy.ids[i] for i in members]}

@@ -30,7 +30,6 @@ training, localbase, Keras or TensorFlow (the caller's ``loader`` does the model
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import logging
 import math
@@ -38,7 +37,6 @@ import mimetypes
 import os
 import re
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -47,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Generic, TypeVar
 
+from dermaloop.admin_handles import acting_user, app_or_default, bucket_or_default, reference
 from dermaloop.admin_listen import close_listener, listener_alive
 from dermaloop.model_dir import CARD, sha256_file
 from dermaloop.settings import Settings
@@ -169,33 +168,11 @@ def _storage_path(record: dict[str, Any]) -> str:
     return _safe_relpath(path.strip("/"))
 
 
-def _app(app: Any, settings: Settings | None) -> Any:
-    if app is not None:
-        return app
-    from dermaloop.admin_app import get_app
-
-    return get_app(settings)
-
-
-def _bucket(bucket: Any, settings: Settings | None) -> Any:
-    if bucket is not None:
-        return bucket
-    from dermaloop.storage import admin_bucket
-
-    return admin_bucket(settings)
-
-
-def _ref(path: str, app: Any) -> Any:
-    from firebase_admin import db
-
-    return db.reference(path, app=app)
-
-
 def current_version(kind: str, *, app: Any = None, settings: Settings | None = None) -> str | None:
     """The version ``/models/{kind}/current`` names, or None (nothing published, or a name that is
     not a safe version name: it is never used as a path)."""
     _check_kind(kind)
-    value = _ref(f"models/{kind}/current", _app(app, settings)).get()
+    value = reference(f"models/{kind}/current", app_or_default(app, settings)).get()
     if not isinstance(value, str) or not value:
         return None
     try:
@@ -208,7 +185,7 @@ def current_version(kind: str, *, app: Any = None, settings: Settings | None = N
 def version_record(kind: str, version: str, *, app: Any = None, settings: Settings | None = None) -> dict | None:
     """The record ``/models/{kind}/versions/{version}``, or None if that version is not published."""
     _check_kind(kind)
-    record = _ref(f"models/{kind}/versions/{_check_version(version)}", _app(app, settings)).get()
+    record = reference(f"models/{kind}/versions/{_check_version(version)}", app_or_default(app, settings)).get()
     return record if isinstance(record, dict) else None
 
 
@@ -235,13 +212,13 @@ def _move_pointer(kind: str, version: str, action: str, *, by: str | None, reaso
         seen.append(current)
         return version
 
-    _ref(f"models/{kind}/current", app).transaction(move)
+    reference(f"models/{kind}/current", app).transaction(move)
     previous = seen[-1] if seen and isinstance(seen[-1], str) else None
-    entry = {"action": action, "version": version, "by": by or _default_publisher(), "at": {".sv": "timestamp"}}
+    entry = {"action": action, "version": version, "by": acting_user(by), "at": {".sv": "timestamp"}}
     optional = {"previous": previous, "reason": (reason or "").strip()[:2000] or None, "decision": decision}
     entry.update({k: v for k, v in optional.items() if v is not None})
     try:
-        _ref(audit_path(kind), app).push(entry)
+        reference(audit_path(kind), app).push(entry)
     except Exception as exc:
         raise RegistryError(f"/models/{kind}/current now names {version} (it named {previous}), but its audit "
                             f"entry could not be written: {exc}") from exc
@@ -254,7 +231,7 @@ def promote(kind: str, version: str, *, by: str | None = None, reason: str = "",
     """Make a published version the one everybody runs, with an audit entry saying who, when, why
     and (``decision``) which retraining decision record allowed it. Returns the previous version.
     An unknown version is refused before anything moves: followers would have nothing to load."""
-    app = _app(app, settings)
+    app = app_or_default(app, settings)
     version = _check_version(version)
     if version_record(kind, version, app=app) is None:
         raise RegistryError(f"/models/{kind}/versions/{version} does not exist: publish it first "
@@ -264,7 +241,7 @@ def promote(kind: str, version: str, *, by: str | None = None, reason: str = "",
 
 def history(kind: str, *, limit: int = 50, app: Any = None, settings: Settings | None = None) -> list[dict]:
     """The pointer's audit entries, oldest first (at most the last ``limit``)."""
-    raw = _ref(audit_path(kind), _app(app, settings)).order_by_key().limit_to_last(limit).get() or {}
+    raw = reference(audit_path(kind), app_or_default(app, settings)).order_by_key().limit_to_last(limit).get() or {}
     return [dict(v, id=k) for k, v in sorted(raw.items()) if isinstance(v, dict)]
 
 
@@ -274,7 +251,7 @@ def rollback(kind: str, *, to: str | None = None, by: str | None = None, reason:
     at ``to``) and record it. "Before" comes from the audit trail (the last publish or promotion of
     the current version), else from the version record's ``parent``; so rollbacks in a row walk back
     through the promotions. Returns the version now current."""
-    app = _app(app, settings)
+    app = app_or_default(app, settings)
     current = current_version(kind, app=app)
     if to is None:
         if current is None:
@@ -403,14 +380,6 @@ def _same_files(record: dict[str, Any], files: list[ModelFile]) -> bool:
     return theirs == {f.path: (f.sha256, f.bytes) for f in files}
 
 
-def _default_publisher() -> str:
-    try:
-        user = getpass.getuser()
-    except Exception:  # no user name in some containers
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
 class _AlreadyPublished(Exception):
     pass
 
@@ -458,8 +427,8 @@ def publish(model_dir: str | Path, kind: str, version: str | None = None, *, par
     files = [ModelFile(rel, sha256_file(root / rel), (root / rel).stat().st_size) for rel in names]
     _check_against_card(root, card, files)
 
-    app = _app(app, settings)
-    record_ref = _ref(f"models/{kind}/versions/{version}", app)
+    app = app_or_default(app, settings)
+    record_ref = reference(f"models/{kind}/versions/{version}", app)
     storage_path = f"models/{kind}/{version}"
     existing = record_ref.get()
     if isinstance(existing, dict):
@@ -470,14 +439,14 @@ def publish(model_dir: str | Path, kind: str, version: str | None = None, *, par
 
     if parent is None:
         parent = current_version(kind, app=app)
-    _upload(_bucket(bucket, settings), root, storage_path, files, kind, version)
+    _upload(bucket_or_default(bucket, settings), root, storage_path, files, kind, version)
 
     card_entry, trimmed = _card_for_record(card) if card else (None, [])
     record: dict[str, Any] = {
         "storagePath": storage_path,
         "createdAt": int(time.time() * 1000),
         "files": [f.to_json() for f in files],
-        "publishedBy": published_by or _default_publisher(),
+        "publishedBy": acting_user(published_by),
     }
     optional = {"card": card_entry, "cardTrimmed": trimmed or None,
                 "metrics": _rtdb_safe(metrics if metrics is not None else _card_metrics(card, kind), "", []),
@@ -640,7 +609,7 @@ def fetch(kind: str, version: str, cache_dir: str | Path, *, app: Any = None, bu
             _discard(target)
         from google.api_core import exceptions as gexc
 
-        bucket = _bucket(bucket, settings)
+        bucket = bucket_or_default(bucket, settings)
         tmp = cache_dir / f".{version}~{uuid.uuid4().hex[:8]}.partial"
         tmp.mkdir()
         try:
@@ -691,8 +660,8 @@ class Follower(Generic[T]):
         self.cache_dir = Path(cache_dir)
         self._loader = loader
         self._on_swap = on_swap
-        self._app = _app(app, settings)
-        self._bucket = _bucket(bucket, settings)
+        self._app = app_or_default(app, settings)
+        self._bucket = bucket_or_default(bucket, settings)
         self._resync_s = resync_s
         self._retry_s = retry_s
         self._cond = threading.Condition()
@@ -748,7 +717,7 @@ class Follower(Generic[T]):
 
     # ---- pointer events ---------------------------------------------------------------------
     def _listen(self) -> None:
-        self._listener = _ref(f"models/{self.kind}/current", self._app).listen(self._on_event)
+        self._listener = reference(f"models/{self.kind}/current", self._app).listen(self._on_event)
 
     def _on_event(self, event: Any) -> None:
         try:
@@ -776,7 +745,7 @@ class Follower(Generic[T]):
                 if self._listener is not None and not listener_alive(self._listener):
                     log.warning("model pointer listener died; listening again", extra={"fields": {"kind": self.kind}})
                     self._listen()
-                self._see(_ref(f"models/{self.kind}/current", self._app).get())
+                self._see(reference(f"models/{self.kind}/current", self._app).get())
             except Exception as exc:
                 log.warning("reading the model pointer failed", extra={"fields": {"kind": self.kind,
                                                                                   "error": str(exc)}})

@@ -407,11 +407,7 @@ class PortalApp:
         lines = [ft.Text(f"Cases reviewed: {figures.reviewed}"),
                  ft.Text(f"Time to review: median {hours(figures.review_hours_p50)}, "
                          f"95th percentile {hours(figures.review_hours_p95)}")]
-        for tier in (*triage.RISKS, "unknown"):
-            age = figures.queue_age.get(tier)
-            if age:
-                lines.append(ft.Text(f"Waiting, {tier} risk: {age['count']:.0f} cases, median {age['p50_h']:.1f} h, "
-                                     f"oldest {age['max_h']:.1f} h, overdue {age['overdue']:.0f}"))
+        lines += [ft.Text(line) for line in monitoring.waiting_lines(figures)]
         for model in ("device", "cloud"):
             share = figures.agreement.get(model)
             lines.append(ft.Text(f"{model.capitalize()} model agreed with the dermatologists: "

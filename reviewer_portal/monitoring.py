@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from dermaloop import cases
+from reviewer_portal import results
 from reviewer_portal.queue import HOUR_MS, RISKS, TIER_LIMIT_HOURS, top_call
+
+# Waiting cases without a risk tier: a demonstration model's answer has none by design
+# (docs/ARCHITECTURE.md "Demonstration models"), which is not the same as a tier not known yet.
+DEMONSTRATION_TIER = "demonstration"
+UNKNOWN_TIER = "unknown"
+TIERS = (*RISKS, DEMONSTRATION_TIER, UNKNOWN_TIER)  # the order the portal lists them in
 
 
 @dataclass
@@ -40,6 +47,22 @@ def _reviewed_cases(all_cases: Any) -> list[Mapping[str, Any]]:
     return out
 
 
+def _case(all_cases: Any, uid: Any, case_id: str) -> Mapping[str, Any]:
+    per_patient = all_cases.get(uid) if isinstance(all_cases, Mapping) and isinstance(uid, str) else None
+    case = per_patient.get(case_id) if isinstance(per_patient, Mapping) else None
+    return case if isinstance(case, Mapping) else {}
+
+
+def queue_tier(entry: Mapping[str, Any], case: Mapping[str, Any]) -> str:
+    """What a waiting case is counted under: its queue entry's risk tier; without one,
+    "demonstration" when a demonstration model answered (as the queue row's badge says), else "unknown"."""
+    if entry.get("risk") in RISKS:
+        return str(entry["risk"])
+    if any(results.is_demonstration(case.get(model)) for model in ("device", "cloud")):
+        return DEMONSTRATION_TIER
+    return UNKNOWN_TIER
+
+
 def compute(all_cases: Any, queue: Any, now_ms: int) -> Figures:
     figures = Figures()
     reviewed = _reviewed_cases(all_cases)
@@ -50,15 +73,15 @@ def compute(all_cases: Any, queue: Any, now_ms: int) -> Figures:
         figures.review_hours_p50 = float(np.percentile(waits, 50))
         figures.review_hours_p95 = float(np.percentile(waits, 95))
     ages: dict[str, list[float]] = {}
-    for entry in (queue or {}).values() if isinstance(queue, Mapping) else []:
+    for case_id, entry in (queue or {}).items() if isinstance(queue, Mapping) else []:
         if not isinstance(entry, Mapping) or entry.get("status") in (cases.Status.REVIEWED, cases.Status.LABELLED):
             continue
-        tier = entry.get("risk") if entry.get("risk") in RISKS else "unknown"
+        tier = queue_tier(entry, _case(all_cases, entry.get("uid"), case_id))
         created = entry.get("createdAt")
         if isinstance(created, int | float):
             ages.setdefault(tier, []).append((now_ms - created) / HOUR_MS)
     for tier, hours in ages.items():
-        limit = TIER_LIMIT_HOURS.get(None if tier == "unknown" else tier, TIER_LIMIT_HOURS[None])
+        limit = TIER_LIMIT_HOURS.get(tier, TIER_LIMIT_HOURS[None])
         figures.queue_age[tier] = {"count": len(hours), "p50_h": float(np.percentile(hours, 50)),
                                    "max_h": float(max(hours)), "overdue": sum(h > limit for h in hours)}
     for model in ("device", "cloud"):
@@ -74,6 +97,18 @@ def compute(all_cases: Any, queue: Any, now_ms: int) -> Figures:
         figures.agreement[model] = (sum(t == c for t, c in zip(truth, calls, strict=True)) / len(truth)
                                     if truth else None)
     return figures
+
+
+def waiting_lines(figures: Figures) -> list[str]:
+    """The monitoring screen's lines on the waiting cases, one per tier that has any."""
+    lines = []
+    for tier in TIERS:
+        age = figures.queue_age.get(tier)
+        if age:
+            what = "demonstration model answers (no risk tier)" if tier == DEMONSTRATION_TIER else f"{tier} risk"
+            lines.append(f"Waiting, {what}: {age['count']:.0f} cases, median {age['p50_h']:.1f} h, "
+                         f"oldest {age['max_h']:.1f} h, overdue {age['overdue']:.0f}")
+    return lines
 
 
 def confusion_png(figures: Figures, labels: Sequence[str]) -> bytes:

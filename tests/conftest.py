@@ -20,6 +20,37 @@ def localbase(tmp_path_factory) -> LocalbaseProcess:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def app(localbase, request):
+    """A firebase-admin app on the shared localbase for one test module (a module may define its own).
+
+    Named after the module plus a random tag, so no two modules (nor two runs) share an app."""
+    import uuid
+
+    from dermaloop.admin_app import get_app
+
+    return get_app(localbase.settings(), name=f"{request.module.__name__.rpartition('.')[2]}-{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture(scope="module")
+def bucket(localbase):
+    """The shared localbase's default bucket with admin rights."""
+    from dermaloop.storage import admin_bucket
+
+    return admin_bucket(localbase.settings())
+
+
+@pytest.fixture
+def clean_registry(app):
+    """Empties the model registry (/models, /modelAudit) after the test: other test modules share the
+    localbase, and a worker started by another test may follow /models/cloud/current."""
+    yield
+    from firebase_admin import db
+
+    for path in ("models", "modelAudit"):
+        db.reference(path, app=app).delete()
+
+
 @pytest.fixture
 def ham10000() -> Path:
     """The real HAM10000 folder; skips (saying why) where it is absent, as on users' machines."""

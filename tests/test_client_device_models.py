@@ -21,7 +21,7 @@ from dermaloop.http import RetryPolicy
 from dermaloop.registry import publish, set_current
 from dermaloop.settings import load_settings
 from dermaloop.storage import admin_bucket
-from tests.test_registry import fake_model_dir
+from tests.registry_support import fake_model_dir
 from tests.worker_support import wait_until
 
 FAST = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.3)

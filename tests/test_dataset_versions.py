@@ -20,7 +20,7 @@ from dermaloop.database import new_push_id
 from dermaloop.errors import PermissionDenied
 from dermaloop.taxonomy import load_taxonomy
 from reviewer_portal import review
-from tests.test_new_labels import World, make_world, photo
+from tests.labels_support import World, make_world, photo
 from training.dataset_versions import (
     DatasetConflict,
     DatasetError,

@@ -65,6 +65,36 @@ def test_the_cloud_model_and_its_record_give_no_tier_for_a_demonstration(tmp_pat
                                                      heatmap_path=None, timings_ms={}, message=None, at=1)
 
 
+def test_the_worker_claims_no_calibrated_doubt_for_a_demonstration_model(tmp_path):
+    """The worker's cloud record carries the card's abstain verdict (``unsure``, ``predictionSet``)
+    for a real model, and neither for a demonstration model: its answer means nothing medically, so
+    it claims no calibrated "unsure" either."""
+    from cloud_worker.model import load_model
+    from cloud_worker.pipeline import NoAnalysis, infer, prepare, record
+
+    def with_abstain_rule(model_dir: Path) -> Path:
+        card = json.loads((model_dir / "card.json").read_text())
+        # LAC with qhat 1: every class is in the set, so the rule says unsure on any photo.
+        card["cloud"]["abstain"] = {"method": "lac", "coverage": 0.9, "qhat": 1.0, "n_calib": 100}
+        (model_dir / "card.json").write_text(json.dumps(card))
+        return model_dir
+
+    real = load_model(with_abstain_rule(tiny_model_dir(tmp_path / "real")))
+    demo = load_model(_mark(with_abstain_rule(tiny_model_dir(tmp_path / "demo")), demonstration=True))
+    item = prepare(lesion_jpeg(5), NoAnalysis())
+    real_record = record(item, infer(real, [item])[0], None, 1)
+    assert real_record["unsure"] is True and len(real_record["predictionSet"]) == 7  # the premise
+    demo_record = record(item, infer(demo, [item])[0], None, 1)
+    assert demo_record["demonstration"] is True and demo_record["risk"] is None and demo_record["top"]
+    assert "unsure" not in demo_record and "predictionSet" not in demo_record
+    # the same rule on the device path (diagnose, the app): one place decides, model_dir._Model.unsure
+    from dermaloop.model_dir import load_cloud_model
+
+    photo = lesion_jpeg(5)
+    assert "unsure" in load_cloud_model(tmp_path / "real").diagnose(photo)
+    assert "unsure" not in load_cloud_model(tmp_path / "demo").diagnose(photo)
+
+
 def test_the_rules_accept_a_marked_device_answer_and_nothing_but_true(localbase):
     settings = localbase.settings(database_url="https://demo-answers-default-rtdb.firebaseio.com")
     uid = f"p-{uuid.uuid4().hex[:8]}"

@@ -6,16 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from pathlib import Path
 
-import pytest
-from firebase_admin import db
-
 from dermaloop import registry
-from dermaloop.admin_app import get_app
 from dermaloop.first_publish import publish_served_models
-from tests.test_registry import fake_model_dir
+from tests.registry_support import fake_model_dir
 from training import prepare, starter
 
 
@@ -88,15 +83,8 @@ def test_synthetic_asks_for_a_demonstration_model_and_says_so(tmp_path, monkeypa
     assert "DEMONSTRATION" in note and "no risk tier" in note
 
 
-@pytest.fixture()
-def app(localbase):
-    app = get_app(localbase.settings(), name=f"first-run-{uuid.uuid4().hex[:6]}")
-    yield app
-    db.reference("models", app=app).delete()
-    db.reference("modelAudit", app=app).delete()
-
-
-def test_the_served_models_become_version_one_only_where_nothing_is_published(localbase, app, tmp_path):
+def test_the_served_models_become_version_one_only_where_nothing_is_published(localbase, app, clean_registry,
+                                                                             tmp_path):
     settings = localbase.settings(data_dir=tmp_path)
     model_dir = settings.models_dir / "release"
     model_dir.mkdir(parents=True)

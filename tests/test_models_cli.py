@@ -7,55 +7,30 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
-from firebase_admin import db
 
 from dermaloop import registry
-from dermaloop.admin_app import get_app
 from dermaloop.settings import PROJECT_ROOT
-from dermaloop.storage import admin_bucket
-from tests.test_registry import fake_model_dir
+from tests.registry_support import fake_model_dir, unique_version
 
-
-@pytest.fixture(scope="module")
-def app(localbase):
-    return get_app(localbase.settings(), name=f"models-cli-{uuid.uuid4().hex[:6]}")
-
-
-@pytest.fixture(scope="module")
-def bucket(localbase):
-    return admin_bucket(localbase.settings())
-
-
-@pytest.fixture(autouse=True)
-def clean_models(app):
-    yield
-    db.reference("models", app=app).delete()
-    db.reference("modelAudit", app=app).delete()
-
-
-def _version(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+pytestmark = pytest.mark.usefixtures("clean_registry")
 
 
 def run_cli(localbase, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FIREBASE_", "STORAGE_EMULATOR", "GOOGLE_"))}
     env.update(localbase.settings().emulator_env())
     return subprocess.run([sys.executable, "-m", "dermaloop", "models", *args], capture_output=True, text=True,
-                          env=env, cwd=PROJECT_ROOT, timeout=300)
+                          env=env, cwd=PROJECT_ROOT)
 
 
 def _dir(tmp_path: Path, version: str, seed: int = 0) -> Path:
-    path = tmp_path / version
-    path.mkdir()
-    return fake_model_dir(path, version, seed)
+    return fake_model_dir(tmp_path / version, version, seed)
 
 
 def test_promote_and_rollback_move_the_pointer_and_leave_an_audit_trail(app, bucket, tmp_path):
-    v1, v2 = _version("v1"), _version("v2")
+    v1, v2 = unique_version("v1"), unique_version("v2")
     registry.publish(_dir(tmp_path, v1), "cloud", app=app, bucket=bucket, published_by="ci@test")
     registry.publish(_dir(tmp_path, v2, 1), "cloud", make_current=False, app=app, bucket=bucket)
     assert registry.current_version("cloud", app=app) == v1
@@ -79,7 +54,7 @@ def test_promote_and_rollback_move_the_pointer_and_leave_an_audit_trail(app, buc
 def test_unknown_versions_and_empty_rollbacks_are_refused_and_nothing_moves(app, bucket, tmp_path):
     with pytest.raises(registry.RegistryError, match="nothing to roll back"):
         registry.rollback("device", app=app)
-    v1 = _version("only")
+    v1 = unique_version("only")
     registry.publish(_dir(tmp_path, v1), "device", app=app, bucket=bucket)
     with pytest.raises(registry.RegistryError, match="does not exist"):
         registry.promote("device", "never-published", app=app)
@@ -94,7 +69,7 @@ def test_unknown_versions_and_empty_rollbacks_are_refused_and_nothing_moves(app,
 
 
 def test_rollback_follows_the_trail_across_several_promotions(app, bucket, tmp_path):
-    versions = [_version(f"r{i}") for i in range(3)]
+    versions = [unique_version(f"r{i}") for i in range(3)]
     for i, v in enumerate(versions):
         registry.publish(_dir(tmp_path, v, i), "device", make_current=False, app=app, bucket=bucket)
     for v in versions:
@@ -105,7 +80,7 @@ def test_rollback_follows_the_trail_across_several_promotions(app, bucket, tmp_p
 
 
 def test_the_models_command(localbase, app, tmp_path):
-    v1, v2 = _version("cli1"), _version("cli2")
+    v1, v2 = unique_version("cli1"), unique_version("cli2")
     first = run_cli(localbase, "publish", str(_dir(tmp_path, v1)), "--reason", "first release")
     assert first.returncode == 0, first.stderr
     assert f"cloud {v1}: uploaded" in first.stdout and f"device: current (none) -> {v1}" in first.stdout
@@ -142,5 +117,5 @@ def test_the_models_command_says_when_the_backend_is_down(tmp_path):
     env.update({"FIREBASE_DATABASE_EMULATOR_HOST": "127.0.0.1:9", "FIREBASE_AUTH_EMULATOR_HOST": "127.0.0.1:9",
                 "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", "DERMALOOP_DATA_DIR": str(tmp_path)})
     done = subprocess.run([sys.executable, "-m", "dermaloop", "models", "list"], capture_output=True, text=True,
-                          env=env, cwd=PROJECT_ROOT, timeout=300)
+                          env=env, cwd=PROJECT_ROOT)
     assert done.returncode == 2 and "cannot reach" in done.stderr and "Traceback" not in done.stderr

@@ -7,8 +7,8 @@ dermaloop.cases, as the worker and the patient app store them; no browser, no se
 from __future__ import annotations
 
 from dermaloop import cases
+from reviewer_portal import monitoring, results
 from reviewer_portal import queue as triage
-from reviewer_portal import results
 
 HOUR = 3_600_000
 NOW = 50 * 24 * HOUR
@@ -31,14 +31,20 @@ def cloud(demonstration: bool, risk: str | None = "high") -> dict:
                               demonstration=demonstration)
 
 
-def rows_for(**case_records: dict) -> dict[str, triage.QueueRow]:
-    """One queue row per case; the queue entry's tier is the cloud record's, as the worker writes it."""
+def queue_and_cases(**case_records: dict) -> tuple[dict, dict]:
+    """``/queue`` and ``/cases`` holding these cases, waiting an hour; each queue entry's tier is the
+    cloud record's, as the worker writes it."""
     queue, all_cases = {}, {"p1": {}}
     for case_id, case in case_records.items():
         risk = (case.get("cloud") or {}).get("risk")
         queue[case_id] = {"uid": "p1", "status": "diagnosed", "risk": risk, "score": 1.0, "createdAt": NOW - HOUR}
         all_cases["p1"][case_id] = {"status": "diagnosed", **case}
-    return {r.case_id: r for r in triage.build_rows(queue, all_cases, {}, {}, {}, NOW)}
+    return queue, all_cases
+
+
+def rows_for(**case_records: dict) -> dict[str, triage.QueueRow]:
+    """One queue row per case."""
+    return {r.case_id: r for r in triage.build_rows(*queue_and_cases(**case_records), {}, {}, {}, NOW)}
 
 
 def test_the_wording_is_the_one_asked_for():
@@ -65,6 +71,27 @@ def test_queue_rows_badge_demonstration_answers_instead_of_a_risk():
     # the calls are still there to read, and the rows still filter as unknown risk
     assert rows["both"].cloud.name == "Melanoma" and rows["both"].device.p == 0.81
     assert "both" in [r.case_id for r in triage.apply(rows.values(), triage.Filters(risk="unknown"))]
+
+
+def test_monitoring_counts_waiting_demonstration_answers_as_demonstration_not_unknown_risk():
+    queue, all_cases = queue_and_cases(both={"device": device(True), "cloud": cloud(True)},
+                                       cloud_demo={"device": device(False), "cloud": cloud(True)},
+                                       device_only_demo={"device": device(True)},
+                                       device_demo={"device": device(True), "cloud": cloud(False)},
+                                       real={"device": device(False), "cloud": cloud(False, "low")},
+                                       nothing={}, unclassified={"cloud": cloud(False, None)})
+    queue["lost"] = {"uid": "p9", "status": "queued", "risk": None, "createdAt": NOW - 2 * HOUR}  # no case
+    ages = monitoring.compute(all_cases, queue, NOW).queue_age
+    # The same grouping as the queue rows' badges: no tier plus a demonstration answer is a demonstration.
+    assert {tier: age["count"] for tier, age in ages.items()} == {"demonstration": 3, "high": 1, "low": 1,
+                                                                  "unknown": 3}
+    assert ages["demonstration"] == {"count": 3, "p50_h": 1.0, "max_h": 1.0, "overdue": 0}
+    lines = monitoring.waiting_lines(monitoring.compute(all_cases, queue, NOW))
+    assert lines == ["Waiting, high risk: 1 cases, median 1.0 h, oldest 1.0 h, overdue 0",
+                     "Waiting, low risk: 1 cases, median 1.0 h, oldest 1.0 h, overdue 0",
+                     "Waiting, demonstration model answers (no risk tier): 3 cases, median 1.0 h, oldest 1.0 h, "
+                     "overdue 0",
+                     "Waiting, unknown risk: 3 cases, median 1.0 h, oldest 2.0 h, overdue 0"]
 
 
 def texts(lines: list[results.Line]) -> list[str]:

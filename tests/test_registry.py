@@ -6,19 +6,16 @@ loader here just reads card.json, so no Keras is needed."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import pytest
 from firebase_admin import db
 
-from dermaloop.admin_app import get_app
 from dermaloop.registry import (
     Follower,
     IntegrityError,
@@ -30,7 +27,7 @@ from dermaloop.registry import (
     version_record,
 )
 from dermaloop.settings import PROJECT_ROOT
-from dermaloop.storage import admin_bucket
+from tests.registry_support import fake_model_dir, sha256_hex, unique_version
 from tests.worker_support import wait_until
 
 DEVICE_FILES = {"card.json", "labels.json", "split.json", "device/model_int8.tflite", "device/model_fp32.tflite",
@@ -38,63 +35,21 @@ DEVICE_FILES = {"card.json", "labels.json", "split.json", "device/model_int8.tfl
                 "reports/device/report.md", "reports/device_fp32/report.md"}
 
 
-@pytest.fixture(scope="module")
-def app(localbase):
-    return get_app(localbase.settings(), name=f"registry-{uuid.uuid4().hex[:6]}")
-
-
-@pytest.fixture(scope="module")
-def bucket(localbase):
-    return admin_bucket(localbase.settings())
-
-
-@pytest.fixture(autouse=True)
-def clean_models(app):
-    """Other test modules share this localbase, and a worker follows /models/cloud/current."""
-    yield
-    db.reference("models", app=app).delete()
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def fake_model_dir(path: Path, version: str, seed: int = 0) -> Path:
-    """A model directory in the training pipeline's layout with small fake model files."""
-    files = {
-        "labels.json": json.dumps({"name": "fake", "classes": ["a", "b"]}).encode(),
-        "split.json": json.dumps({"train": ["x1"], "val": ["x2"]}).encode(),
-        "device/model_int8.tflite": os.urandom(300) + bytes([seed]),
-        "device/model_fp32.tflite": os.urandom(500),
-        "device/model.keras": os.urandom(200),
-        "cloud/model.keras": os.urandom(700),
-        "reports/device/report.md": b"# device report\n",
-        "reports/device_fp32/report.md": b"# fp32 report\n",
-        "reports/cloud/report.md": b"# cloud report\n",
-    }
-    for rel, data in files.items():
-        (path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (path / rel).write_bytes(data)
-    (path / ".DS_Store").write_bytes(b"junk")  # hidden: never published
-    card = {
-        "format": 1, "version": version, "labels": ["a", "b"],
-        "device": {"preprocess": {"size": 32}, "metrics": {"balanced_accuracy": 0.5, "per_class_recall": {"a": 0.4}}},
-        "cloud": {"preprocess": {"size": 32}, "metrics": {"balanced_accuracy": 0.7}},
-        "options": {"weights": {"file.name": 1, "ok": 2}},  # a key RTDB cannot store
-        "history": list(range(5000)),  # a huge field: left out of the record, kept in card.json
-        "files": {rel: _sha(data) for rel, data in files.items()},
-        "file_bytes": {rel: len(data) for rel, data in files.items()},
-    }
-    (path / "card.json").write_text(json.dumps(card, indent=1))
-    return path
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+pytestmark = pytest.mark.usefixtures("clean_registry")
 
 
 def card_loader(path: Path) -> dict:
     return json.loads((path / "card.json").read_text())
+
+
+def first_loaded(cache: Path, app, bucket) -> str:
+    """The version a new device follower on ``cache`` loads first (the card it read says which)."""
+    follower = Follower("device", cache, card_loader, app=app, bucket=bucket).start()
+    try:
+        wait_until(lambda: follower.current() is not None, "the version to load")
+        return follower.current().model["version"]
+    finally:
+        follower.stop()
 
 
 def _leftovers(cache: Path, version: str) -> list[str]:
@@ -102,7 +57,7 @@ def _leftovers(cache: Path, version: str) -> list[str]:
 
 
 def test_publish_uploads_files_with_hashes_then_record_then_pointer(app, bucket, tmp_path):
-    v1, v2 = _unique("dev1"), _unique("dev2")
+    v1, v2 = unique_version("dev1"), unique_version("dev2")
     d1 = fake_model_dir(tmp_path / v1, v1)
     result = publish(d1, "device", app=app, bucket=bucket, published_by="test")
     assert result.created and result.current and result.version == v1
@@ -117,7 +72,7 @@ def test_publish_uploads_files_with_hashes_then_record_then_pointer(app, bucket,
     for entry in record["files"]:
         data = (d1 / entry["path"]).read_bytes()
         blob = blobs[f"models/device/{v1}/{entry['path']}"]
-        assert entry["sha256"] == _sha(data) == _sha(blob.download_as_bytes()) == blob.metadata["sha256"]
+        assert entry["sha256"] == sha256_hex(data) == sha256_hex(blob.download_as_bytes()) == blob.metadata["sha256"]
         assert entry["bytes"] == len(data)
     card = json.loads((d1 / "card.json").read_text())
     assert record["card"]["version"] == v1 and record["card"]["device"] == card["device"]
@@ -133,12 +88,12 @@ def test_publish_uploads_files_with_hashes_then_record_then_pointer(app, bucket,
 
 
 def test_publish_a_localiser_directory(app, bucket, tmp_path):
-    version = _unique("loc")
+    version = unique_version("loc")
     folder = tmp_path / "localiser" / version  # training.localiser_train.ensure_localiser's layout
     folder.mkdir(parents=True)
     data = os.urandom(400)
     (folder / "analysis_fp32.tflite").write_bytes(data)
-    card = {"kind": "localiser", "version": version, "file": "analysis_fp32.tflite", "sha256": _sha(data),
+    card = {"kind": "localiser", "version": version, "file": "analysis_fp32.tflite", "sha256": sha256_hex(data),
             "bytes": len(data), "localiser_metrics": {"ap50": 0.95}, "not_skin_metrics": None}
     (folder / "card.json").write_text(json.dumps(card))
     result = publish(folder, "localiser", app=app, bucket=bucket)  # the version comes from the card
@@ -149,7 +104,7 @@ def test_publish_a_localiser_directory(app, bucket, tmp_path):
 
 
 def test_published_versions_are_immutable(app, bucket, tmp_path):
-    version = _unique("imm")
+    version = unique_version("imm")
     first = fake_model_dir(tmp_path / "a", version, seed=1)
     publish(first, "device", app=app, bucket=bucket, make_current=False)
     name = f"models/device/{version}/device/model_int8.tflite"
@@ -170,7 +125,7 @@ def test_published_versions_are_immutable(app, bucket, tmp_path):
 
 
 def test_publish_never_overwrites_objects_an_unfinished_publish_left(app, bucket, tmp_path):
-    version = _unique("left")
+    version = unique_version("left")
     folder = fake_model_dir(tmp_path / version, version)
     name = f"models/device/{version}/device/model_int8.tflite"
     bucket.blob(name).upload_from_string(b"other bytes, no record")  # a crashed publish of other content
@@ -181,14 +136,14 @@ def test_publish_never_overwrites_objects_an_unfinished_publish_left(app, bucket
 
     bucket.blob(name).delete()
     blob = bucket.blob(name)  # an interrupted publish of this same content: resumed
-    blob.metadata = {"sha256": _sha((folder / "device/model_int8.tflite").read_bytes())}
+    blob.metadata = {"sha256": sha256_hex((folder / "device/model_int8.tflite").read_bytes())}
     blob.upload_from_filename(str(folder / "device/model_int8.tflite"))
     assert publish(folder, "device", app=app, bucket=bucket).created
     assert version_record("device", version, app=app) is not None
 
 
 def test_publish_refuses_bad_names_and_inconsistent_directories(app, bucket, tmp_path):
-    version = _unique("bad")
+    version = unique_version("bad")
     folder = fake_model_dir(tmp_path / version, version)
     for name in ("../etc", "a/b", "", "x" * 101, "v 1", "..", "v1$"):
         with pytest.raises(RegistryError, match="refusing model version name"):
@@ -201,18 +156,18 @@ def test_publish_refuses_bad_names_and_inconsistent_directories(app, bucket, tmp
     with pytest.raises(RegistryError, match="does not match the sha256 in its card.json"):
         publish(folder, "device", app=app, bucket=bucket)
     device_only = tmp_path / "device-only"
-    fake_model_dir(device_only, _unique("donly"))
+    fake_model_dir(device_only, unique_version("donly"))
     for rel in ("cloud/model.keras", "reports/cloud/report.md"):
         (device_only / rel).unlink()
     with pytest.raises(RegistryError, match="not a cloud model directory"):
         publish(device_only, "cloud", app=app, bucket=bucket)
     with pytest.raises(RegistryError, match="publish it first"):
-        set_current("device", _unique("never"), app=app)
+        set_current("device", unique_version("never"), app=app)
     assert db.reference("models", app=app).get() is None  # nothing half-written
 
 
 def test_newest_pointer_wins_when_an_older_load_finishes_last(app, bucket, tmp_path):
-    v1, v2, v3 = (_unique(f"race{i}") for i in (1, 2, 3))
+    v1, v2, v3 = (unique_version(f"race{i}") for i in (1, 2, 3))
     for i, version in enumerate((v1, v2, v3)):
         publish(fake_model_dir(tmp_path / version, version, seed=i), "device", app=app, bucket=bucket,
                 make_current=version == v1)
@@ -245,7 +200,7 @@ def test_newest_pointer_wins_when_an_older_load_finishes_last(app, bucket, tmp_p
 
 
 def test_a_leftover_partial_download_is_discarded_not_reused(app, bucket, tmp_path):
-    version = _unique("part")
+    version = unique_version("part")
     source = fake_model_dir(tmp_path / version, version)
     publish(source, "device", app=app, bucket=bucket)
     cache = tmp_path / "cache"
@@ -255,12 +210,7 @@ def test_a_leftover_partial_download_is_discarded_not_reused(app, bucket, tmp_pa
         (cache / name / "device").mkdir(parents=True)
         (cache / name / "device/model_int8.tflite").write_bytes(b"trunc")
         (cache / name / "card.json").write_text(json.dumps({"version": "stale"}))
-    follower = Follower("device", cache, card_loader, app=app, bucket=bucket).start()
-    try:
-        wait_until(lambda: follower.current() is not None, "the version to load")
-        assert follower.current().model["version"] == version
-    finally:
-        follower.stop()
+    assert first_loaded(cache, app, bucket) == version
     target = cache / version
     assert _leftovers(cache, version) == []
     for rel in DEVICE_FILES:
@@ -268,7 +218,7 @@ def test_a_leftover_partial_download_is_discarded_not_reused(app, bucket, tmp_pa
 
 
 def test_a_corrupted_cached_version_is_downloaded_again(app, bucket, tmp_path):
-    version = _unique("cache")
+    version = unique_version("cache")
     source = fake_model_dir(tmp_path / version, version)
     publish(source, "device", app=app, bucket=bucket)
     cache = tmp_path / "cache"
@@ -282,17 +232,12 @@ def test_a_corrupted_cached_version_is_downloaded_again(app, bucket, tmp_path):
     assert not (target / "device/extra.bin").exists()
 
     (target / "card.json").write_text(json.dumps({"version": "tampered"}))  # the follower re-verifies too
-    follower = Follower("device", cache, card_loader, app=app, bucket=bucket).start()
-    try:
-        wait_until(lambda: follower.current() is not None, "the version to load")
-        assert follower.current().model["version"] == version
-    finally:
-        follower.stop()
+    assert first_loaded(cache, app, bucket) == version
     assert _leftovers(cache, version) == []
 
 
 def test_a_storage_object_changed_after_publication_is_refused(app, bucket, tmp_path):
-    v1, v2 = _unique("good"), _unique("tamper")
+    v1, v2 = unique_version("good"), unique_version("tamper")
     publish(fake_model_dir(tmp_path / v1, v1), "device", app=app, bucket=bucket)
     publish(fake_model_dir(tmp_path / v2, v2, seed=1), "device", app=app, bucket=bucket, make_current=False)
     bucket.blob(f"models/device/{v2}/device/model_int8.tflite").upload_from_string(b"swapped behind our back")
@@ -321,9 +266,10 @@ def _modules_after(statement: str) -> set[str]:
 
 
 def test_the_registry_is_a_light_shared_library():
-    """The apps and retraining import it: no worker, training, localbase or TensorFlow comes along;
+    """The apps and retraining import it: no worker, training, localbase or TensorFlow comes along,
+    nor the admin SDKs (the phone app ships without them; the admin handles are made on first use);
     and the worker's registry no longer imports the worker (the old import cycle)."""
     loaded = _modules_after("import dermaloop.registry")
     assert not {m for m in loaded if m.split(".")[0] in {"cloud_worker", "training", "localbase", "keras",
-                                                          "tensorflow"}}
+                                                          "tensorflow", "firebase_admin", "google"}}
     assert "cloud_worker.worker" not in _modules_after("import cloud_worker.registry")

@@ -41,7 +41,7 @@ from dermaloop.admin_app import delete_app, get_app
 from dermaloop.cli import main
 from dermaloop.settings import PROJECT_ROOT
 from dermaloop.storage import admin_bucket
-from tests.test_new_labels import World
+from tests.labels_support import World
 from tests.worker_support import WorkerProcess, wait_until
 from training.dataset_versions import Manifest, load_manifest
 from training.synthetic import generate

@@ -18,11 +18,9 @@ import pytest
 from firebase_admin import db
 from PIL import Image
 
-from dermaloop.admin_app import get_app
 from dermaloop.cases import FAILURE_REASONS
 from dermaloop.database import new_push_id
 from dermaloop.registry import publish
-from dermaloop.storage import admin_bucket
 from dermaloop.taxonomy import load_taxonomy
 from tests.worker_support import (
     WorkerProcess,
@@ -34,16 +32,6 @@ from tests.worker_support import (
 )
 
 FAST = ["--sweep-s", "0.5", "--heartbeat-s", "0.5", "--backoff-s", "0.2", "--lease-s", "3", "--no-analysis"]
-
-
-@pytest.fixture(scope="module")
-def app(localbase):
-    return get_app(localbase.settings(), name=f"worker-{uuid.uuid4().hex[:6]}")
-
-
-@pytest.fixture(scope="module")
-def bucket(localbase):
-    return admin_bucket(localbase.settings())
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,6 @@ import pytest
 from firebase_admin import db
 
 from cloud_worker.jobs import JobQueue, LeaseLost, claimable, now_ms
-from dermaloop.admin_app import get_app
-
-
-@pytest.fixture(scope="module")
-def app(localbase):
-    return get_app(localbase.settings(), name=f"jobs-{uuid.uuid4().hex[:6]}")
 
 
 def _job(app, uid: str = "u1", **extra) -> str:

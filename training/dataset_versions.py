@@ -39,11 +39,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import getpass
 import hashlib
 import json
 import re
-import socket
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -55,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from dermaloop import cases
+from dermaloop.admin_handles import acting_user, app_or_default, bucket_or_default, reference, server_handles
 from dermaloop.model_dir import sha256_file
 from dermaloop.settings import Settings
 from dermaloop.taxonomy import DEFAULT_TAXONOMY, Taxonomy, load_taxonomy
@@ -504,45 +503,15 @@ def benchmark_trained_on(manifest: Manifest, model_dir: str | Path) -> list[str]
 # ---- Storage and the database ------------------------------------------------------------------------
 
 
-def _app(app: Any, settings: Settings | None) -> Any:
-    if app is not None:
-        return app
-    from dermaloop.admin_app import get_app
-
-    return get_app(settings)
-
-
-def _bucket(bucket: Any, settings: Settings | None) -> Any:
-    if bucket is not None:
-        return bucket
-    from dermaloop.storage import admin_bucket
-
-    return admin_bucket(settings)
-
-
-def _ref(path: str, app: Any) -> Any:
-    from firebase_admin import db
-
-    return db.reference(path, app=app)
-
-
 def _check_version(version: Any) -> str:
     if not isinstance(version, str) or not VERSION.match(version):
         raise DatasetError(f"{version!r} is not a dataset version name (ds- and 12 hex digits)")
     return version
 
 
-def _default_creator() -> str:
-    try:
-        user = getpass.getuser()
-    except Exception:  # no user name in some containers
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
 def dataset_record(version: str, *, app: Any = None, settings: Settings | None = None) -> dict[str, Any] | None:
     """The record ``/datasets/versions/{version}``, or None when that version was never published."""
-    record = _ref(cases.dataset_version_path(_check_version(version)), _app(app, settings)).get()
+    record = reference(cases.dataset_version_path(_check_version(version)), app_or_default(app, settings)).get()
     return record if isinstance(record, dict) else None
 
 
@@ -559,7 +528,7 @@ def publish_dataset(manifest: Manifest, *, app: Any = None, bucket: Any = None, 
     from google.api_core import exceptions as gexc
 
     version = manifest.version
-    app, bucket = _app(app, settings), _bucket(bucket, settings)
+    app, bucket = server_handles(app, bucket, settings)
     path = cases.dataset_manifest_object(version)
     blob = bucket.blob(path)
     blob.metadata = {"sha256": manifest.sha256}
@@ -575,7 +544,7 @@ def publish_dataset(manifest: Manifest, *, app: Any = None, bucket: Any = None, 
                                   f"manifest of {version}. Nothing was changed; look at who wrote it") from None
 
     record = {"storagePath": path, "manifestSha256": manifest.sha256, "bytes": len(manifest.raw),
-              "createdAt": int(time.time() * 1000), "createdBy": created_by or _default_creator(),
+              "createdAt": int(time.time() * 1000), "createdBy": acting_user(created_by),
               "parent": manifest.parent, "taxonomy": manifest.taxonomy_name, "counts": manifest.counts()}
     if manifest.base is not None:
         record["base"] = {k: manifest.base[k] for k in ("name", "layout", "images", "imagesSha256", "metadataSha256")
@@ -591,14 +560,14 @@ def publish_dataset(manifest: Manifest, *, app: Any = None, bucket: Any = None, 
         return record
 
     with contextlib.suppress(_Exists):  # published before, with this very manifest
-        _ref(cases.dataset_version_path(version), app).transaction(create)
+        reference(cases.dataset_version_path(version), app).transaction(create)
     return version
 
 
 def load_manifest(version: str, *, app: Any = None, bucket: Any = None, settings: Settings | None = None) -> Manifest:
     """A published version's manifest, checked against its record's sha256 and its name."""
     version = _check_version(version)
-    app, bucket = _app(app, settings), _bucket(bucket, settings)
+    app, bucket = server_handles(app, bucket, settings)
     record = dataset_record(version, app=app)
     if record is None:
         raise DatasetError(f"unknown dataset version {version}: /datasets/versions/{version} does not exist")
@@ -623,7 +592,7 @@ def fetch_case_images(manifest: Manifest, cache_dir: str | Path, *, bucket: Any 
     """Download into ``cache_dir`` the case photos of ``manifest`` that are not there (another
     machine, a cleared cache), each checked against its sha256; returns ``(case_id, reason)`` for
     those that cannot be had (erased by their patient, changed in Storage)."""
-    bucket = _bucket(bucket, settings)
+    bucket = bucket_or_default(bucket, settings)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     problems = []
@@ -667,12 +636,12 @@ def mark_cases_labelled(manifest: Manifest, *, app: Any = None, settings: Settin
     write) is never recreated, and a review changed after the gathering stays a review, for the
     next version. A case labelled already keeps its first version. Safe to run again."""
     version = manifest.version
-    app = _app(app, settings)
+    app = app_or_default(app, settings)
     if dataset_record(version, app=app) is None:
         raise DatasetError(f"dataset version {version} is not published: publish it before marking its cases")
     now = int(time.time() * 1000) if now is None else int(now)
     wanted = None if case_ids is None else set(case_ids)
-    tombstones = _ref("erased", app).get()
+    tombstones = reference("erased", app).get()
     tombstones = tombstones if isinstance(tombstones, dict) else {}
     result = Marked()
     for image in manifest.case_images():
@@ -698,7 +667,7 @@ def mark_cases_labelled(manifest: Manifest, *, app: Any = None, settings: Settin
             return cases.labelled_case(case, version, now)
 
         try:
-            _ref(cases.case_path(image.uid, image.case_id), app).transaction(move)
+            reference(cases.case_path(image.uid, image.case_id), app).transaction(move)
         except _Leave as leave:
             (result.already.append(image.case_id) if leave.already
              else result.skipped.append((image.case_id, leave.why)))

@@ -22,12 +22,10 @@ step, or abandoned cleanly when its inputs changed meanwhile.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import math
 import os
 import re
-import socket
 import time
 import uuid
 from collections import Counter
@@ -37,12 +35,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dermaloop.admin_handles import reference
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no cross-process lock
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["RUNS_PATH", "run_path", "RunState", "new_run_id", "who_ran", "write_record", "update_record",
+__all__ = ["RUNS_PATH", "run_path", "RunState", "new_run_id", "write_record", "update_record",
            "read_record", "skipped_counts", "json_safe", "run_lock", "RunLocked", "find_unfinished"]
 
 RUNS_PATH = "retrainRuns"
@@ -64,17 +64,6 @@ def new_run_id(now: float | None = None) -> str:
     """Sortable by time, unique: ``20260101T120000Z-a1b2c3``."""
     stamp = datetime.fromtimestamp(time.time() if now is None else now, UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{uuid.uuid4().hex[:6]}"
-
-
-def who_ran(by: str | None = None) -> str:
-    """``by`` if given (e.g. "watch"), else user@host."""
-    if by:
-        return by
-    try:
-        user = getpass.getuser()
-    except Exception:  # no user name in some containers
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 def json_safe(value: Any) -> Any:
@@ -104,25 +93,19 @@ def skipped_counts(skipped: list[tuple[str, str]]) -> dict[str, int]:
     return dict(Counter(general(r) for _, r in skipped).most_common())
 
 
-def _ref(path: str, app: Any) -> Any:
-    from firebase_admin import db
-
-    return db.reference(path, app=app)
-
-
 def write_record(run_id: str, record: dict[str, Any], *, app: Any) -> None:
     """Create or replace the run's decision record."""
-    _ref(run_path(run_id), app).set(json_safe({**record, "runId": run_id, "updatedAt": int(time.time() * 1000)}))
+    reference(run_path(run_id), app).set(json_safe({**record, "runId": run_id, "updatedAt": int(time.time() * 1000)}))
 
 
 def update_record(run_id: str, fields: dict[str, Any], *, app: Any) -> None:
     """Change some fields of the run's record (status, published, promoted, ...)."""
     safe = json_safe({**fields, "updatedAt": int(time.time() * 1000)}) or {}
-    _ref(run_path(run_id), app).update(safe)
+    reference(run_path(run_id), app).update(safe)
 
 
 def read_record(run_id: str, *, app: Any) -> dict[str, Any] | None:
-    value = _ref(run_path(run_id), app).get()
+    value = reference(run_path(run_id), app).get()
     return value if isinstance(value, dict) else None
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from dermaloop import cases
+from dermaloop.admin_handles import reference, server_handles
 from dermaloop.settings import Settings
 from dermaloop.taxonomy import DEFAULT_TAXONOMY, Taxonomy, load_taxonomy
 
@@ -225,24 +226,8 @@ def _remove_leftovers(cache_dir: Path) -> None:
 # ---- gathering --------------------------------------------------------------------------------------
 
 
-def server_handles(app: Any, bucket: Any, settings: Settings | None) -> tuple[Any, Any]:
-    """The firebase-admin app and the admin bucket retraining's steps use: the ones given, else the
-    ones the settings name."""
-    if app is None:
-        from dermaloop.admin_app import get_app
-
-        app = get_app(settings)
-    if bucket is None:
-        from dermaloop.storage import admin_bucket
-
-        bucket = admin_bucket(settings)
-    return app, bucket
-
-
 def _read(app: Any, path: str) -> Any:
-    from firebase_admin import db
-
-    return db.reference(path, app=app).get()
+    return reference(path, app).get()
 
 
 def gather_labels(cache_dir: str | Path, *, app: Any = None, bucket: Any = None, settings: Settings | None = None,

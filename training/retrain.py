@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from dermaloop import registry
+from dermaloop.admin_handles import acting_user, server_handles
 from dermaloop.model_dir import ModelDir
 from dermaloop.settings import Settings
 from dermaloop.taxonomy import Taxonomy, load_taxonomy
@@ -61,10 +62,8 @@ from training.decisions import (
     run_lock,
     skipped_counts,
     update_record,
-    who_ran,
     write_record,
 )
-from training.new_labels import server_handles
 from training.refit import EmbeddingCache, RefitError
 
 __all__ = ["RetrainOptions", "RunResult", "RetrainError", "NoNewLabels", "retrain", "watch", "CRASH_ENV"]
@@ -349,7 +348,7 @@ def retrain(opts: RetrainOptions, *, app: Any = None, bucket: Any = None, settin
         except CandidateError as exc:
             raise RetrainError(str(exc)) from exc
     app, bucket = server_handles(app, bucket, settings)
-    by = who_ran(opts.by)
+    by = acting_user(opts.by)
     timings: dict[str, float] = {}
     with run_lock(opts.out):
         _say(opts, "[1/7] current models")
@@ -431,7 +430,7 @@ def retrain(opts: RetrainOptions, *, app: Any = None, bucket: Any = None, settin
         for v in decision.verdicts:
             _say(opts, f"      {'pass' if v.passed else 'FAIL'}{' (advisory)' if v.advisory else ''} {v.gate}: "
                        f"{v.reason}")
-        record = {"startedAt": state.started_at, "by": by, "host": who_ran(None).split("@")[-1],
+        record = {"startedAt": state.started_at, "by": by, "host": acting_user().split("@")[-1],
                   "dryRun": opts.dry_run, "status": "passed" if decision.promote else "refused",
                   "inputs": {"baseDataset": (manifest.base or {}).get("name"), "datasetVersion": manifest.version,
                              "parentDataset": manifest.parent, "current": versions, "recipe": opts.recipe,
