@@ -1,0 +1,52 @@
+"""``training.compare_deployed``: two deployed evaluations of the same photos, compared photo for photo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from training.compare_deployed import compare, main
+
+
+def write(folder, rows):
+    folder.mkdir()
+    (folder / "photos.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def photo(i, label, called, status="classified"):
+    return {"id": f"p{i}", "label": label, "called": called, "status": status}
+
+
+def test_the_comparison_uses_the_photos_both_classified_and_bounds_the_difference(tmp_path):
+    truth = ["nv"] * 40 + ["mel"] * 20 + ["bcc"] * 10
+    a = write(tmp_path / "a", [photo(i, y, y if i % 2 else "nv") for i, y in enumerate(truth)]
+              + [photo(99, "mel", None, "declined")])
+    b = write(tmp_path / "b", [photo(i, y, y) for i, y in enumerate(truth)])
+    result = compare(a, b)
+    assert result["photos"] == 70 and result["only_a"] == 0
+    assert result["b"]["balanced_accuracy"] == 1.0 and result["b"]["accuracy"] == 1.0
+    # A misses every other mel and bcc photo (calls them nv) and gets nv right: BA (1 + .5 + .5) / 3
+    assert result["a"]["balanced_accuracy"] == pytest.approx(2 / 3)
+    d, lo, hi = result["b_minus_a"]["balanced_accuracy"]
+    assert d == pytest.approx(1 / 3) and lo <= d <= hi and lo > 0
+    assert result["a"]["malignant_called_malignant"] == pytest.approx(0.5)
+    assert result["malignant_mcnemar"] == {**result["malignant_mcnemar"], "lost": 0, "gained": 15}
+    assert result["per_class_recall"]["mel"] == [0.5, 1.0, 20]
+
+
+def test_evaluations_of_different_photos_or_labels_are_refused(tmp_path, capsys):
+    a = write(tmp_path / "a", [photo(1, "nv", "nv")])
+    other = write(tmp_path / "b", [photo(2, "nv", "nv")])
+    relabelled = write(tmp_path / "c", [photo(1, "mel", "nv")])
+    with pytest.raises(ValueError, match="share no classified photo"):
+        compare(a, other)
+    with pytest.raises(ValueError, match="disagree on the labels"):
+        compare(a, relabelled)
+    assert main([str(a), str(tmp_path / "missing")]) == 2
+    assert "dermaloop evaluate --as-deployed" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "photos.jsonl").write_text("{not json\n")
+    assert main([str(a), str(tmp_path / "bad")]) == 2
+    assert "not JSON" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Two models' deployed evaluations of the same photos, compared photo for photo with confidence intervals.
+
+Why: choosing a recipe by "its balanced accuracy as deployed is higher" on a split of 1,000 photos
+with a dozen dermatofibromas is choosing by noise as often as not (one df photo moves balanced
+accuracy by more than a point). This reads the ``photos.jsonl`` that ``dermaloop evaluate
+--as-deployed`` writes for each model, keeps the photos both classified, and reports each model's
+balanced accuracy, accuracy and malignant sensitivity with the paired bootstrap of the retraining
+gates (``training.gates``: resampling photos within each class, the same photos for both models).
+
+    python -m training.compare_deployed var/deployed-eval/release-device-val var/deployed-eval/box-top-device-val
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermaloop.taxonomy import load_taxonomy
+from training.gates import balanced_accuracy, mcnemar_exact, paired_bootstrap
+
+
+def read_photos(report_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Photo id -> (label, call) for every classified photo of one deployed evaluation."""
+    path = Path(report_dir) / "photos.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `dermaloop evaluate --as-deployed --out {report_dir}` first")
+    out = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
+        if row.get("status") == "classified":
+            out[row["id"]] = {"label": row["label"], "called": row["called"]}
+    return out
+
+
+def compare(a_dir: str | Path, b_dir: str | Path, taxonomy_name: str = "ham10000") -> dict[str, Any]:
+    """Figures of A and B on the photos both classified, and B - A with 95 % paired-bootstrap intervals."""
+    taxonomy = load_taxonomy(taxonomy_name)
+    a, b = read_photos(a_dir), read_photos(b_dir)
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        raise ValueError("the two evaluations share no classified photo: were they run on the same split?")
+    mismatched = [i for i in ids if a[i]["label"] != b[i]["label"]]
+    if mismatched:
+        raise ValueError(f"the evaluations disagree on the labels of {len(mismatched)} photos, e.g. {mismatched[0]}")
+    index = {c: k for k, c in enumerate(taxonomy.ids)}
+    labels = np.array([index[a[i]["label"]] for i in ids])
+    call_a = np.array([index[a[i]["called"]] for i in ids])
+    call_b = np.array([index[b[i]["called"]] for i in ids])
+    malignant = np.asarray(taxonomy.malignant_mask, bool)
+    mal = malignant[labels]
+    flag_a, flag_b = malignant[call_a], malignant[call_b]
+    d_ba, lo_ba, hi_ba = paired_bootstrap(call_a == labels, call_b == labels, labels)
+    d_acc, lo_acc, hi_acc = paired_bootstrap(call_a == labels, call_b == labels, np.zeros(len(ids)))
+    d_sens, lo_sens, hi_sens = paired_bootstrap(flag_a[mal], flag_b[mal], np.zeros(int(mal.sum())))
+    return {
+        "photos": len(ids), "only_a": len(set(a) - set(b)), "only_b": len(set(b) - set(a)),
+        "a": {"balanced_accuracy": balanced_accuracy(labels, call_a), "accuracy": float((call_a == labels).mean()),
+              "malignant_called_malignant": float(flag_a[mal].mean())},
+        "b": {"balanced_accuracy": balanced_accuracy(labels, call_b), "accuracy": float((call_b == labels).mean()),
+              "malignant_called_malignant": float(flag_b[mal].mean())},
+        "b_minus_a": {"balanced_accuracy": [d_ba, lo_ba, hi_ba], "accuracy": [d_acc, lo_acc, hi_acc],
+                      "malignant_called_malignant": [d_sens, lo_sens, hi_sens]},
+        "malignant_mcnemar": mcnemar_exact(flag_a[mal], flag_b[mal]),
+        "per_class_recall": {c: [float((call_a[labels == k] == k).mean()), float((call_b[labels == k] == k).mean()),
+                                 int((labels == k).sum())]
+                             for k, c in enumerate(taxonomy.ids) if (labels == k).any()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.compare_deployed", description=__doc__.split("\n")[0])
+    parser.add_argument("a", type=Path, help="report folder of the first model's deployed evaluation")
+    parser.add_argument("b", type=Path, help="report folder of the second model's, on the same split")
+    parser.add_argument("--taxonomy", default="ham10000")
+    args = parser.parse_args(argv)
+    try:
+        result = compare(args.a, args.b, args.taxonomy)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"compare_deployed: {exc}", file=sys.stderr)
+        return 2
+    print(f"{result['photos']} photos classified by both ({result['only_a']} only by A, {result['only_b']} only by B)")
+    for key in ("balanced_accuracy", "accuracy", "malignant_called_malignant"):
+        d, lo, hi = result["b_minus_a"][key]
+        print(f"{key}: A {result['a'][key]:.4f}, B {result['b'][key]:.4f}, B - A {d:+.4f} (95 % CI {lo:+.4f} .. {hi:+.4f})")
+    print("per-class recall (A, B, photos): " + ", ".join(f"{c} {x:.3f}/{y:.3f} ({n})"
+                                                          for c, (x, y, n) in result["per_class_recall"].items()))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
