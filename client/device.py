@@ -77,15 +77,19 @@ class Device:
                     self._path = open_device_path(models, self._model_dir, localise=False)
             return self._path
 
-    def answer(self, photo: Photo) -> dict[str, Any]:
-        """The instant answer for a photo (``DeviceResult.to_json()`` plus the case's device record)."""
-        result = self.device_path().run(photo.image)
+    def answer(self, photo: Photo | Image.Image) -> dict[str, Any]:
+        """The instant answer for a photo (``DeviceResult.to_json()`` plus the case's device record):
+        a prepared Photo, or the upright RGB image of a small decode (``client.photos.decode``)."""
+        result = self.device_path().run(photo.image if isinstance(photo, Photo) else photo)
         out = result.to_json()
         out["record"] = result.case_record() if result.model_version else None
         return out
 
 
-def preview_png(image: Image.Image, box: list[float] | None, max_side: int = 720) -> bytes:
+PREVIEW_SIDE = 720  # twice the 360 px it is shown at: sharp on a phone's 2x screen
+
+
+def preview_png(image: Image.Image, box: list[float] | None, max_side: int = PREVIEW_SIDE) -> bytes:
     """A small picture of the photo with the proposed lesion box drawn on it (JPEG: a tenth of a
     PNG's bytes, so the answer screen appears sooner)."""
     preview = image.copy()
@@ -103,6 +107,7 @@ def preview_png(image: Image.Image, box: list[float] | None, max_side: int = 720
 def thumbnail_png(path: Path, side: int = 96) -> bytes | None:
     try:
         with Image.open(path) as img:
+            img.draft("RGB", (side, side))  # a stored 12 MP JPEG decodes at 1/8 scale, not in full
             img = img.convert("RGB")
             img.thumbnail((side, side))
             buf = io.BytesIO()

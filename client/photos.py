@@ -4,6 +4,11 @@ its long side, re-encoded as JPEG with no metadata (a phone photo's EXIF can hol
 Everything the patient can pick is checked here with a message in plain words, before anything is
 stored: not an image, corrupt or truncated, empty, too large, HEIC without a decoder.
 
+The app answers from a small decode (``decode(..., draft=True)``: JPEG draft mode, 1/2 to 1/8 scale,
+as ``dermaloop diagnose`` does; the device model sees 224-260 px of it) and makes the full-size copy
+to keep in the background (:class:`KeptCopy`) while the patient reads the answer: on a 12 MP photo
+that takes the full decode and the re-encode, about half the app's time, off the way to the answer.
+
 Phones save HEIC. With ``pillow-heif`` installed (a dependency; manylinux, macOS and Windows wheels)
 a HEIC is decoded here, upright (libheif applies the photo's rotation), and leaves as a JPEG like any
 other photo, so nothing after this module, the cloud included, ever sees HEIC. Without it the
@@ -14,11 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-from dermaloop.preprocess import MAX_BYTES, MAX_PIXELS, ImageError, load_image
+from dermaloop.preprocess import DRAFT_MIN_SIDE, MAX_BYTES, MAX_PIXELS, ImageError, load_image
 
 MAX_SIDE = 4096  # enough for any close-up; a 12 MP photo is 4032 px on its long side
 JPEG_QUALITY = 92
@@ -39,17 +46,24 @@ class Photo:
     content_type: str = "image/jpeg"
 
 
-def prepare(data: bytes, name: str = "photo") -> Photo:
-    if not data:
+def check_size(size: int, name: str = "photo") -> None:
+    """Refuse a file by its size alone: before its bytes are sent anywhere when the picker tells it."""
+    if size <= 0:
         raise PhotoError(f"{name} is empty (0 bytes). Please pick the photo again.")
-    if len(data) > MAX_BYTES:
-        raise PhotoError(f"{name} is too large ({len(data) / 1e6:.0f} MB). Please pick a photo under "
+    if size > MAX_BYTES:
+        raise PhotoError(f"{name} is too large ({size / 1e6:.0f} MB). Please pick a photo under "
                          f"{MAX_BYTES // 1_000_000} MB.")
+
+
+def decode(data: bytes, name: str = "photo", *, draft: bool = False) -> Image.Image:
+    """The picked file as upright RGB, or a PhotoError saying why not. ``draft``: a large JPEG is
+    decoded at the smallest power-of-two scale keeping both sides >= 1024 px (enough to answer
+    from and to preview, several times faster); other formats decode at full size either way."""
+    check_size(len(data), name)
     try:
         if any(magic in data[:32] for magic in HEIC_MAGIC):
-            img = _load_heic(data, name)
-        else:
-            img = load_image(data, draft_min_side=None)
+            return _load_heic(data, name)
+        return load_image(data, draft_min_side=DRAFT_MIN_SIDE if draft else None)
     except ImageError as exc:
         text = str(exc)
         if "corrupt" in text or "truncated" in text:
@@ -58,12 +72,50 @@ def prepare(data: bytes, name: str = "photo") -> Photo:
             raise PhotoError(f"{name} has too many pixels ({text.split('; ')[0].removeprefix('image is ')}). "
                              "Please pick a smaller photo.") from exc
         raise PhotoError(f"{name} is not a photo this app can read. Please pick a JPEG, PNG or WebP photo.") from exc
+
+
+def prepare(data: bytes, name: str = "photo") -> Photo:
+    """The copy to keep and send: full size (up to ``MAX_SIDE``), upright, JPEG without metadata."""
+    img = decode(data, name)
     if max(img.size) > MAX_SIDE:
         img.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=JPEG_QUALITY)  # no exif= argument: metadata is dropped
     jpeg = buf.getvalue()
     return Photo(img, jpeg, hashlib.sha256(jpeg).hexdigest(), img.width, img.height)
+
+
+class KeptCopy:
+    """``prepare`` on a thread of its own, started once the answer is on its way to the screen;
+    ``result()`` waits for it (by the time the patient has read the answer and pressed "Save and
+    send", it is long done) and raises its PhotoError if the full decode fails where the small one
+    did not."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self._data, self._name = data, name
+        self._future: Future[Photo] = Future()
+        self._lock = threading.Lock()
+        self._started = False
+
+    def start(self) -> KeptCopy:
+        with self._lock:  # the answer's thread and a quick "Save and send" may both ask
+            if self._started:
+                return self
+            self._started = True
+        threading.Thread(target=self._make, name="photo-copy", daemon=True).start()
+        return self
+
+    def _make(self) -> None:
+        try:
+            self._future.set_result(prepare(self._data, self._name))
+        except BaseException as exc:  # handed to whoever asks for the copy
+            self._future.set_exception(exc)
+        finally:
+            self._data = b""
+
+    def result(self) -> Photo:
+        self.start()
+        return self._future.result()
 
 
 def heic_supported() -> bool:

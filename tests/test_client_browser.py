@@ -81,8 +81,16 @@ def test_patient_offline_case_then_cloud_result_review_and_chat(system, tmp_path
 
         backend.stop()  # the clinic's server is down: the device still answers
         page.get_by_role("button", name="New case").click()
+        notes = tmp_path / "notes.txt"  # the wrong file first: it travels like a photo, then is refused
+        notes.write_text("not a photo")
         with page.expect_file_chooser() as chooser:
             page.get_by_role("button", name="Choose photo").click()
+        chooser.value.set_files(str(notes))
+        expect(page.get_by_text("notes.txt is not a photo this app can read")).to_be_visible()
+        shot(page, "not-a-photo")
+        assert list((tmp_path / "device" / "incoming").iterdir()) == []  # the upload was read and deleted
+        with page.expect_file_chooser() as chooser:
+            page.get_by_role("button", name="Choose another photo").click()
         chooser.value.set_files(str(photo))
         expect(page.get_by_text("On-device answer")).to_be_visible()
         expect(page.get_by_text("Model version: device-tiny-1")).to_be_visible()

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import wording
-from client.photos import MAX_SIDE, PhotoError, prepare
+from client import photos, wording
+from client.photos import MAX_SIDE, KeptCopy, PhotoError, check_size, decode, prepare
 from dermaloop import cases
+from dermaloop.preprocess import MAX_BYTES
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -34,6 +35,48 @@ def _skin(size=(640, 480)) -> Image.Image:
 def test_unusable_files_get_a_plain_message(data, expected):
     with pytest.raises(PhotoError, match=expected):
         prepare(data, "spot.jpg")
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"", "is empty"),
+    (b"GIF89a not really", "not a photo this app can read"),
+])
+def test_the_quick_decode_gives_the_same_messages(data, expected):
+    with pytest.raises(PhotoError, match=expected):
+        decode(data, "spot.jpg", draft=True)
+
+
+def test_a_file_is_refused_by_its_size_before_it_is_sent():
+    check_size(MAX_BYTES, "spot.jpg")
+    with pytest.raises(PhotoError, match="spot.jpg is empty"):
+        check_size(0, "spot.jpg")
+    with pytest.raises(PhotoError, match=f"too large .*under {MAX_BYTES // 1_000_000} MB"):
+        check_size(MAX_BYTES + 1, "spot.jpg")
+
+
+def test_the_quick_decode_of_a_12_mp_photo_is_small_and_upright_like_the_kept_copy():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    data = _encode(_skin((4000, 3000)), "JPEG", quality=85, exif=exif)
+    quick = decode(data, "big.jpg", draft=True)
+    kept = prepare(data, "big.jpg")
+    assert (kept.width, kept.height) == (3000, 4000)
+    assert quick.size == (1500, 2000)  # half scale: both sides stay >= 1024 px for the device model
+    assert quick.mode == "RGB"
+
+
+def test_previews_of_a_stored_12_mp_photo_come_from_a_small_decode_at_full_preview_size(tmp_path):
+    from client.app import preview_png_from_file
+    from client.device import PREVIEW_SIDE, thumbnail_png
+
+    stored = tmp_path / "image.jpg"
+    stored.write_bytes(prepare(_encode(_skin((4000, 3000)), "JPEG", quality=85)).jpeg)
+    preview = Image.open(io.BytesIO(preview_png_from_file(stored, [0.25, 0.25, 0.75, 0.75])))
+    assert preview.size == (PREVIEW_SIDE, PREVIEW_SIDE * 3 // 4)
+    r, _, b = np.asarray(preview)[PREVIEW_SIDE * 3 // 16, PREVIEW_SIDE // 2].astype(int)  # the box's top edge
+    assert b > 200 and r < 100  # the cyan box line (JPEG blurs its colour a little) on grey-ish skin
+    assert Image.open(io.BytesIO(thumbnail_png(stored))).size == (96, 72)
+    assert preview_png_from_file(tmp_path / "gone.jpg", None) is None
 
 
 def test_a_truncated_jpeg_is_called_damaged():
@@ -65,6 +108,24 @@ def test_a_40_mp_photo_is_scaled_down_and_exif_is_dropped():
     assert max(photo.width, photo.height) == MAX_SIDE
     assert photo.height > photo.width  # upright: the EXIF rotation was applied
     assert not Image.open(io.BytesIO(photo.jpeg)).getexif()  # nothing of the phone's metadata leaves the device
+
+
+def test_the_kept_copy_is_the_prepared_photo_made_once_in_the_background(monkeypatch):
+    data = _encode(_skin(), "JPEG", quality=90)
+    made = []
+    real = photos.prepare
+    monkeypatch.setattr(photos, "prepare", lambda d, n: made.append(n) or real(d, n))
+    kept = KeptCopy(data, "spot.jpg")
+    kept.start()
+    kept.start()
+    assert kept.result().sha256 == real(data, "spot.jpg").sha256
+    assert made == ["spot.jpg"]
+
+
+def test_a_kept_copy_that_fails_says_why_when_asked_for():
+    kept = KeptCopy(b"%PDF-1.4 hello", "spot.jpg")  # result() starts it if nobody did
+    with pytest.raises(PhotoError, match="not a photo this app can read"):
+        kept.result()
 
 
 def _heic(img: Image.Image, **kw) -> bytes:
