@@ -45,13 +45,18 @@ class QuietSync(SimpleNamespace):
         return []
 
 
-def test_a_change_that_arrives_while_the_case_screen_is_built_is_drawn(tmp_path, monkeypatch):
+
+def signed_in_app_with_a_case(tmp_path):
+    """A patient's app on its own device store, signed in, sync quiet, one case stored."""
     device = Device(load_settings(environ={}), tmp_path / "device")
     page = RecordingPage()
     app = PatientApp(page, device)
     app.session = SimpleNamespace(uid="patient-1")
     app.sync = QuietSync()
-    case = device.store.add_case("patient-1", lesion_jpeg(1))
+    return device, page, app, device.store.add_case("patient-1", lesion_jpeg(1))
+
+def test_a_change_that_arrives_while_the_case_screen_is_built_is_drawn(tmp_path, monkeypatch):
+    device, page, app, case = signed_in_app_with_a_case(tmp_path)
     building, go_on = threading.Event(), threading.Event()
     real_preview = app_module.preview_png_from_file
 
@@ -78,12 +83,7 @@ def test_a_change_that_arrives_while_the_case_screen_is_built_is_drawn(tmp_path,
 
 
 def test_a_burst_of_changes_is_drawn_once_off_the_engine_thread(tmp_path, monkeypatch):
-    device = Device(load_settings(environ={}), tmp_path / "device")
-    page = RecordingPage()
-    app = PatientApp(page, device)
-    app.session = SimpleNamespace(uid="patient-1")
-    app.sync = QuietSync()
-    case = device.store.add_case("patient-1", lesion_jpeg(1))
+    device, page, app, case = signed_in_app_with_a_case(tmp_path)
     app.case(case.case_id)
     drawn = len(page.shown)
     held = threading.Event()

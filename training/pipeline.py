@@ -222,10 +222,10 @@ def _teacher(ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions) -> t
 
     md = ModelDir.open(opts.distill_from)
     soft = teacher_probabilities(opts.distill_from, ds, split["train"], opts.crop, opts.cache_dir, progress=opts.progress)
-    teacher_key = sha256_file(md.root / CARD)[:8]
-    tag = f"-distill{opts.distill_alpha:g}T{opts.distill_temperature:g}-{teacher_key}"
+    card_sha256 = sha256_file(md.root / CARD)
+    tag = f"-distill{opts.distill_alpha:g}T{opts.distill_temperature:g}-{card_sha256[:8]}"
     info = {"teacher": str(opts.distill_from), "teacher_version": md.card.get("version"),
-            "teacher_card_sha256": sha256_file(md.root / CARD), "alpha": opts.distill_alpha,
+            "teacher_card_sha256": card_sha256, "alpha": opts.distill_alpha,
             "temperature": opts.distill_temperature,
             "how": "loss = (1 - alpha) * label cross-entropy + alpha * T^2 * KL(teacher || student) at T, "
                    "the teacher's cloud model run once on each training image as the student's crop sees it"}
