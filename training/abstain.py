@@ -150,13 +150,19 @@ def sweep(probs_calib: np.ndarray, labels_calib: np.ndarray, probs: np.ndarray, 
     return rows
 
 
-def write_card_section(model_dir: str | Path, kind: str, section: dict[str, Any]) -> None:
-    """Replace ``card[kind]["abstain"]``; the rest of the card is left as it was (written atomically)."""
+def write_card_section(model_dir: str | Path, kind: str, section: dict[str, Any], key: str = "abstain") -> None:
+    """Replace ``card[kind][key]``; the rest of the card is left as it was (written atomically)."""
+    write_card_sections(model_dir, kind, {key: section})
+
+
+def write_card_sections(model_dir: str | Path, kind: str, sections: dict[str, dict[str, Any]]) -> None:
+    """Replace several of ``card[kind]``'s sections in one atomic write, so a reader never sees a
+    card with new thresholds and old offsets."""
     card_file = Path(model_dir) / "card.json"
     card = json.loads(card_file.read_text())
     if kind not in card:
         raise ValueError(f"{model_dir}: the card has no {kind} model")
-    card[kind]["abstain"] = section
+    card[kind].update(sections)
     tmp = card_file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(card, indent=2) + "\n")
     os.replace(tmp, card_file)

@@ -1,0 +1,124 @@
+"""Risk thresholds and class offsets refitted on calib photos as deployed (training.deployed_policy):
+the targets hold on the photos they were fitted on, the runtime follows the card written, and a
+report that is not this model's calib split is refused with the card untouched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dermaloop.risk import RiskPolicy, policy_from_probabilities
+from dermaloop.taxonomy import load_taxonomy
+from training.deployed_policy import fit_deployed_policy, main, policy_figures, refit_model_dir
+
+TAXONOMY = load_taxonomy("ham10000")
+IDS = list(TAXONOMY.ids)
+MEL = IDS.index("mel")
+
+
+def shifted(n: int, seed: int, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities whose true class is favoured, with the malignant classes' mass shrunk by ``shrink``:
+    what a crop the model was not fitted on does to a model's confidence in melanoma."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(IDS), n)
+    logits = rng.normal(0, 1, (n, len(IDS)))
+    logits[np.arange(n), labels] += 1.6
+    logits[:, np.array(TAXONOMY.malignant_mask, bool)] -= shrink
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True), labels
+
+
+def test_the_refitted_policy_meets_its_targets_where_the_old_one_missed():
+    centre_p, centre_y = shifted(3000, 1, 0.0)
+    old = policy_from_probabilities(0.8, centre_p, centre_y, TAXONOMY.malignant_mask)
+    deployed_p, deployed_y = shifted(3000, 2, 1.0)
+    before = policy_figures(old, deployed_p, deployed_y, IDS)
+    assert before["malignant_sensitivity"] < 0.85  # fitted elsewhere, it misses here
+    new = fit_deployed_policy(deployed_p, deployed_y, old, {MEL: 0.75})
+    after = policy_figures(new, deployed_p, deployed_y, IDS)
+    assert after["malignant_sensitivity"] >= 0.9 and after["per_class_recall"]["mel"] >= 0.75
+    assert before["per_class_recall"]["mel"] < 0.75
+    assert new.temperature == old.temperature  # folded into the model files: never refitted here
+    assert new.moderate_threshold < old.moderate_threshold and new.class_offsets[MEL] > 0
+    assert new.high_threshold >= new.moderate_threshold
+    # on fresh photos from the same distribution the targets hold within sampling error
+    fresh = policy_figures(new, *shifted(3000, 3, 1.0), IDS)
+    assert fresh["malignant_sensitivity"] > 0.87 and fresh["per_class_recall"]["mel"] > 0.70
+    assert fit_deployed_policy(deployed_p, deployed_y, old, {}).class_offsets == ()
+
+
+def _model(tmp_path: Path, abstain: bool) -> tuple[Path, list[str]]:
+    """A model directory (card, labels, split.json) whose calib split is 200 photo ids."""
+    model = tmp_path / "model"
+    model.mkdir()
+    TAXONOMY.save(model / "labels.json")
+    policy = RiskPolicy(0.8, tuple(TAXONOMY.malignant_mask), 0.5, 0.8, class_offsets=(0.0,) * len(IDS))
+    card = {"version": "v-1", "device": {"risk": {**policy.to_dict(), "temperature_in_model": True},
+                                         "decision": {"rule": "argmax of log-probability + class offset",
+                                                      "calib_recall_targets": {"mel": 0.75}}}}
+    if abstain:
+        card["device"]["abstain"] = {"method": "lac", "coverage": 0.8, "qhat": 0.5, "n_calib": 9,
+                                     "val": {"coverage": 0.1}}
+    (model / "card.json").write_text(json.dumps(card))
+    calib = [f"ISIC_{i:07d}" for i in range(200)]
+    (model / "split.json").write_text(json.dumps({"train": [], "calib": calib, "val": ["ISIC_9999999"]}))
+    return model, calib
+
+
+def _report(tmp_path: Path, ids: list[str], version: str = "v-1", kind: str = "device") -> Path:
+    """An as-deployed report folder: metrics.json's data and one photos.jsonl row per photo, the
+    first five declined by the gates."""
+    probs, labels = shifted(len(ids), 7, 1.0)
+    out = tmp_path / f"report-{version}-{len(ids)}"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"data": {"path": "as deployed", "split": "calib split",
+                                                           "model_version": version, "model_kind": kind}}))
+    with open(out / "photos.jsonl", "w") as f:
+        for i, (pid, p, y) in enumerate(zip(ids, probs, labels, strict=True)):
+            declined = i < 5
+            f.write(json.dumps({"id": pid, "label": IDS[y], "status": "declined" if declined else "classified",
+                                "probs": None if declined else [round(float(v), 6) for v in p]}) + "\n")
+    return out
+
+
+def test_a_calib_report_refits_the_card_and_the_runtime_follows_it(tmp_path, capsys):
+    from dermaloop.model_dir import ModelDir
+
+    model, calib = _model(tmp_path, abstain=True)
+    report = _report(tmp_path, calib)
+    assert main([str(model), "--kind", "device", "--report", str(report), "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "moderate threshold 0.5000 ->" in said and "abstain rule refitted" in said
+    section = json.loads((model / "card.json").read_text())["device"]
+    fit = section["policy_fit"]
+    assert "classified': 195" in fit["fitted_on"] and "declined': 5" in fit["fitted_on"]
+    assert fit["previous"]["risk"]["moderate_threshold"] == 0.5
+    assert fit["calib_after"]["malignant_sensitivity"] >= 0.9 > fit["calib_before"]["malignant_sensitivity"]
+    assert fit["calib_after"]["per_class_recall"]["mel"] >= 0.75 == section["decision"]["calib_recall_targets"]["mel"]
+    runtime = ModelDir.open(model).section("device")
+    policy = RiskPolicy.from_dict(runtime["risk"])
+    assert policy.temperature == 0.8 and runtime["risk"]["temperature_in_model"] is True
+    assert policy.class_offsets[MEL] == section["decision"]["class_offsets"]["mel"] > 0
+    assert section["abstain"]["n_calib"] == 195 and section["abstain"]["coverage"] == 0.8
+    assert "val" not in section["abstain"]  # measured with the old calls: dropped, not left standing
+    assert section["abstain"]["calib"]["coverage"] >= 0.8
+
+
+def test_reports_that_are_not_this_models_calib_split_are_refused_and_nothing_is_written(tmp_path, capsys):
+    model, calib = _model(tmp_path, abstain=False)
+    before = (model / "card.json").read_text()
+    with pytest.raises(ValueError, match="made with the device model v-0, not this device model v-1"):
+        refit_model_dir(model, None, "device", report=_report(tmp_path, calib, version="v-0"))
+    with pytest.raises(ValueError, match="are not all of this model's calib split"):
+        refit_model_dir(model, None, "device", report=_report(tmp_path, calib[:150]))
+    with pytest.raises(ValueError, match=r"\['melanoma'\] are not classes of this model"):
+        refit_model_dir(model, None, "device", class_recall={"melanoma": 0.75}, report=_report(tmp_path, calib[:199]))
+    assert main([str(model), "--kind", "device", "--quiet"]) == 2
+    assert "no --report for the device model and no --data" in capsys.readouterr().err
+    assert main([str(model), "--kind", "device", "--report", str(tmp_path), "--quiet"]) == 2
+    assert "not a `dermaloop evaluate --as-deployed` folder" in capsys.readouterr().err
+    assert main([str(model), "--kind", "device", "--class-recall", "mel", "--quiet"]) == 2
+    assert (model / "card.json").read_text() == before
