@@ -15,8 +15,8 @@ def write(folder, rows):
     return folder
 
 
-def photo(i, label, called, status="classified"):
-    return {"id": f"p{i}", "label": label, "called": called, "status": status}
+def photo(i, label, called, status="classified", risk=None):
+    return {"id": f"p{i}", "label": label, "called": called, "status": status, "answer": {"risk": risk}}
 
 
 def test_the_comparison_uses_the_photos_both_classified_and_bounds_the_difference(tmp_path):
@@ -34,6 +34,25 @@ def test_the_comparison_uses_the_photos_both_classified_and_bounds_the_differenc
     assert result["a"]["malignant_called_malignant"] == pytest.approx(0.5)
     assert result["malignant_mcnemar"] == {**result["malignant_mcnemar"], "lost": 0, "gained": 15}
     assert result["per_class_recall"]["mel"] == [0.5, 1.0, 20]
+    assert "tier" not in result  # these answers name no tier (a demonstration model's, say)
+
+
+def test_the_risk_tier_is_compared_on_malignant_and_benign_photos(tmp_path, capsys):
+    truth = ["nv"] * 40 + ["mel"] * 20 + ["bcc"] * 10
+    # A flags every malignant photo and half the nevi; B misses a third of the malignant ones, clears every nevus
+    a = write(tmp_path / "a", [photo(i, y, y, risk="low" if y == "nv" and i % 2 else "high")
+                               for i, y in enumerate(truth)])
+    b = write(tmp_path / "b", [photo(i, y, y, risk="moderate" if y != "nv" and i % 3 else "low")
+                               for i, y in enumerate(truth)])
+    tier = compare(a, b)["tier"]
+    assert tier["a"] == {"sensitivity": 1.0, "specificity": 0.5}
+    assert tier["b"]["specificity"] == 1.0 and tier["b"]["sensitivity"] == pytest.approx(20 / 30)
+    d, lo, hi = tier["b_minus_a"]["sensitivity"]
+    assert d == pytest.approx(-1 / 3) and lo <= d <= hi < 0
+    d, lo, hi = tier["b_minus_a"]["specificity"]
+    assert d == pytest.approx(0.5) and 0 < lo <= d <= hi
+    assert main([str(a), str(b)]) == 0
+    assert "risk tier malignant sensitivity (moderate or high): A 1.0000, B 0.6667" in capsys.readouterr().out
 
 
 def test_evaluations_of_different_photos_or_labels_are_refused(tmp_path, capsys):

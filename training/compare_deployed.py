@@ -4,8 +4,10 @@ Why: choosing a recipe by "its balanced accuracy as deployed is higher" on a spl
 with a dozen dermatofibromas is choosing by noise as often as not (one df photo moves balanced
 accuracy by more than a point). This reads the ``photos.jsonl`` that ``dermaloop evaluate
 --as-deployed`` writes for each model, keeps the photos both classified, and reports each model's
-balanced accuracy, accuracy and malignant sensitivity with the paired bootstrap of the retraining
-gates (``training.gates``: resampling photos within each class, the same photos for both models).
+balanced accuracy, accuracy, malignant calls and the risk tier's malignant sensitivity and
+specificity (the tier is what sends a patient to a doctor) with the paired bootstrap of the
+retraining gates (``training.gates``: resampling photos within each class, the same photos for both
+models).
 
     python -m training.compare_deployed var/deployed-eval/release-device-val var/deployed-eval/box-top-device-val
 """
@@ -23,9 +25,11 @@ import numpy as np
 from dermaloop.taxonomy import load_taxonomy
 from training.gates import balanced_accuracy, mcnemar_exact, paired_bootstrap
 
+TIERS = ("low", "moderate", "high")
+
 
 def read_photos(report_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Photo id -> (label, call) for every classified photo of one deployed evaluation."""
+    """Photo id -> (label, call, risk tier) for every classified photo of one deployed evaluation."""
     path = Path(report_dir) / "photos.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `dermaloop evaluate --as-deployed --out {report_dir}` first")
@@ -36,7 +40,8 @@ def read_photos(report_dir: str | Path) -> dict[str, dict[str, Any]]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
         if row.get("status") == "classified":
-            out[row["id"]] = {"label": row["label"], "called": row["called"]}
+            answer = row.get("answer") or {}
+            out[row["id"]] = {"label": row["label"], "called": row["called"], "risk": answer.get("risk")}
     return out
 
 
@@ -69,10 +74,29 @@ def compare(a_dir: str | Path, b_dir: str | Path, taxonomy_name: str = "ham10000
         "b_minus_a": {"balanced_accuracy": [d_ba, lo_ba, hi_ba], "accuracy": [d_acc, lo_acc, hi_acc],
                       "malignant_called_malignant": [d_sens, lo_sens, hi_sens]},
         "malignant_mcnemar": mcnemar_exact(flag_a[mal], flag_b[mal]),
+        **tier_figures([a[i]["risk"] for i in ids], [b[i]["risk"] for i in ids], mal),
         "per_class_recall": {c: [float((call_a[labels == k] == k).mean()), float((call_b[labels == k] == k).mean()),
                                  int((labels == k).sum())]
                              for k, c in enumerate(taxonomy.ids) if (labels == k).any()},
     }
+
+
+def tier_figures(risk_a: list[str | None], risk_b: list[str | None], malignant: np.ndarray) -> dict[str, Any]:
+    """The risk tier's malignant sensitivity and specificity (a malignant photo is caught when its tier
+    is moderate or high) for both models, B - A with paired intervals; empty when a report has no tiers
+    (a demonstration model's answers name none)."""
+    if any(r not in TIERS for r in (*risk_a, *risk_b)):
+        return {}
+    caught_a = np.array([r != "low" for r in risk_a])
+    caught_b = np.array([r != "low" for r in risk_b])
+    out: dict[str, Any] = {"tier": {"a": {}, "b": {}, "b_minus_a": {}}}
+    for key, rows, hit_a, hit_b in (("sensitivity", malignant, caught_a, caught_b),
+                                    ("specificity", ~malignant, ~caught_a, ~caught_b)):
+        if rows.any():
+            d, lo, hi = paired_bootstrap(hit_a[rows], hit_b[rows], np.zeros(int(rows.sum())))
+            out["tier"]["a"][key], out["tier"]["b"][key] = float(hit_a[rows].mean()), float(hit_b[rows].mean())
+            out["tier"]["b_minus_a"][key] = [d, lo, hi]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("balanced_accuracy", "accuracy", "malignant_called_malignant"):
         d, lo, hi = result["b_minus_a"][key]
         print(f"{key}: A {result['a'][key]:.4f}, B {result['b'][key]:.4f}, B - A {d:+.4f} (95 % CI {lo:+.4f} .. {hi:+.4f})")
+    tier = result.get("tier", {})
+    for key, (d, lo, hi) in tier.get("b_minus_a", {}).items():
+        print(f"risk tier malignant {key} (moderate or high): A {tier['a'][key]:.4f}, B {tier['b'][key]:.4f}, "
+              f"B - A {d:+.4f} (95 % CI {lo:+.4f} .. {hi:+.4f})")
     print("per-class recall (A, B, photos): " + ", ".join(f"{c} {x:.3f}/{y:.3f} ({n})"
                                                           for c, (x, y, n) in result["per_class_recall"].items()))
     print(json.dumps(result))
