@@ -107,6 +107,15 @@ def test_a_calib_report_refits_the_card_and_the_runtime_follows_it(tmp_path, cap
     assert section["abstain"]["calib"]["coverage"] >= 0.8
 
 
+def test_an_abstain_rule_is_fitted_from_the_same_photos_when_asked(tmp_path):
+    model, calib = _model(tmp_path, abstain=False)
+    assert main([str(model), "--kind", "device", "--report", str(_report(tmp_path, calib)), "--abstain", "0.9",
+                 "--quiet"]) == 0
+    abstain = json.loads((model / "card.json").read_text())["device"]["abstain"]
+    assert abstain["method"] == "lac" and abstain["coverage"] == 0.9 and abstain["n_calib"] == 195
+    assert abstain["calib"]["coverage"] >= 0.9 and "calib split as deployed" in abstain["fitted_on"]
+
+
 def test_reports_that_are_not_this_models_calib_split_are_refused_and_nothing_is_written(tmp_path, capsys):
     model, calib = _model(tmp_path, abstain=False)
     before = (model / "card.json").read_text()

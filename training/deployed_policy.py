@@ -17,7 +17,8 @@ change, and the card keeps the previous policy and the calib figures before and 
 ``--report`` reuses a `dermaloop evaluate --as-deployed --split calib` folder of this very model
 (its photos.jsonl holds every photo's probabilities) instead of running the path again. When the
 card has an abstain rule, it is refitted from the same probabilities (its figures depend on the
-calls). Never run it on a model directory someone else is packing: copy it first.
+calls); ``--abstain COVERAGE`` fits one (LAC) where the card has none, so packing a release needs
+one pass over calib. Never run it on a model directory someone else is packing: copy it first.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def report_probs(report_dir: str | Path, version: str, kind: str, ids: list[str]
 def refit_model_dir(model_dir: str | Path, data: str | Path | None, kind: str, *,
                     class_recall: dict[str, float] | None = None, report: str | Path | None = None,
                     models_dir: str | Path | None = None, analysis_model: str | Path | None = None,
-                    progress: bool = True, write: bool = True) -> dict[str, Any]:
+                    abstain_coverage: float | None = None, progress: bool = True,
+                    write: bool = True) -> dict[str, Any]:
     """Refit ``kind``'s thresholds and offsets on its calib photos as deployed; write them into the card.
 
     ``class_recall`` defaults to the targets the card's decision rule was trained with."""
@@ -141,6 +143,10 @@ def refit_model_dir(model_dir: str | Path, data: str | Path | None, kind: str, *
            "note": "the card's `metrics` are centre-square figures computed with the previous policy"}
     result: dict[str, Any] = {"kind": kind, "policy": policy, "fit": fit, "decision": decision}
     abstain = section.get("abstain")
+    if abstain_coverage is not None:
+        from training.abstain import RULE_TEXT
+
+        abstain = {**(abstain or {}), "method": "lac", "coverage": abstain_coverage, "rule": RULE_TEXT}
     if abstain:
         rule = fit_abstain(probs, labels, float(abstain["coverage"]), str(abstain["method"]))
         result["abstain"] = {**abstain, **rule.to_dict(), "fitted_on": fitted_on,
@@ -190,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(one per kind; repeat)")
     parser.add_argument("--models-dir", type=Path, help="where the analysis model is (default: the settings')")
     parser.add_argument("--analysis-model", type=Path, help="the analysis TFLite file itself")
+    parser.add_argument("--abstain", type=float, metavar="COVERAGE",
+                        help="also fit a LAC abstain rule at this coverage (default: refit the card's own, if any)")
     parser.add_argument("--dry-run", action="store_true", help="fit and print; do not write the card")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -227,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"no --report for the {kind} model and no --data to run its calib photos")
             _print(refit_model_dir(args.model, args.data, kind, class_recall=class_recall, report=reports.get(kind),
                                    models_dir=models_dir, analysis_model=args.analysis_model,
-                                   progress=not args.quiet, write=not args.dry_run))
+                                   abstain_coverage=args.abstain, progress=not args.quiet,
+                                   write=not args.dry_run))
     except (ModelError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"training.deployed_policy: {exc}", file=sys.stderr)
         return 2
