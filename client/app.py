@@ -125,6 +125,9 @@ class PatientApp:
         self.showing: tuple[str, str | None] = ("signin", None)
         self.draft: dict[str, Any] = {}
         self.chat_drafts: dict[str, str] = {}
+        # One message box per case for the session: a live redraw puts the same control back, so the
+        # browser keeps its focus and the keys in flight (a new box lost both mid-word).
+        self.chat_boxes: dict[str, ft.TextField] = {}
         self._lock = threading.RLock()
         self._changes = threading.Lock()  # what the sync engine changed since the last redraw
         self._changed: set[str | None] = set()
@@ -740,15 +743,19 @@ class PatientApp:
             else:
                 when = _when(message.get("at"))
             rows.append(ft.Text(f"{who} ({when}): {message.get('text')}"))
-        # Live updates redraw the screen: what the patient is typing survives them.
-        box = ft.TextField(label="Message", multiline=True, max_length=cases.MAX_MESSAGE_CHARS, width=480,
-                           value=self.chat_drafts.get(case_id, ""))
-        box.on_change = lambda e: self.chat_drafts.__setitem__(case_id, box.value or "")
+        # Live updates redraw the screen: what the patient is typing survives them, in the same box.
+        box = self.chat_boxes.get(case_id)
+        if box is None:
+            box = ft.TextField(label="Message", multiline=True, max_length=cases.MAX_MESSAGE_CHARS, width=480)
+            box.on_change = lambda e: self.chat_drafts.__setitem__(case_id, box.value or "")
+            self.chat_boxes[case_id] = box
+        box.value = self.chat_drafts.get(case_id, "")  # the same text unless sent, or given back unsent
 
         def send(e) -> None:
             # Kept in the outbox first and sent in the background: offline it shows as waiting.
             text = box.value or self.chat_drafts.pop(case_id, "")
             self.chat_drafts.pop(case_id, None)
+            box.value = ""
             self.page.run_thread(self._send_chat, case_id, text)
 
         return [*rows, box, ft.FilledButton("Send message", icon=ft.Icons.SEND, on_click=send)]

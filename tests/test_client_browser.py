@@ -129,10 +129,18 @@ def test_patient_offline_case_then_cloud_result_review_and_chat(system, tmp_path
         expect(page.get_by_text("Has it changed since you first saw it?", exact=False)).to_be_visible()
         shot(page, "review-and-message")
 
-        type_into(page, "Message", "No, it has looked the same for years.")
+        # The dermatologist writes again while the patient is typing: the live redraw keeps the box,
+        # its text and its focus, so the patient types on without clicking back into it.
+        type_into(page, "Message", "No, it has looked")
+        derm.push(cases.messages_path(uid, case_id), cases.message_record(derm_uid, "dermatologist", "Take your time."))
+        expect(page.get_by_text("Take your time.", exact=False)).to_be_visible()
+        page.keyboard.type(" the same for years.", delay=15)
         page.get_by_role("button", name="Send message").click()
         wait_until(lambda: any(m.get("senderRole") == "patient" for m in
                                (derm.get(cases.messages_path(uid, case_id)) or {}).values()), "the patient's reply")
+        replies = [m["text"] for m in derm.get(cases.messages_path(uid, case_id)).values()
+                   if m.get("senderRole") == "patient"]
+        assert replies == ["No, it has looked the same for years."]
         expect(page.get_by_text("No, it has looked the same for years.", exact=False)).to_be_visible()
         shot(page, "chat")
         page.get_by_role("button", name="Back to my cases").click()

@@ -410,7 +410,7 @@ def test_the_main_screens_stay_usable_at_200_percent_text(system, tmp_path):
         send.click()
 
         expect(page.get_by_role("button", name="Send message")).to_be_visible(timeout=300_000)  # uploaded
-        # Typing waits for the last redraw the upload brings (a redraw replaces the text box under the keys).
+        # Waits for the last redraw the upload brings (a redraw replaces the buttons under the clicks).
         expect(page.get_by_text(wording.STATE_TEXT[cases.Status.QUEUED], exact=True)).to_be_visible()
         for role, name in (("button", "Back to my cases"), ("img", "Case photo"), ("textbox", "Message"),
                            ("button", "Send message")):

@@ -101,3 +101,31 @@ def test_a_burst_of_changes_is_drawn_once_off_the_engine_thread(tmp_path, monkey
     held.set()
     wait_until(lambda: not any(t.name == "redraw" for t in threading.enumerate()), "the redraws")
     assert 1 <= len(page.shown) - drawn <= 2  # the first change, then the rest of the burst at most once
+
+
+def _message_box(page) -> ft.TextField:
+    boxes = [c for c in page.controls[0].controls if isinstance(c, ft.TextField) and c.label == "Message"]
+    assert len(boxes) == 1, "the case screen shows one message box"
+    return boxes[0]
+
+
+def test_a_live_redraw_keeps_the_message_box_the_patient_is_typing_in(tmp_path):
+    device, page, app, case = signed_in_app_with_a_case(tmp_path)
+    device.store.set_status("patient-1", case.case_id, Status.QUEUED)  # uploaded: the chat is open
+    app.case(case.case_id)
+    box = _message_box(page)
+    box.value = "It has grown a li"  # what the browser reports as the patient types
+    box.on_change(None)
+    app.on_sync_change(case.case_id)  # the dermatologist answers meanwhile
+    wait_until(lambda: not any(t.name == "redraw" for t in threading.enumerate()), "the redraw")
+    again = _message_box(page)
+    # The same control, not a new one holding a copy of the text: a new box loses the browser's focus
+    # and whatever was typed between the last change event and the redraw.
+    assert again is box and again.value == "It has grown a li"
+    app.sync.send_message = lambda case_id, text: None
+    sent = threading.Event()
+    app.page.run_thread = lambda fn, *args: (fn(*args), sent.set())
+    [button] = [c for c in page.controls[0].controls if isinstance(c, ft.FilledButton) and
+                c.content == "Send message"]
+    button.on_click(None)
+    assert sent.is_set() and _message_box(page).value == "" and app.chat_drafts.get(case.case_id) is None
