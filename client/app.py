@@ -21,6 +21,7 @@ import logging
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,9 @@ def _labelled(control: ft.Control, label: str) -> ft.Control:
     return ft.Semantics(content=control, label=label, button=True)
 
 
+PICTURES_KEPT = 64  # photo controls a session keeps for redraws (previews are about 100 kB each)
+
+
 def _picture(png: bytes, width: int, label: str) -> ft.Control:
     """An image from bytes needs both sides set to be laid out inside a scrolling page."""
     from PIL import Image
@@ -128,6 +132,9 @@ class PatientApp:
         # One message box per case for the session: a live redraw puts the same control back, so the
         # browser keeps its focus and the keys in flight (a new box lost both mid-word).
         self.chat_boxes: dict[str, ft.TextField] = {}
+        # The photos on screen, kept as controls: a redraw puts the same image back instead of
+        # decoding the stored photo again and sending it anew (the browser blanked it meanwhile).
+        self._pictures: OrderedDict[tuple, ft.Control | None] = OrderedDict()
         self._lock = threading.RLock()
         self._changes = threading.Lock()  # what the sync engine changed since the last redraw
         self._changed: set[str | None] = set()
@@ -220,6 +227,8 @@ class PatientApp:
     def close(self) -> None:
         if self.incoming is not None:
             self.incoming.clear()
+        with self._lock:
+            self._pictures.clear()  # signed out or erased: no photo stays in this process's memory
         with self._life:
             if self.sync is not None:
                 self.sync.stop()
@@ -462,10 +471,13 @@ class PatientApp:
         subtitle = self._state(status, remote.get("failure"))
         if unread:
             subtitle += f" · {unread} new message{'s' if unread > 1 else ''}"
-        thumb = thumbnail_png(case.image_path) if case.image_path else None
+        def thumbnail() -> ft.Control | None:
+            thumb = thumbnail_png(case.image_path)
+            return ft.Image(src=thumb, width=56, height=56, fit=ft.BoxFit.COVER,
+                            semantics_label="Photo") if thumb else None
+
         return ft.ListTile(
-            leading=ft.Image(src=thumb, width=56, height=56, fit=ft.BoxFit.COVER, semantics_label="Photo")
-            if thumb else None,
+            leading=self._picture_of(case.image_path, None, 56, "Photo", thumbnail),
             title=ft.Text(title), subtitle=ft.Text(subtitle),
             on_click=lambda e, cid=case.case_id: self.case(cid),
         )
@@ -649,14 +661,15 @@ class PatientApp:
                                            cases.Status.CAPTURED, cases.Status.FAILED):
             parts.append(ft.Text(case.last_error, color=ft.Colors.RED_700))
         device = case.device or {}
-        preview = preview_png_from_file(case.image_path, device.get("box"))
         earlier = self.device.store.get(self.session.uid, case.same_lesion_as) if case.same_lesion_as else None
         if earlier is not None:  # the same spot photographed before: side by side, with dates and results
             parts.append(ft.Row([self._dated_photo(earlier, "Earlier photo"),
                                  self._dated_photo(case, "This photo")], wrap=True, spacing=16,
                                 vertical_alignment=ft.CrossAxisAlignment.START))
-        elif preview:
-            parts.append(_picture(preview, 360, "Case photo"))
+        else:
+            photo = self._case_picture(case, 360, "Case photo")
+            if photo is not None:
+                parts.append(photo)
         parts += [ft.Text("On this device", weight=ft.FontWeight.BOLD)]
         if device.get("top"):
             parts += _top_rows(device["top"])
@@ -695,10 +708,36 @@ class PatientApp:
         top = ((remote.get("cloud") or {}).get("top") or (case.device or {}).get("top") or [None])[0]
         result = (f"Dermatologist: {self._label_name(review.get('label'))}" if review
                   else f"{top['name']} ({wording.percent(top['p'])})" if top else "No classification")
-        picture = preview_png_from_file(case.image_path, (case.device or {}).get("box"))
+        picture = self._case_picture(case, 240, f"{label} of this spot")
         return ft.Column([ft.Text(f"{label}, {_when(case.created_at)}", weight=ft.FontWeight.BOLD),
-                          _picture(picture, 240, f"{label} of this spot") if picture else ft.Text("No photo here"),
+                          picture if picture is not None else ft.Text("No photo here"),
                           ft.Text(result)], width=250)
+
+    def _case_picture(self, case, width: int, label: str) -> ft.Control | None:
+        """A case's photo with its lesion box, or None when this device has no readable copy."""
+        box = (case.device or {}).get("box")
+
+        def build() -> ft.Control | None:
+            png = preview_png_from_file(case.image_path, box)
+            return _picture(png, width, label) if png else None
+
+        return self._picture_of(case.image_path, box, width, label, build)
+
+    def _picture_of(self, path: Path | None, box: list[float] | None, width: int, label: str,
+                    build: Callable[[], ft.Control | None]) -> ft.Control | None:
+        """The control ``build`` makes for this photo, kept for the session (the most recent
+        PICTURES_KEPT): one control per place on screen, since a control has one parent."""
+        if path is None:  # a case made on another device: its photo is not on this one
+            return None
+        key = (str(path), tuple(box) if box else None, width, label)
+        with self._lock:
+            if key in self._pictures:
+                self._pictures.move_to_end(key)
+                return self._pictures[key]
+            control = self._pictures[key] = build()
+            while len(self._pictures) > PICTURES_KEPT:
+                self._pictures.popitem(last=False)
+            return control
 
     def _state(self, status: str, failure: dict | None) -> str:
         if status in cases.LOCAL_STATUSES and not (self.sync and self.sync.online):

@@ -44,6 +44,9 @@ class QuietSync(SimpleNamespace):
     def messages(self, case_id: str) -> list:
         return []
 
+    def stop(self) -> None:  # the app signs out
+        pass
+
 
 
 def signed_in_app_with_a_case(tmp_path):
@@ -87,13 +90,13 @@ def test_a_burst_of_changes_is_drawn_once_off_the_engine_thread(tmp_path, monkey
     app.case(case.case_id)
     drawn = len(page.shown)
     held = threading.Event()
-    real_preview = app_module.preview_png_from_file
+    real_state = app._state
 
-    def held_preview(path, box):  # the first redraw is slow: the rest of the burst arrives meanwhile
+    def held_state(status, failure):  # the first redraw is slow: the rest of the burst arrives meanwhile
         held.wait(60)
-        return real_preview(path, box)
+        return real_state(status, failure)
 
-    monkeypatch.setattr(app_module, "preview_png_from_file", held_preview)
+    monkeypatch.setattr(app, "_state", held_state)
     engine = threading.current_thread()
     for _ in range(5):  # say, the chunks of an upload: each call returns without drawing
         app.on_sync_change(case.case_id)
@@ -129,3 +132,27 @@ def test_a_live_redraw_keeps_the_message_box_the_patient_is_typing_in(tmp_path):
                 c.content == "Send message"]
     button.on_click(None)
     assert sent.is_set() and _message_box(page).value == "" and app.chat_drafts.get(case.case_id) is None
+
+
+def test_a_redraw_puts_the_same_photo_back_without_decoding_it_again(tmp_path, monkeypatch):
+    device, page, app, case = signed_in_app_with_a_case(tmp_path)
+    decoded = []
+    real_preview = app_module.preview_png_from_file
+    monkeypatch.setattr(app_module, "preview_png_from_file", lambda path, box: decoded.append(path) or
+                        real_preview(path, box))
+
+    def photo() -> ft.Image:
+        [image] = [c for c in page.controls[0].controls if isinstance(c, ft.Image)]
+        return image
+
+    app.case(case.case_id)
+    first = photo()
+    assert first.semantics_label == "Case photo" and first.src and len(decoded) == 1
+    app.on_sync_change(case.case_id)
+    wait_until(lambda: len(page.shown) >= 2 and not any(t.name == "redraw" for t in threading.enumerate()),
+               "the redraw")
+    # The same control, so the browser keeps the picture it shows (a new one blanked it until decoded).
+    assert photo() is first and len(decoded) == 1
+    app.close()  # signed out: no photo is kept in the process
+    app.case(case.case_id)
+    assert photo() is not first and len(decoded) == 2
