@@ -131,3 +131,50 @@ def test_reports_that_are_not_this_models_calib_split_are_refused_and_nothing_is
     assert "not a `dermaloop evaluate --as-deployed` folder" in capsys.readouterr().err
     assert main([str(model), "--kind", "device", "--class-recall", "mel", "--quiet"]) == 2
     assert (model / "card.json").read_text() == before
+
+
+def test_the_deployed_path_and_its_report_give_the_same_policy_and_diagnose_follows_it(tmp_path,
+                                                                                      analysis_models_dir):
+    """End to end on real photos: the calib photos through the real deployed path (analysis model,
+    gates, crop, TFLite classifier), the card refitted from the path and, separately, from the
+    as-deployed report of the same photos; both give the same policy, and the runtime uses it."""
+    import csv
+    import shutil
+
+    from tests.conftest import HAM10000
+    from tests.worker_support import tiny_device_model_dir
+    from training.datasets import open_dataset
+    from training.deployed_eval import evaluate_deployed
+
+    if not (HAM10000 / "metadata.csv").is_file():
+        pytest.skip(f"needs real photos the gates accept: HAM10000 is not at {HAM10000}")
+    data = tmp_path / "photos"
+    with open(HAM10000 / "metadata.csv") as f:
+        taken: dict[str, int] = {}
+        for row in csv.DictReader(f):
+            if taken.get(row["dx"], 0) < 3:  # three per class: nine malignant photos
+                taken[row["dx"]] = taken.get(row["dx"], 0) + 1
+                (data / row["dx"]).mkdir(parents=True, exist_ok=True)
+                shutil.copy(HAM10000 / "images" / f"{row['image_id']}.jpg", data / row["dx"])
+    dataset = open_dataset(data, TAXONOMY)
+    models = {}
+    for name in ("path", "report"):
+        model = tiny_device_model_dir(tmp_path / name)
+        (model / "split.json").write_text(json.dumps({"train": [], "calib": [s.id for s in dataset.samples],
+                                                      "val": []}))
+        models[name] = model
+    report = tmp_path / "calib-report"
+    evaluate_deployed("device", models["report"], dataset, report, "calib split", models_dir=analysis_models_dir,
+                      centre=False, progress=False)
+    by_path = refit_model_dir(models["path"], data, "device", class_recall={}, models_dir=analysis_models_dir,
+                              progress=False)
+    by_report = refit_model_dir(models["report"], None, "device", class_recall={}, report=report)
+    a, b = by_path["policy"], by_report["policy"]  # the report stores probabilities to 6 decimals
+    assert (a.moderate_threshold, a.high_threshold) == pytest.approx((b.moderate_threshold, b.high_threshold), abs=1e-5)
+    assert by_path["fit"]["calib_after"] == by_report["fit"]["calib_after"]
+    fit = by_path["fit"]
+    assert fit["calib_after"]["malignant_sensitivity"] >= 0.9 and "classified" in fit["fitted_on"]
+    from dermaloop.model_dir import load_device_model
+
+    runtime = load_device_model(models["path"], "fp32").policy
+    assert runtime.moderate_threshold == by_path["policy"].moderate_threshold != 0.3  # the tiny card's own
