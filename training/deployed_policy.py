@@ -202,15 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     from dermaloop.model_dir import ModelDir, ModelError
+    from training.train_cli import parse_class_recall
 
     class_recall = None
     if args.class_recall is not None:
         try:
-            class_recall = {c.strip(): float(r) for c, r in (item.split("=") for item in args.class_recall.split(",")
-                                                             if item.strip())}
-        except ValueError:
-            print(f"training.deployed_policy: --class-recall takes CLASS=RECALL pairs such as mel=0.75, got "
-                  f"{args.class_recall!r}", file=sys.stderr)
+            class_recall = parse_class_recall(args.class_recall)
+        except ValueError as exc:
+            print(f"training.deployed_policy: {exc}", file=sys.stderr)
             return 2
     models_dir = args.models_dir
     if models_dir is None and args.analysis_model is None and not args.report:

@@ -86,6 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def parse_class_recall(text: str) -> dict[str, float]:
+    """``mel=0.75,bcc=0.8`` -> {"mel": 0.75, "bcc": 0.8}; '' is no targets."""
+    try:
+        return {c.strip(): float(r) for c, r in (item.split("=") for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise ValueError(f"--class-recall takes CLASS=RECALL pairs such as mel=0.75, got {text!r}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from training.finetune import FinetuneConfig
     from training.finetune_images import FullFinetuneConfig
@@ -110,10 +118,9 @@ def run(args: argparse.Namespace) -> int:
 
     views = parse_views(args.views)
     try:
-        class_recall = {c.strip(): float(r) for c, r in (item.split("=") for item in args.class_recall.split(",")
-                                                         if item.strip())}
-    except ValueError:
-        raise SystemExit(f"--class-recall takes CLASS=RECALL pairs such as mel=0.75, got {args.class_recall!r}") from None
+        class_recall = parse_class_recall(args.class_recall)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     try:
         cloud_seeds = tuple(int(v) for v in args.cloud_seeds.split(",") if v.strip())
     except ValueError:
