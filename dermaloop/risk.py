@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["RiskPolicy", "softmax", "fit_temperature", "threshold_for_sensitivity",
-           "threshold_for_specificity", "fit_policy", "policy_from_probabilities", "fit_class_offsets",
+           "threshold_for_specificity", "sensitivity_lower_bound", "fit_policy", "policy_from_probabilities",
+           "fit_class_offsets",
            "decide", "RISK_TIERS", "AbstainRule", "ABSTAIN_METHODS", "conformal_scores"]
 
 RISK_TIERS = ("low", "moderate", "high")
@@ -58,13 +59,39 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(res.x))
 
 
-def threshold_for_sensitivity(scores: np.ndarray, positive: np.ndarray, target: float) -> float:
-    """Largest threshold t with sensitivity (scores >= t among positives) >= target."""
+def sensitivity_lower_bound(flagged: int, positives: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson lower bound of a sensitivity of ``flagged`` out of ``positives``:
+    with probability ``confidence`` the sensitivity on new cases is at least this. Exact (beta
+    quantile), so it stays honest with the 100-200 malignant photos a calib split holds."""
+    from scipy.stats import beta
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    if not 0 <= flagged <= positives or positives == 0:
+        raise ValueError(f"need 0 <= flagged <= positives and positives > 0, got {flagged} of {positives}")
+    return 0.0 if flagged == 0 else float(beta.ppf(1.0 - confidence, flagged, positives - flagged + 1))
+
+
+def threshold_for_sensitivity(scores: np.ndarray, positive: np.ndarray, target: float,
+                              confidence: float | None = None) -> float:
+    """Largest threshold t with sensitivity (scores >= t among positives) >= target.
+
+    With ``confidence`` (e.g. 0.95) the sensitivity's one-sided lower confidence bound must reach
+    the target, not its point estimate: a threshold fitted at the point estimate lands below the
+    target on new cases about half the time (it is a quantile of the calib positives), which is not a
+    promise a cancer-triage tier can make. When even flagging every positive cannot show the target
+    at that confidence (too few positives), every positive is flagged: the most the data allows."""
     pos = np.sort(np.asarray(scores, np.float64)[np.asarray(positive, bool)])
     if len(pos) == 0:
         raise ValueError("no positive examples to choose a sensitivity threshold from")
-    k = int(np.floor((1.0 - target) * len(pos) + 1e-9))  # positives allowed below the threshold
-    return float(pos[min(k, len(pos) - 1)])
+    n = len(pos)
+    if confidence is None:
+        k = int(np.floor((1.0 - target) * n + 1e-9))  # positives allowed below the threshold
+    else:
+        k = 0
+        while k + 1 < n and sensitivity_lower_bound(n - k - 1, n, confidence) >= target - 1e-12:
+            k += 1
+    return float(pos[min(k, n - 1)])
 
 
 def threshold_for_specificity(scores: np.ndarray, positive: np.ndarray, target: float) -> float:
@@ -129,6 +156,10 @@ class RiskPolicy:
     # A model trained on synthetic images (dermaloop.model_dir.is_demonstration): it may name classes
     # for a demonstration, but it must never speak with a risk tier's voice.
     demonstration: bool = False
+    # None: the moderate threshold meets target_sensitivity on calib (point estimate); a number: the
+    # sensitivity's one-sided lower confidence bound at that confidence meets it. Retraining refits
+    # with the serving model's rule, so every version keeps the same kind of promise.
+    sensitivity_confidence: float | None = None
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         return softmax(logits, self.temperature)
@@ -161,6 +192,8 @@ class RiskPolicy:
         d = asdict(self)
         d["malignant_mask"] = list(self.malignant_mask)
         d["class_offsets"] = list(self.class_offsets)
+        if self.sensitivity_confidence is None:  # cards written before the rule existed read the same
+            del d["sensitivity_confidence"]
         return d
 
     @classmethod
@@ -176,28 +209,42 @@ class RiskPolicy:
         return cls(float(data["temperature"]), tuple(bool(v) for v in data["malignant_mask"]),
                    float(data["moderate_threshold"]), float(data["high_threshold"]),
                    float(data.get("target_sensitivity", 0.9)), float(data.get("target_specificity", 0.95)),
-                   offsets)
+                   offsets, sensitivity_confidence=_confidence(data.get("sensitivity_confidence")))
+
+
+def _confidence(raw: Any) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 < value < 1:
+        raise ValueError(f"sensitivity_confidence must be a number strictly between 0 and 1, got {raw!r}")
+    return value
 
 
 def policy_from_probabilities(temperature: float, probs: np.ndarray, labels: np.ndarray,
                               malignant_mask: list[bool] | tuple[bool, ...], target_sensitivity: float = 0.90,
-                              target_specificity: float = 0.95) -> RiskPolicy:
+                              target_specificity: float = 0.95,
+                              sensitivity_confidence: float | None = None) -> RiskPolicy:
     """Thresholds from calibrated probabilities exactly as the runtime produces them (e.g. TTA means)."""
     mask = np.array(malignant_mask, bool)
     p_mal = np.asarray(probs)[:, mask].sum(axis=1)
     positive = mask[np.asarray(labels)]
-    moderate = threshold_for_sensitivity(p_mal, positive, target_sensitivity)
+    moderate = threshold_for_sensitivity(p_mal, positive, target_sensitivity, sensitivity_confidence)
     high = max(threshold_for_specificity(p_mal, positive, target_specificity), moderate)
     return RiskPolicy(float(temperature), tuple(bool(v) for v in mask), moderate, high, target_sensitivity,
-                      target_specificity)
+                      target_specificity, sensitivity_confidence=sensitivity_confidence)
 
 
 def fit_policy(logits: np.ndarray, labels: np.ndarray, malignant_mask: list[bool] | tuple[bool, ...],
-               target_sensitivity: float = 0.90, target_specificity: float = 0.95) -> RiskPolicy:
+               target_sensitivity: float = 0.90, target_specificity: float = 0.95,
+               sensitivity_confidence: float | None = None) -> RiskPolicy:
     """Temperature and both thresholds from one held-out calibration split (never the report split)."""
     t = fit_temperature(logits, labels)
     return policy_from_probabilities(t, softmax(logits, t), labels, malignant_mask, target_sensitivity,
-                                     target_specificity)
+                                     target_specificity, sensitivity_confidence)
 
 
 ABSTAIN_METHODS = ("lac", "aps")

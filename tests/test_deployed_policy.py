@@ -116,6 +116,33 @@ def test_an_abstain_rule_is_fitted_from_the_same_photos_when_asked(tmp_path):
     assert abstain["calib"]["coverage"] >= 0.9 and "calib split as deployed" in abstain["fitted_on"]
 
 
+def test_a_confidence_bound_rule_is_written_to_the_card_and_kept_by_the_next_refit(tmp_path, capsys):
+    from dermaloop.risk import sensitivity_lower_bound
+
+    model, calib = _model(tmp_path, abstain=False)
+    report = _report(tmp_path, calib)
+    assert main([str(model), "--kind", "device", "--report", str(report), "--quiet"]) == 0
+    point = RiskPolicy.from_dict(json.loads((model / "card.json").read_text())["device"]["risk"])
+    assert point.sensitivity_confidence is None
+    assert main([str(model), "--kind", "device", "--report", str(report), "--sensitivity-confidence", "0.95",
+                 "--quiet"]) == 0
+    assert "lower 95% confidence bound" in capsys.readouterr().out
+    section = json.loads((model / "card.json").read_text())["device"]
+    bound = RiskPolicy.from_dict(section["risk"])
+    assert bound.sensitivity_confidence == 0.95 and bound.moderate_threshold < point.moderate_threshold
+    probs, labels = shifted(200, 7, 1.0)  # the report's classified photos are rows 5..199
+    malignant = np.array(TAXONOMY.malignant_mask)[labels[5:]]
+    flagged = int((bound.malignant_probability(probs[5:])[malignant] >= bound.moderate_threshold - 1e-6).sum())
+    assert sensitivity_lower_bound(flagged, int(malignant.sum()), 0.95) >= 0.9
+    # a later refit without the option keeps the card's rule: a promise does not silently weaken
+    assert main([str(model), "--kind", "device", "--report", str(report), "--quiet"]) == 0
+    again = RiskPolicy.from_dict(json.loads((model / "card.json").read_text())["device"]["risk"])
+    assert again.sensitivity_confidence == 0.95 and again.moderate_threshold == bound.moderate_threshold
+    assert main([str(model), "--kind", "device", "--report", str(report), "--sensitivity-confidence", "1",
+                 "--quiet"]) == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err
+
+
 def test_reports_that_are_not_this_models_calib_split_are_refused_and_nothing_is_written(tmp_path, capsys):
     model, calib = _model(tmp_path, abstain=False)
     before = (model / "card.json").read_text()

@@ -113,3 +113,66 @@ def test_class_offsets_round_trip_and_old_cards_have_none():
     for bogus in ([0.5], [0.5, "x", 0.0], [None, 0.0, 0.0], [float("nan"), 0.0, 0.0], 7):
         with pytest.raises(ValueError, match="class_offsets"):
             RiskPolicy.from_dict({**old, "class_offsets": bogus})
+
+
+def test_the_sensitivity_lower_bound_is_clopper_pearsons():
+    from dermaloop.risk import sensitivity_lower_bound
+
+    # every one of n flagged: the exact bound is (1 - confidence) ** (1 / n)
+    assert sensitivity_lower_bound(29, 29, 0.95) == pytest.approx(0.05 ** (1 / 29))
+    assert sensitivity_lower_bound(0, 10, 0.95) == 0.0
+    # 176 of 187 (point estimate 0.941): about 0.904, so 0.941 is what 187 malignant photos need to show 0.90
+    assert sensitivity_lower_bound(176, 187, 0.95) == pytest.approx(0.9042, abs=2e-3)
+    for bad in ((5, 4, 0.95), (1, 0, 0.95), (3, 4, 1.0), (3, 4, 0.0)):
+        with pytest.raises(ValueError):
+            sensitivity_lower_bound(*bad)
+
+
+def test_a_confidence_bound_threshold_is_the_largest_whose_bound_reaches_the_target():
+    from dermaloop.risk import sensitivity_lower_bound
+
+    rng = np.random.default_rng(3)
+    scores = rng.random(200)
+    positive = np.ones(200, bool)
+    t = threshold_for_sensitivity(scores, positive, 0.9, confidence=0.95)
+    flagged = int((scores >= t).sum())
+    assert sensitivity_lower_bound(flagged, 200, 0.95) >= 0.9
+    assert sensitivity_lower_bound(flagged - 1, 200, 0.95) < 0.9  # one positive fewer would not show it
+    assert t < threshold_for_sensitivity(scores, positive, 0.9)  # the promise costs a lower threshold
+    # too few positives to show 0.9 at 95 % even flagging them all: flag them all, the most the data allows
+    few = rng.random(20)
+    assert threshold_for_sensitivity(few, np.ones(20, bool), 0.9, confidence=0.95) == few.min()
+
+
+def test_the_confidence_rule_keeps_its_promise_on_new_cases_and_the_point_rule_does_not():
+    """Draw many calib splits of 187 malignant photos whose scores are uniform, so a threshold t has a
+    true sensitivity of exactly 1 - t. Fitted at the point estimate, the true sensitivity falls below
+    90 % about half the time; with the 95 % bound, in at most about 5 % of the splits."""
+    rng = np.random.default_rng(4)
+    below = {"point": 0, "bound": 0}
+    draws = 400
+    for _ in range(draws):
+        scores = rng.random(187)
+        positive = np.ones(187, bool)
+        below["point"] += (1 - threshold_for_sensitivity(scores, positive, 0.9)) < 0.9
+        below["bound"] += (1 - threshold_for_sensitivity(scores, positive, 0.9, confidence=0.95)) < 0.9
+    assert below["point"] / draws > 0.3
+    assert below["bound"] / draws <= 0.08
+
+
+def test_the_sensitivity_rule_travels_with_the_policy():
+    labels = np.array([0] * 60 + [1] * 140)
+    probs = np.where(labels[:, None] == 0, [0.7, 0.3], [0.2, 0.8]) + np.random.default_rng(5).normal(0, 0.1, (200, 2))
+    probs = np.clip(probs, 0.01, None)
+    probs /= probs.sum(axis=1, keepdims=True)
+    from dermaloop.risk import policy_from_probabilities
+
+    policy = policy_from_probabilities(1.0, probs, labels, [True, False], sensitivity_confidence=0.95)
+    assert policy.sensitivity_confidence == 0.95
+    assert RiskPolicy.from_dict(policy.to_dict()) == policy
+    plain = policy_from_probabilities(1.0, probs, labels, [True, False])
+    assert "sensitivity_confidence" not in plain.to_dict()  # cards without the rule read as before
+    assert plain.moderate_threshold >= policy.moderate_threshold
+    for bad in (1.5, 0, "high", [0.9]):
+        with pytest.raises(ValueError, match="sensitivity_confidence"):
+            RiskPolicy.from_dict({**policy.to_dict(), "sensitivity_confidence": bad})

@@ -25,7 +25,7 @@ import os
 import shlex
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -108,11 +108,13 @@ def _refit_policy(current: RiskPolicy, probs: np.ndarray, labels: np.ndarray, te
     note = None
     try:
         policy = policy_from_probabilities(temperature, probs, labels, current.malignant_mask,
-                                           current.target_sensitivity, current.target_specificity)
+                                           current.target_sensitivity, current.target_specificity,
+                                           current.sensitivity_confidence)
     except ValueError as exc:  # calib without malignant or benign images (tiny data): keep the thresholds
         note = f"risk thresholds kept from the current version ({exc})"
         policy = RiskPolicy(temperature, current.malignant_mask, current.moderate_threshold, current.high_threshold,
-                            current.target_sensitivity, current.target_specificity)
+                            current.target_sensitivity, current.target_specificity,
+                            sensitivity_confidence=current.sensitivity_confidence)
     targets = decision.get("calib_recall_targets") or {}
     info: dict[str, Any] = {"rule": "most probable class"}
     if targets:
@@ -122,8 +124,7 @@ def _refit_policy(current: RiskPolicy, probs: np.ndarray, labels: np.ndarray, te
         except ValueError as exc:
             info = {**info, "rule": "most probable class", "not_fitted": str(exc)}
         else:
-            policy = RiskPolicy(policy.temperature, policy.malignant_mask, policy.moderate_threshold,
-                                policy.high_threshold, policy.target_sensitivity, policy.target_specificity, offsets)
+            policy = replace(policy, class_offsets=offsets)
             called = policy.decide(probs)
             info["class_offsets"] = {c: v for c, v in zip(taxonomy.ids, offsets, strict=True) if v}
             info["calib_recall"] = {c: float((called[labels == taxonomy.ids.index(c)] == taxonomy.ids.index(c)).mean())

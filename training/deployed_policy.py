@@ -38,14 +38,16 @@ from training.abstain import abstain_figures, calib_part, fit_abstain, labelled_
 
 
 def fit_deployed_policy(probs: np.ndarray, labels: np.ndarray, old: RiskPolicy,
-                        class_recall: dict[int, float]) -> RiskPolicy:
-    """``old``'s temperature and targets with thresholds and offsets refitted on ``probs``."""
+                        class_recall: dict[int, float], sensitivity_confidence: float | None = None) -> RiskPolicy:
+    """``old``'s temperature and targets with thresholds and offsets refitted on ``probs``; the
+    sensitivity rule is ``old``'s unless ``sensitivity_confidence`` names one."""
     p = np.asarray(probs, np.float64)
     y = np.asarray(labels, np.int64)
     if p.ndim != 2 or len(p) != len(y) or not len(y):
         raise ValueError(f"expected (n, classes) probabilities and n labels, got {p.shape} and {y.shape}")
+    confidence = old.sensitivity_confidence if sensitivity_confidence is None else sensitivity_confidence
     policy = policy_from_probabilities(old.temperature, p, y, old.malignant_mask, old.target_sensitivity,
-                                       old.target_specificity)
+                                       old.target_specificity, confidence)
     offsets = fit_class_offsets(p, y, class_recall) if class_recall else ()
     return replace(policy, class_offsets=offsets, demonstration=old.demonstration)
 
@@ -94,8 +96,8 @@ def report_probs(report_dir: str | Path, version: str, kind: str, ids: list[str]
 def refit_model_dir(model_dir: str | Path, data: str | Path | None, kind: str, *,
                     class_recall: dict[str, float] | None = None, report: str | Path | None = None,
                     models_dir: str | Path | None = None, analysis_model: str | Path | None = None,
-                    abstain_coverage: float | None = None, progress: bool = True,
-                    write: bool = True) -> dict[str, Any]:
+                    abstain_coverage: float | None = None, sensitivity_confidence: float | None = None,
+                    progress: bool = True, write: bool = True) -> dict[str, Any]:
     """Refit ``kind``'s thresholds and offsets on its calib photos as deployed; write them into the card.
 
     ``class_recall`` defaults to the targets the card's decision rule was trained with."""
@@ -126,7 +128,8 @@ def refit_model_dir(model_dir: str | Path, data: str | Path | None, kind: str, *
         probs, labels, _, _, counts = labelled_probs(kind, model_dir, calib, "deployed", models_dir=models_dir,
                                                      analysis_model=analysis_model, progress=progress)
         source = "the deployed path"
-    policy = fit_deployed_policy(probs, labels, old, {ids.index(c): r for c, r in class_recall.items()})
+    policy = fit_deployed_policy(probs, labels, old, {ids.index(c): r for c, r in class_recall.items()},
+                                 sensitivity_confidence)
     fitted_on = f"calib split as deployed ({counts}), probabilities from {source}"
     decision: dict[str, Any] = {"rule": "most probable class"}
     if class_recall:
@@ -171,6 +174,9 @@ def _print(result: dict[str, Any]) -> None:
     print(f"  moderate threshold {prev.moderate_threshold:.4f} -> {new.moderate_threshold:.4f}, high "
           f"{prev.high_threshold:.4f} -> {new.high_threshold:.4f}, offsets {list(prev.class_offsets)} -> "
           f"{list(new.class_offsets)}")
+    rule = ("point estimate" if new.sensitivity_confidence is None
+            else f"lower {new.sensitivity_confidence:.0%} confidence bound")
+    print(f"  moderate threshold: malignant sensitivity {new.target_sensitivity:.2f} on calib ({rule})")
     for name in ("calib_before", "calib_after"):
         f = fit[name]
         print(f"  {name}: malignant sensitivity {_fmt(f['malignant_sensitivity'])} / specificity "
@@ -198,12 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--analysis-model", type=Path, help="the analysis TFLite file itself")
     parser.add_argument("--abstain", type=float, metavar="COVERAGE",
                         help="also fit a LAC abstain rule at this coverage (default: refit the card's own, if any)")
+    parser.add_argument("--sensitivity-confidence", type=float, metavar="C",
+                        help="fit the moderate threshold so that the one-sided lower confidence bound of the "
+                             "malignant sensitivity reaches the target (e.g. 0.95; default: the card's own rule)")
     parser.add_argument("--dry-run", action="store_true", help="fit and print; do not write the card")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     from dermaloop.model_dir import ModelDir, ModelError
     from training.train_cli import parse_class_recall
 
+    if args.sensitivity_confidence is not None and not 0 < args.sensitivity_confidence < 1:
+        print(f"training.deployed_policy: --sensitivity-confidence must lie strictly between 0 and 1, got "
+              f"{args.sensitivity_confidence}", file=sys.stderr)
+        return 2
     class_recall = None
     if args.class_recall is not None:
         try:
@@ -234,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"no --report for the {kind} model and no --data to run its calib photos")
             _print(refit_model_dir(args.model, args.data, kind, class_recall=class_recall, report=reports.get(kind),
                                    models_dir=models_dir, analysis_model=args.analysis_model,
-                                   abstain_coverage=args.abstain, progress=not args.quiet,
+                                   abstain_coverage=args.abstain,
+                                   sensitivity_confidence=args.sensitivity_confidence, progress=not args.quiet,
                                    write=not args.dry_run))
     except (ModelError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"training.deployed_policy: {exc}", file=sys.stderr)

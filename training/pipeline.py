@@ -71,6 +71,9 @@ class TrainOptions:
     calib_fraction: float = 0.1
     seed: int = 0
     target_sensitivity: float = 0.90
+    # None: the moderate threshold meets target_sensitivity on calib; a confidence (e.g. 0.95): its
+    # one-sided lower confidence bound does (dermaloop.risk.threshold_for_sensitivity)
+    sensitivity_confidence: float | None = None
     calibration_images: int = 500  # 200 gave a 1.74-point int8 drop on HAM10000, 500 gave 1.30
     limit: int | None = None
     head_c: float = 0.01
@@ -192,11 +195,12 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     t_train = time.perf_counter() - t0 - t_features
     yc = y[calib]
     try:
-        policy = fit_policy(calib_logits[0], yc, ds.taxonomy.malignant_mask, opts.target_sensitivity)
+        policy = fit_policy(calib_logits[0], yc, ds.taxonomy.malignant_mask, opts.target_sensitivity,
+                            sensitivity_confidence=opts.sensitivity_confidence)
     except ValueError as exc:  # calib split lacks malignant or benign cases (tiny datasets): say so in the card
         _log(opts, f"warning: risk thresholds not fitted ({exc}); using 0.3 / 0.6")
         policy = RiskPolicy(fit_temperature(calib_logits[0], yc), tuple(ds.taxonomy.malignant_mask),
-                            0.3, 0.6, opts.target_sensitivity)
+                            0.3, 0.6, opts.target_sensitivity, sensitivity_confidence=opts.sensitivity_confidence)
         tta_refit = False
     else:
         tta_refit = True
@@ -204,7 +208,8 @@ def _train_kind(kind: str, backbone: str, ds: Dataset, split: dict[str, np.ndarr
     probs_c = np.mean([softmax(lv, policy.temperature) for lv in runtime_views], axis=0)
     if tta and tta_refit:  # thresholds must be chosen on the probabilities the runtime produces (mean over views)
         policy = policy_from_probabilities(policy.temperature, probs_c, yc, ds.taxonomy.malignant_mask,
-                                           opts.target_sensitivity)
+                                           opts.target_sensitivity,
+                                           sensitivity_confidence=opts.sensitivity_confidence)
     policy, decision = _decision(policy, probs_c, yc, ds, opts)
     model = full_classifier(backbone, k, policy.temperature, tail_model=tail, head=head)
     return {"model": model, "policy": policy, "preprocess": cfg, "tta": tta, "history": history,
@@ -261,7 +266,8 @@ def _ensemble(cloud: dict[str, Any], device: dict[str, Any] | None, ds: Dataset,
 
     t = fit_temperature(mean_scaled("orig"), y[calib])
     probs = np.mean([softmax(mean_scaled(v), t) for v in views], axis=0)
-    policy = policy_from_probabilities(t, probs, y[calib], ds.taxonomy.malignant_mask, opts.target_sensitivity)
+    policy = policy_from_probabilities(t, probs, y[calib], ds.taxonomy.malignant_mask, opts.target_sensitivity,
+                                       sensitivity_confidence=opts.sensitivity_confidence)
     policy, decision = _decision(policy, probs, y[calib], ds, opts)
     others = [m["model"] for m in cloud["seed_members"]] + ([device["model"]] if device is not None else [])
     model = ensemble_classifier(cloud["model"], others, t)
@@ -338,6 +344,8 @@ def train(opts: TrainOptions) -> Path:
     if unknown:
         raise ValueError(f"test-time views must be symmetries ({', '.join(SYMMETRIES)}), not {', '.join(unknown)}")
     view_for_crop(opts.crop, "orig")  # refuses an unknown crop before any work
+    if opts.sensitivity_confidence is not None and not 0 < opts.sensitivity_confidence < 1:
+        raise ValueError(f"--sensitivity-confidence must lie strictly between 0 and 1, got {opts.sensitivity_confidence}")
     if opts.distill_from is not None:
         if opts.epochs == 0:
             raise ValueError("--distill-from teaches a fine-tuned device network: give --epochs > 0 too")

@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "views then apply to that crop, augK becomes a scale-jittered crop)")
     parser.add_argument("--target-sensitivity", type=float, default=0.90,
                         help="malignant sensitivity the malignancy threshold is chosen for (on the calib split)")
+    parser.add_argument("--sensitivity-confidence", type=float, default=None, metavar="C",
+                        help="make the sensitivity's one-sided lower confidence bound (Clopper-Pearson, e.g. 0.95) "
+                             "reach the target instead of its calib point estimate; the release uses 0.95")
     parser.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default: DATA_DIR/cache/embeddings)")
     parser.add_argument("--limit", type=int, default=None, help="use about this many images (whole lesions)")
     parser.add_argument("--seed", type=int, default=0)
@@ -138,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, taxonomy=args.taxonomy, device_backbone=args.device_backbone,
         cloud_backbone=args.cloud_backbone, epochs=args.epochs, views=views, cloud_views=cloud_views, cloud_tta=cloud_tta,
         colour_constancy=args.colour_constancy, crop=args.crop, cache_dir=args.cache_dir or default_cache_dir(),
-        seed=args.seed, target_sensitivity=args.target_sensitivity, limit=args.limit, skip_cloud=args.skip_cloud,
+        seed=args.seed, target_sensitivity=args.target_sensitivity,
+        sensitivity_confidence=args.sensitivity_confidence, limit=args.limit, skip_cloud=args.skip_cloud,
         cloud_ensemble=args.cloud_ensemble, cloud_seeds=cloud_seeds, class_recall=class_recall,
         distill_from=args.distill_from, distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
         finetune=recipe, cloud_finetune=cloud_recipe, progress=not args.quiet,
