@@ -273,7 +273,7 @@ class PortalApp:
                         alignment=ft.MainAxisAlignment.SPACE_BETWEEN, wrap=True)
         filters = ft.Row([
             self._filter("Status", f.status, list(triage.STATUS_FILTERS), "status"),
-            self._filter("Risk tier", f.risk, ["any", *triage.RISKS, "unknown"], "risk"),
+            self._filter("Risk tier", f.risk, ["any", *triage.TIERS], "risk"),
             self._filter("Body site", f.site, ["any", *triage.sites(rows)], "site"),
             self._filter("Waiting time", f.age, list(triage.AGE_FILTERS), "age"),
         ], wrap=True)

@@ -16,13 +16,15 @@ import numpy as np
 
 from dermaloop import cases
 from reviewer_portal import results
-from reviewer_portal.queue import HOUR_MS, RISKS, TIER_LIMIT_HOURS, top_call
-
-# Waiting cases without a risk tier: a demonstration model's answer has none by design
-# (docs/ARCHITECTURE.md "Demonstration models"), which is not the same as a tier not known yet.
-DEMONSTRATION_TIER = "demonstration"
-UNKNOWN_TIER = "unknown"
-TIERS = (*RISKS, DEMONSTRATION_TIER, UNKNOWN_TIER)  # the order the portal lists them in
+from reviewer_portal.queue import (
+    DEMONSTRATION_TIER,
+    HOUR_MS,
+    RISKS,
+    TIER_LIMIT_HOURS,
+    TIERS,
+    UNKNOWN_TIER,
+    top_call,
+)
 
 
 @dataclass

@@ -24,6 +24,11 @@ HOUR_MS = 3_600_000
 # How long a case of each risk tier may wait before it is flagged overdue (issue 18: high 24 h).
 TIER_LIMIT_HOURS: dict[str | None, float] = {"high": 24.0, "moderate": 72.0, "low": 168.0, None: 168.0}
 RISKS = ("high", "moderate", "low")
+# Waiting cases without a risk tier: a demonstration model's answer has none by design
+# (docs/ARCHITECTURE.md "Demonstration models"), which is not the same as a tier not known yet.
+DEMONSTRATION_TIER = "demonstration"
+UNKNOWN_TIER = "unknown"
+TIERS = (*RISKS, DEMONSTRATION_TIER, UNKNOWN_TIER)  # the order the filter and monitoring list them in
 STATUS_FILTERS = ("unreviewed", "diagnosed", "failed", "reviewed", "all")
 # "Age" is how long the case has waited: the data model holds no patient age.
 AGE_FILTERS: dict[str, tuple[float, float]] = {
@@ -58,6 +63,14 @@ class QueueRow:
     @property
     def disagree(self) -> bool:
         return self.device is not None and self.cloud is not None and self.device.label != self.cloud.label
+
+    @property
+    def tier(self) -> str:
+        """What the risk filter and the monitoring screen count the row under: its tier; without one,
+        "demonstration" when a demonstration model answered (its badge), else "unknown"."""
+        if self.risk:
+            return self.risk
+        return DEMONSTRATION_TIER if self.demonstration else UNKNOWN_TIER
 
     @property
     def risk_badges(self) -> list[str]:
@@ -131,7 +144,7 @@ def matches(row: QueueRow, filters: Filters) -> bool:
         return False
     if filters.status not in ("unreviewed", "all") and row.status != filters.status:
         return False
-    if filters.risk != "any" and (row.risk or "unknown") != filters.risk:
+    if filters.risk != "any" and row.tier != filters.risk:
         return False
     if filters.site != "any" and (row.site or "not given") != filters.site:
         return False

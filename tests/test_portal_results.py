@@ -68,9 +68,14 @@ def test_queue_rows_badge_demonstration_answers_instead_of_a_risk():
     for row in rows.values():
         if row.demonstration:
             assert not any(b.startswith("UNKNOWN") for b in row.risk_badges), row.case_id
-    # the calls are still there to read, and the rows still filter as unknown risk
+    # the calls are still there to read; the risk filter groups the rows as their badges and the
+    # monitoring screen do: a demonstration answer without a tier is "demonstration", not "unknown"
     assert rows["both"].cloud.name == "Melanoma" and rows["both"].device.p == 0.81
-    assert "both" in [r.case_id for r in triage.apply(rows.values(), triage.Filters(risk="unknown"))]
+    demo = [r.case_id for r in triage.apply(rows.values(), triage.Filters(risk="demonstration"))]
+    assert sorted(demo) == ["both", "cloud_demo", "device_only_demo"]  # monitoring counts these 3 too
+    assert [r.case_id for r in triage.apply(rows.values(), triage.Filters(risk="unknown"))] == ["nothing"]
+    assert "device_demo" in [r.case_id for r in triage.apply(rows.values(), triage.Filters(risk="high"))]
+    assert triage.TIERS == monitoring.TIERS
 
 
 def test_monitoring_counts_waiting_demonstration_answers_as_demonstration_not_unknown_risk():
