@@ -408,10 +408,7 @@ class PortalApp:
                  ft.Text(f"Time to review: median {hours(figures.review_hours_p50)}, "
                          f"95th percentile {hours(figures.review_hours_p95)}")]
         lines += [ft.Text(line) for line in monitoring.waiting_lines(figures)]
-        for model in ("device", "cloud"):
-            share = figures.agreement.get(model)
-            lines.append(ft.Text(f"{model.capitalize()} model agreed with the dermatologists: "
-                                 f"{'n/a' if share is None else f'{share:.0%}'}"))
+        lines += [ft.Text(line) for line in monitoring.agreement_lines(figures)]
         png = monitoring.confusion_png(figures, self.taxonomy.ids)
         banner = [_read_only_banner()] if self.session.read_only else []
         self.show(ft.TextButton("Back to queue", icon=ft.Icons.ARROW_BACK, on_click=lambda e: self.back_to_queue()),

@@ -35,6 +35,9 @@ class Figures:
     queue_age: dict[str, dict[str, float]] = field(default_factory=dict)  # tier -> count, p50 h, max h, overdue
     agreement: dict[str, float | None] = field(default_factory=dict)  # "device"/"cloud" -> share agreeing
     pairs: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)  # model -> (truth, call)
+    # model -> reviewed cases left out of its agreement because a demonstration model answered them:
+    # a model trained on synthetic images says nothing about how the real one does
+    demonstration_left_out: dict[str, int] = field(default_factory=dict)
 
 
 def _reviewed_cases(all_cases: Any) -> list[Mapping[str, Any]]:
@@ -88,10 +91,14 @@ def compute(all_cases: Any, queue: Any, now_ms: int) -> Figures:
                                    "max_h": float(max(hours)), "overdue": sum(h > limit for h in hours)}
     for model in ("device", "cloud"):
         truth, calls = [], []
+        figures.demonstration_left_out[model] = 0
         for case in reviewed:
             label = case["review"].get("label")
             call = top_call(case.get(model))
             if call is None or label in cases.REVIEW_SPECIAL_LABELS or not isinstance(label, str):
+                continue
+            if results.is_demonstration(case.get(model)):
+                figures.demonstration_left_out[model] += 1
                 continue
             truth.append(label)
             calls.append(call.label)
@@ -99,6 +106,21 @@ def compute(all_cases: Any, queue: Any, now_ms: int) -> Figures:
         figures.agreement[model] = (sum(t == c for t, c in zip(truth, calls, strict=True)) / len(truth)
                                     if truth else None)
     return figures
+
+
+def agreement_lines(figures: Figures) -> list[str]:
+    """The monitoring screen's line per model on how often it agreed with the dermatologists."""
+    lines = []
+    for model in ("device", "cloud"):
+        share = figures.agreement.get(model)
+        n = len(figures.pairs.get(model, ([], []))[0])
+        line = (f"{model.capitalize()} model agreed with the dermatologists: "
+                f"{'n/a' if share is None else f'{share:.0%} of {n} reviewed cases'}")
+        left_out = figures.demonstration_left_out.get(model, 0)
+        if left_out:
+            line += f" ({left_out} answered by a demonstration model left out)"
+        lines.append(line)
+    return lines
 
 
 def waiting_lines(figures: Figures) -> list[str]:

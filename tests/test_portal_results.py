@@ -174,3 +174,25 @@ def test_queue_rows_badge_the_unsure_models_after_the_tier():
     assert rows["both_unsure"].risk_badges == ["HIGH risk", "UNSURE (device and cloud)"]
     assert rows["sure"].risk_badges == ["HIGH risk"] and rows["sure"].unsure == ()
     assert rows["demo_unsure"].unsure == () and rows["demo_unsure"].risk_badges == [f"cloud: {DEMO}"]
+
+
+def test_agreement_leaves_demonstration_answers_out_and_says_how_many():
+    def reviewed(label: str, device_record: dict, cloud_record: dict) -> dict:
+        return {"status": "reviewed", "createdAt": NOW - 3 * HOUR, "review": {"label": label, "at": NOW - HOUR},
+                "device": device_record, "cloud": cloud_record}
+
+    # every model here calls melanoma; the dermatologists said melanoma once and nevus twice
+    all_cases = {"p1": {"real": reviewed("mel", device(False), cloud(False)),
+                        "demo": reviewed("nv", device(True), cloud(True)),
+                        "mixed": reviewed("nv", device(True), cloud(False))}}
+    figures = monitoring.compute(all_cases, {}, NOW)
+    assert figures.demonstration_left_out == {"device": 2, "cloud": 1}
+    assert figures.pairs["device"] == (["mel"], ["mel"]) and figures.agreement["device"] == 1.0
+    assert figures.agreement["cloud"] == 0.5  # the real cloud answers: right on "real", wrong on "mixed"
+    assert monitoring.agreement_lines(figures) == [
+        "Device model agreed with the dermatologists: 100% of 1 reviewed cases "
+        "(2 answered by a demonstration model left out)",
+        "Cloud model agreed with the dermatologists: 50% of 2 reviewed cases "
+        "(1 answered by a demonstration model left out)"]
+    empty = monitoring.compute({}, {}, NOW)
+    assert monitoring.agreement_lines(empty)[0] == "Device model agreed with the dermatologists: n/a"
