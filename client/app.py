@@ -31,7 +31,7 @@ import flet as ft
 from client import wording
 from client.device import PREVIEW_SIDE, Device, preview_png, thumbnail_png
 from client.intake import UPLOAD, URL_SECONDS, Incoming, prepare_folder, transfer_mode
-from client.photos import KeptCopy, PhotoError, check_size, decode
+from client.photos import KeptCopy, PhotoError, check_size, decode, holds_every_pixel
 from client.remember import PREFERENCE, SESSION_ENDED, RememberedSessions
 from dermaloop import cases
 from dermaloop.auth import AuthClient, UserSession
@@ -550,7 +550,7 @@ class PatientApp:
             log.exception("the device answer failed")
             self._photo_problem(f"This device could not analyse the photo ({exc}). Please try another photo.")
             return
-        kept = KeptCopy(data, name)
+        kept = KeptCopy(data, name, image if holds_every_pixel(data, image) else None)
         self.draft = {"image": image, "answer": answer, "kept": kept}
         self.answer_screen()
         kept.start()  # once the answer is on its way: the patient reads it meanwhile

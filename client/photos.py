@@ -74,9 +74,22 @@ def decode(data: bytes, name: str = "photo", *, draft: bool = False) -> Image.Im
         raise PhotoError(f"{name} is not a photo this app can read. Please pick a JPEG, PNG or WebP photo.") from exc
 
 
-def prepare(data: bytes, name: str = "photo") -> Photo:
-    """The copy to keep and send: full size (up to ``MAX_SIDE``), upright, JPEG without metadata."""
-    img = decode(data, name)
+def holds_every_pixel(data: bytes, image: Image.Image) -> bool:
+    """Whether ``image`` (``decode``'s answer for ``data``) is the photo at full size: only a large
+    JPEG's draft decode is smaller. Then the kept copy is made from it instead of decoding the file
+    again (a HEIC, a PNG or a smaller JPEG would otherwise be decoded twice at full size)."""
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            size = header.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+    return sorted(size) == sorted(image.size)
+
+
+def prepare(data: bytes, name: str = "photo", decoded: Image.Image | None = None) -> Photo:
+    """The copy to keep and send: full size (up to ``MAX_SIDE``), upright, JPEG without metadata.
+    ``decoded``: ``data`` already decoded at full size (``holds_every_pixel``); it is not changed."""
+    img = decode(data, name) if decoded is None else decoded.copy()
     if max(img.size) > MAX_SIDE:
         img.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
@@ -91,8 +104,8 @@ class KeptCopy:
     send", it is long done) and raises its PhotoError if the full decode fails where the small one
     did not."""
 
-    def __init__(self, data: bytes, name: str) -> None:
-        self._data, self._name = data, name
+    def __init__(self, data: bytes, name: str, decoded: Image.Image | None = None) -> None:
+        self._data, self._name, self._decoded = data, name, decoded
         self._future: Future[Photo] = Future()
         self._lock = threading.Lock()
         self._started = False
@@ -107,11 +120,11 @@ class KeptCopy:
 
     def _make(self) -> None:
         try:
-            self._future.set_result(prepare(self._data, self._name))
+            self._future.set_result(prepare(self._data, self._name, self._decoded))
         except BaseException as exc:  # handed to whoever asks for the copy
             self._future.set_exception(exc)
         finally:
-            self._data = b""
+            self._data, self._decoded = b"", None
 
     def result(self) -> Photo:
         self.start()

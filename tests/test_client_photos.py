@@ -114,7 +114,7 @@ def test_the_kept_copy_is_the_prepared_photo_made_once_in_the_background(monkeyp
     data = _encode(_skin(), "JPEG", quality=90)
     made = []
     real = photos.prepare
-    monkeypatch.setattr(photos, "prepare", lambda d, n: made.append(n) or real(d, n))
+    monkeypatch.setattr(photos, "prepare", lambda d, n, decoded=None: made.append(n) or real(d, n, decoded))
     kept = KeptCopy(data, "spot.jpg")
     kept.start()
     kept.start()
@@ -150,6 +150,27 @@ def test_a_phone_heic_is_decoded_upright_like_a_jpeg():
     assert red(photo.width - 60, 20) > 240 and red(20, 20) < 200  # the mark is now top-right
     stored = Image.open(io.BytesIO(photo.jpeg))
     assert stored.format == "JPEG" and photo.content_type == "image/jpeg" and not stored.getexif()
+
+
+def test_a_photo_decoded_at_full_size_for_the_answer_is_not_decoded_again_for_the_kept_copy(monkeypatch):
+    """A HEIC (and a PNG or a small JPEG) is decoded at full size for the answer already: the kept copy
+    is made from that image. A large JPEG's answer comes from a draft decode, so it is decoded again."""
+    heic = _heic(_skin((640, 480)))
+    big_jpeg = _encode(_skin((4200, 3000)), "JPEG", quality=80)
+    decodes = []
+    real_decode = photos.decode
+    monkeypatch.setattr(photos, "decode", lambda d, n="photo", **kw: decodes.append(n) or real_decode(d, n, **kw))
+    for data, name, decoded_again in ((heic, "IMG_0004.HEIC", False), (big_jpeg, "big.jpg", True)):
+        decodes.clear()
+        answer_image = photos.decode(data, name, draft=True)
+        full = photos.holds_every_pixel(data, answer_image)
+        assert full is not decoded_again, name
+        before = answer_image.copy()
+        kept = KeptCopy(data, name, answer_image if full else None).result()
+        assert decodes == [name, name] if decoded_again else decodes == [name]
+        assert kept.sha256 == prepare(data, name).sha256  # the same copy either way
+        assert answer_image.tobytes() == before.tobytes()  # the answer's picture is not touched
+    assert not photos.holds_every_pixel(b"not an image", _skin())
 
 
 def test_a_damaged_heic_is_called_damaged():
