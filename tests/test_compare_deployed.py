@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from training.compare_deployed import compare, main
+from training.compare_deployed import compare, gates, main
 
 
 def write(folder, rows):
@@ -69,3 +69,24 @@ def test_evaluations_of_different_photos_or_labels_are_refused(tmp_path, capsys)
     (tmp_path / "bad" / "photos.jsonl").write_text("{not json\n")
     assert main([str(a), str(tmp_path / "bad")]) == 2
     assert "not JSON" in capsys.readouterr().err
+
+
+def test_the_gates_refuse_a_candidate_that_tells_more_cancers_low_and_pass_one_that_does_not(tmp_path, capsys):
+    truth = ["nv"] * 60 + ["mel"] * 40 + ["bcc"] * 20
+    serving = write(tmp_path / "serving", [photo(i, y, y, risk="low" if y == "nv" else "moderate")
+                                           for i, y in enumerate(truth)])
+    # the same calls, but a third of the malignant photos told "low"
+    worse = write(tmp_path / "worse", [photo(i, y, y, risk="low" if y == "nv" or i % 3 == 0 else "high")
+                                       for i, y in enumerate(truth)])
+    (worse / "metrics.json").write_text(json.dumps({"ece": 0.2}))
+    same = write(tmp_path / "same", [photo(i, y, y, risk="low" if y == "nv" else "high")
+                                     for i, y in enumerate(truth)])
+    refused = gates(serving, worse)
+    assert not refused.promote
+    failed = {v.gate for v in refused.verdicts if not v.passed}
+    assert failed == {"malignant_sensitivity", "calibration"}  # no serving ECE: the 0.05 bound applies
+    passed = gates(serving, same)
+    assert passed.promote and [v.gate for v in passed.verdicts] == ["balanced_accuracy", "malignant_sensitivity"]
+    assert main([str(serving), str(worse), "--gates"]) == 0
+    out = capsys.readouterr().out
+    assert "gate malignant_sensitivity: FAILED" in out and "B may replace A: no" in out

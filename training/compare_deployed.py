@@ -10,6 +10,7 @@ retraining gates (``training.gates``: resampling photos within each class, the s
 models).
 
     python -m training.compare_deployed var/deployed-eval/release-device-val var/deployed-eval/box-top-device-val
+    python -m training.compare_deployed SERVING_REPORT CANDIDATE_REPORT --gates   # may B replace A?
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from typing import Any
 import numpy as np
 
 from dermaloop.taxonomy import load_taxonomy
-from training.gates import balanced_accuracy, mcnemar_exact, paired_bootstrap
+from training.gates import (
+    Decision,
+    balanced_accuracy,
+    balanced_accuracy_gate,
+    decide,
+    ece_gate,
+    mcnemar_exact,
+    paired_bootstrap,
+    sensitivity_gate,
+)
 
 TIERS = ("low", "moderate", "high")
 
@@ -99,14 +109,47 @@ def tier_figures(risk_a: list[str | None], risk_b: list[str | None], malignant: 
     return out
 
 
+def gates(current_dir: str | Path, candidate_dir: str | Path, taxonomy_name: str = "ham10000") -> Decision:
+    """The retraining gates (``training.gates``) on two deployed evaluations: may the candidate
+    (B) replace the serving model (A) as deployed? Balanced accuracy of the calls, the risk tier's
+    malignant sensitivity (a malignant photo caught when told moderate or high, per-class strata as
+    in the retraining job) and calibration (each report's ECE). The int8 gate compares a device
+    model with its own float model and is not a two-report question; it is in the training card."""
+    taxonomy = load_taxonomy(taxonomy_name)
+    a, b = read_photos(current_dir), read_photos(candidate_dir)
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        raise ValueError("the two evaluations share no classified photo: were they run on the same split?")
+    index = {c: k for k, c in enumerate(taxonomy.ids)}
+    labels = np.array([index[a[i]["label"]] for i in ids])
+    verdicts = [balanced_accuracy_gate(labels, np.array([index[a[i]["called"]] for i in ids]),
+                                       np.array([index[b[i]["called"]] for i in ids]))]
+    if all(a[i]["risk"] in TIERS and b[i]["risk"] in TIERS for i in ids):
+        verdicts.append(sensitivity_gate(labels, taxonomy.malignant_mask,
+                                         np.array([a[i]["risk"] != "low" for i in ids]),
+                                         np.array([b[i]["risk"] != "low" for i in ids])))
+    eces = []
+    for folder in (current_dir, candidate_dir):
+        try:
+            eces.append(json.loads((Path(folder) / "metrics.json").read_text()).get("ece"))
+        except (OSError, json.JSONDecodeError):
+            eces.append(None)
+    if isinstance(eces[1], int | float):
+        verdicts.append(ece_gate(eces[0] if isinstance(eces[0], int | float) else None, float(eces[1])))
+    return decide(verdicts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.compare_deployed", description=__doc__.split("\n")[0])
     parser.add_argument("a", type=Path, help="report folder of the first model's deployed evaluation")
     parser.add_argument("b", type=Path, help="report folder of the second model's, on the same split")
     parser.add_argument("--taxonomy", default="ham10000")
+    parser.add_argument("--gates", action="store_true",
+                        help="also run the retraining gates with A as the serving model and B as the candidate")
     args = parser.parse_args(argv)
     try:
         result = compare(args.a, args.b, args.taxonomy)
+        decision = gates(args.a, args.b, args.taxonomy) if args.gates else None
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"compare_deployed: {exc}", file=sys.stderr)
         return 2
@@ -120,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
               f"B - A {d:+.4f} (95 % CI {lo:+.4f} .. {hi:+.4f})")
     print("per-class recall (A, B, photos): " + ", ".join(f"{c} {x:.3f}/{y:.3f} ({n})"
                                                           for c, (x, y, n) in result["per_class_recall"].items()))
+    if decision is not None:
+        for verdict in decision.verdicts:
+            print(f"gate {verdict.gate}: {'passed' if verdict.passed else 'FAILED'}: {verdict.reason}")
+        print(f"B may replace A: {'yes' if decision.promote else 'no'} ({decision.reason})")
+        result["gates"] = decision.to_json()
     print(json.dumps(result))
     return 0
 
