@@ -275,8 +275,17 @@ class PatientApp:
         email = ft.TextField(label="Email", autofocus=True, keyboard_type=ft.KeyboardType.EMAIL, width=360)
         password = ft.TextField(label="Password", password=True, width=360)
         error = ft.Text(message or "", color=ft.Colors.RED_700 if problem else None)
+        busy = threading.Lock()  # a second click while the first is on its way does nothing
 
         def attempt(create: bool) -> None:
+            if not busy.acquire(blocking=False):
+                return
+            try:
+                _attempt(create)
+            finally:
+                busy.release()
+
+        def _attempt(create: bool) -> None:
             error.value = ""
             if not email.value or not password.value:
                 # Flet's web client can deliver a click before the text typed just before it:
@@ -287,6 +296,9 @@ class PatientApp:
                 error.color = ft.Colors.RED_700
                 self.page.update()
                 return
+            error.value = "Creating your account..." if create else "Signing in..."
+            error.color = None
+            self.page.update()
             try:
                 if create:
                     session = self.auth.sign_up(email.value.strip(), password.value)
@@ -299,12 +311,17 @@ class PatientApp:
                 return
             self.signed_in(session, remember=True)
 
+        # Off Flet's event loop, which runs plain handlers itself: a slow sign-in there would hold up
+        # every other patient's session in this process (and the field values could not arrive).
+        def click(create: bool):
+            return lambda e: self.page.run_thread(attempt, create)
+
         self.show(
             _heading("DermaLoop"),
             ft.Text("Photograph a skin spot and get a first risk estimate at once, then a dermatologist's view."),
             email, password,
-            ft.Row([ft.FilledButton("Sign in", on_click=lambda e: attempt(False)),
-                    ft.OutlinedButton("Create account", on_click=lambda e: attempt(True))], wrap=True),
+            ft.Row([ft.FilledButton("Sign in", on_click=click(False)),
+                    ft.OutlinedButton("Create account", on_click=click(True))], wrap=True),
             error,
             ft.Text(wording.disclaimer(), size=12, italic=True),
             screen="signin",

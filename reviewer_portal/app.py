@@ -171,38 +171,45 @@ class PortalApp:
         email = ft.TextField(label="Email", autofocus=True, keyboard_type=ft.KeyboardType.EMAIL, width=360)
         password = ft.TextField(label="Password", password=True, can_reveal_password=True, width=360)
         error = ft.Text(message or "", color=ft.Colors.RED_700)
+        busy = threading.Lock()  # a second click while the first is on its way does nothing
 
-        def attempt(e) -> None:
-            if not email.value or not password.value:
-                error.value = "Enter your email and password."
-                self.page.update()
+        def attempt() -> None:
+            if not busy.acquire(blocking=False):
                 return
-            error.value = "Signing in..."
+            try:
+                _attempt()
+            finally:
+                busy.release()
+
+        def say(text: str, problem: bool = True) -> None:
+            error.value, error.color = text, ft.Colors.RED_700 if problem else None
             self.page.update()
+
+        def _attempt() -> None:
+            if not email.value or not password.value:
+                say("Enter your email and password.")
+                return
+            say("Signing in...", problem=False)
             try:
                 user = sign_in(self.auth, email.value.strip(), password.value)
             except NotAllowed as exc:
-                error.value = str(exc)
-                self.page.update()
-                return
+                say(str(exc))
             except Unavailable:
-                error.value = "Cannot reach the sign-in service. Check the connection and try again."
-                self.page.update()
-                return
+                say("Cannot reach the sign-in service. Check the connection and try again.")
             except Unauthenticated:
-                error.value = "Wrong email or password."
-                self.page.update()
-                return
+                say("Wrong email or password.")
             except ServiceError as exc:
-                error.value = f"Signing in failed: {exc.message}"
-                self.page.update()
-                return
-            self.signed_in(user)
+                say(f"Signing in failed: {exc.message}")
+            else:
+                self.signed_in(user)
 
         self.show(
             _heading("DermaLoop reviewer portal", 24),
             ft.Text("For dermatologists: triage, review and answer the cases patients send."),
-            email, password, ft.FilledButton("Sign in", icon=ft.Icons.LOGIN, on_click=attempt), error,
+            # off Flet's event loop, which runs plain handlers itself: a slow sign-in would hold up
+            # every other dermatologist's session in this process (and "Signing in..." would not show)
+            email, password, ft.FilledButton("Sign in", icon=ft.Icons.LOGIN,
+                                             on_click=lambda e: self.page.run_thread(attempt)), error,
             screen="signin",
         )
 
