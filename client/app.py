@@ -37,7 +37,7 @@ from dermaloop import cases
 from dermaloop.auth import AuthClient, UserSession
 from dermaloop.errors import Conflict, InvalidArgument, ServiceError, Unauthenticated, Unavailable
 from dermaloop.settings import load_settings
-from dermaloop.web_app import serve
+from dermaloop.web_app import off_loop, serve
 
 log = logging.getLogger("client")
 
@@ -275,17 +275,8 @@ class PatientApp:
         email = ft.TextField(label="Email", autofocus=True, keyboard_type=ft.KeyboardType.EMAIL, width=360)
         password = ft.TextField(label="Password", password=True, width=360)
         error = ft.Text(message or "", color=ft.Colors.RED_700 if problem else None)
-        busy = threading.Lock()  # a second click while the first is on its way does nothing
 
         def attempt(create: bool) -> None:
-            if not busy.acquire(blocking=False):
-                return
-            try:
-                _attempt(create)
-            finally:
-                busy.release()
-
-        def _attempt(create: bool) -> None:
             error.value = ""
             if not email.value or not password.value:
                 # Flet's web client can deliver a click before the text typed just before it:
@@ -311,10 +302,13 @@ class PatientApp:
                 return
             self.signed_in(session, remember=True)
 
-        # Off Flet's event loop, which runs plain handlers itself: a slow sign-in there would hold up
-        # every other patient's session in this process (and the field values could not arrive).
+        # Off Flet's event loop (dermaloop.web_app.off_loop): a slow sign-in there would hold up every
+        # other patient's session in this process (and the field values could not arrive meanwhile).
+        # One guard for both buttons: "Create account" during a sign-in does nothing either.
+        guard = threading.Lock()
+
         def click(create: bool):
-            return lambda e: self.page.run_thread(attempt, create)
+            return off_loop(self.page, attempt, create, guard=guard)
 
         self.show(
             _heading("DermaLoop"),
@@ -631,10 +625,12 @@ class PatientApp:
 
         buttons = [ft.OutlinedButton("Retake", icon=ft.Icons.REPLAY, on_click=self.pick_photo)]
         if classified:
-            buttons.insert(0, ft.FilledButton("Save and send", icon=ft.Icons.SEND, on_click=send))
+            # off the event loop: it may wait for the kept copy of the photo (photos.KeptCopy)
+            buttons.insert(0, ft.FilledButton("Save and send", icon=ft.Icons.SEND,
+                                              on_click=off_loop(self.page, send, None)))
         else:
             buttons.insert(0, ft.FilledButton("Send to a dermatologist anyway", icon=ft.Icons.SEND,
-                                              on_click=lambda e: send(e, anyway=True)))
+                                              on_click=off_loop(self.page, send, None, True)))
         return [ft.Divider(), ft.Text("Questions dermatologists ask", weight=ft.FontWeight.BOLD),
                 _labelled(site, "Body site"), _labelled(since, "Since when"), *checks.values(), note,
                 _labelled(same, "Same spot as an earlier case"), error, ft.Row(buttons, wrap=True),
@@ -706,7 +702,8 @@ class PatientApp:
             parts.append(ft.Text(f"Cloud model version: {cloud.get('modelVersion')}", size=12))
             if cloud.get("heatmapPath"):
                 parts.append(ft.OutlinedButton("Show where the model looked",
-                                               on_click=lambda e: self.show_heatmap(case_id, cloud["heatmapPath"])))
+                                               on_click=off_loop(self.page, self.show_heatmap, case_id,
+                                                                cloud["heatmapPath"])))
         review = remote.get("review")
         if review:
             parts += [ft.Divider(), ft.Text("Dermatologist's review", weight=ft.FontWeight.BOLD),

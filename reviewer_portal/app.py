@@ -25,7 +25,7 @@ from dermaloop.auth import AuthClient
 from dermaloop.errors import ServiceError, Unauthenticated, Unavailable
 from dermaloop.settings import Settings, load_settings
 from dermaloop.taxonomy import load_taxonomy
-from dermaloop.web_app import serve
+from dermaloop.web_app import off_loop, serve
 from reviewer_portal import claims, images, monitoring, results, review
 from reviewer_portal import queue as triage
 from reviewer_portal import templates as saved_templates
@@ -171,21 +171,11 @@ class PortalApp:
         email = ft.TextField(label="Email", autofocus=True, keyboard_type=ft.KeyboardType.EMAIL, width=360)
         password = ft.TextField(label="Password", password=True, can_reveal_password=True, width=360)
         error = ft.Text(message or "", color=ft.Colors.RED_700)
-        busy = threading.Lock()  # a second click while the first is on its way does nothing
-
-        def attempt() -> None:
-            if not busy.acquire(blocking=False):
-                return
-            try:
-                _attempt()
-            finally:
-                busy.release()
-
         def say(text: str, problem: bool = True) -> None:
             error.value, error.color = text, ft.Colors.RED_700 if problem else None
             self.page.update()
 
-        def _attempt() -> None:
+        def attempt() -> None:
             if not email.value or not password.value:
                 say("Enter your email and password.")
                 return
@@ -206,10 +196,9 @@ class PortalApp:
         self.show(
             _heading("DermaLoop reviewer portal", 24),
             ft.Text("For dermatologists: triage, review and answer the cases patients send."),
-            # off Flet's event loop, which runs plain handlers itself: a slow sign-in would hold up
-            # every other dermatologist's session in this process (and "Signing in..." would not show)
+            # off Flet's event loop (dermaloop.web_app.off_loop): "Signing in..." shows, nobody waits
             email, password, ft.FilledButton("Sign in", icon=ft.Icons.LOGIN,
-                                             on_click=lambda e: self.page.run_thread(attempt)), error,
+                                             on_click=off_loop(self.page, attempt)), error,
             screen="signin",
         )
 
@@ -334,7 +323,7 @@ class PortalApp:
             ft.Column([ft.Row(badges, wrap=True, spacing=6), ft.Text(title, weight=ft.FontWeight.W_500),
                        ft.Text(details, size=12)], spacing=4),
             padding=10, border=ft.Border.all(1, ft.Colors.GREY_300), border_radius=8,
-            on_click=lambda e, row=r: self.open_case(row.uid, row.case_id),
+            on_click=off_loop(self.page, self.open_case, r.uid, r.case_id),  # claims it: a database write
             tooltip=f"Open case {r.case_id}",
         )
 
@@ -384,7 +373,7 @@ class PortalApp:
             title=ft.Text("Recommendation templates"),
             content=ft.Column([*fields.values(), problem], tight=True, scroll=ft.ScrollMode.AUTO),
             actions=[ft.TextButton("Cancel", on_click=lambda e: self.page.pop_dialog()),
-                     ft.FilledButton("Save templates", on_click=save)]))
+                     ft.FilledButton("Save templates", on_click=off_loop(self.page, save, None))]))
 
     # ---- one case ---------------------------------------------------------------------------------
     def open_case(self, uid: str, case_id: str) -> None:
@@ -756,7 +745,7 @@ class CaseView:
         parts.append(self.training if consent else
                      ft.Text("The patient did not agree to research use: this image will not be used for training.",
                              size=12))
-        self.save_button = ft.FilledButton("Save review", icon=ft.Icons.SAVE, on_click=lambda e: self.save(),
+        self.save_button = ft.FilledButton("Save review", icon=ft.Icons.SAVE, on_click=off_loop(self.app.page, self.save),
                                            disabled=not self.claimed)
         parts += [self.save_button, self.form_message, self.saved_text]
         return parts
@@ -804,7 +793,8 @@ class CaseView:
             self.message.value = ""
             self.app.page.update()
 
-        self.send_button = ft.FilledButton("Send message", icon=ft.Icons.SEND, on_click=send)
+        self.send_button = ft.FilledButton("Send message", icon=ft.Icons.SEND,
+                                           on_click=off_loop(self.app.page, send, None))
         return [self.message, self.send_button]
 
     # live parts -------------------------------------------------------------------------------------

@@ -60,6 +60,17 @@ def row(page, case_id: str):
     return page.get_by_text(re.compile(rf"· case {re.escape(case_id)}"))
 
 
+def row_top(page, case_id: str) -> float:
+    """Where a queue row is on the screen. A live redraw (the worker writing while the queue shows)
+    replaces the rows, and a row looked up at that moment has no box yet: look again."""
+    for _ in range(480):
+        box = row(page, case_id).bounding_box()
+        if box is not None:
+            return box["y"]
+        page.wait_for_timeout(250)
+    raise AssertionError(f"the queue row of case {case_id} never showed")
+
+
 def sign_in(page, email: str, outcome: str) -> None:
     """Fill the form and press "Sign in" until ``outcome`` shows. A click can reach the app before
     the typed values did (Flutter sends field changes on their own); the app then asks for the
@@ -135,7 +146,7 @@ def test_dermatologists_triage_review_and_chat(system, tmp_path):
 
         # The dermatologist's queue: every case, highest score first.
         sign_in(page, emails["derm1"], "3 cases match")
-        ys = [row(page, cid).bounding_box()["y"] for cid in by_score]
+        ys = [row_top(page, cid) for cid in by_score]
         assert ys == sorted(ys), f"rows not in score order: {list(zip(by_score, ys, strict=True))}"
         shot(page, "queue")
 

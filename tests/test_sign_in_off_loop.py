@@ -51,7 +51,8 @@ def fill(page: Page) -> None:
     email.value, password.value = "someone@example.org", "secret-pass"
 
 
-def check_sign_in_is_handed_off_and_runs_once(page: Page, text: str, answer: threading.Event, calls: list) -> None:
+def check_sign_in_is_handed_off_and_runs_once(page: Page, text: str, answer: threading.Event, calls: list,
+                                              also: str | None = None) -> None:
     button(page, text).on_click(None)
     assert calls == [] and len(page.threads) == 1  # nothing waited on the loop: a thread was asked for
     fn, args = page.threads[0]
@@ -64,6 +65,10 @@ def check_sign_in_is_handed_off_and_runs_once(page: Page, text: str, answer: thr
     assert calls == ["someone@example.org"]
     assert any("Signing in..." in texts for texts in page.texts)  # shown while the service is asked
     fn(*args)  # a second click while the first is on its way: returns at once, asks nothing
+    if also:  # another button of the same form, clicked meanwhile: nothing either
+        button(page, also).on_click(None)
+        other, other_args = page.threads[-1]
+        other(*other_args)
     assert calls == ["someone@example.org"]
     answer.set()
     first.join(10)
@@ -80,10 +85,10 @@ def test_the_patient_apps_sign_in_runs_off_the_event_loop_and_once(tmp_path):
         answer.wait(10)
         raise Unauthenticated("INVALID_LOGIN_CREDENTIALS")
 
-    app.auth = SimpleNamespace(sign_in=slow_sign_in)
+    app.auth = SimpleNamespace(sign_in=slow_sign_in, sign_up=slow_sign_in)
     app.sign_in_screen()
     fill(page)
-    check_sign_in_is_handed_off_and_runs_once(page, "Sign in", answer, calls)
+    check_sign_in_is_handed_off_and_runs_once(page, "Sign in", answer, calls, also="Create account")
 
 
 def test_the_portals_sign_in_runs_off_the_event_loop_and_once(monkeypatch):
