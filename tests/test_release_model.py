@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dermaloop.model_dir import CARD, ModelDir, is_demonstration, sha256_file
+from dermaloop.risk import RiskPolicy
 from dermaloop.settings import PROJECT_ROOT
 from tests.worker_support import tiny_model_dir
 from training.release import pack
@@ -51,3 +52,9 @@ def test_the_shipped_release_model_is_whole_real_and_small():
         metrics = card[kind]["metrics"]
         assert metrics["n"] > 1000 and 0 < metrics["balanced_accuracy"] <= 1, kind
     assert (RELEASE / "README.md").read_text().count(card["version"]) >= 1
+    for kind in ("device", "cloud"):  # the tier's promise, fitted where patients' photos go
+        policy = RiskPolicy.from_dict(card[kind]["risk"])
+        assert policy.sensitivity_confidence == 0.95 and policy.moderate_threshold < policy.high_threshold, kind
+        fit = card[kind]["policy_fit"]
+        assert "as deployed" in fit["fitted_on"] and fit["calib_after"]["malignant_sensitivity"] >= 0.93, kind
+        assert card[kind]["abstain"]["coverage"] == 0.9 and "as deployed" in card[kind]["abstain"]["fitted_on"], kind
