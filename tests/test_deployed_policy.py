@@ -138,9 +138,15 @@ def test_a_confidence_bound_rule_is_written_to_the_card_and_kept_by_the_next_ref
     assert main([str(model), "--kind", "device", "--report", str(report), "--quiet"]) == 0
     again = RiskPolicy.from_dict(json.loads((model / "card.json").read_text())["device"]["risk"])
     assert again.sensitivity_confidence == 0.95 and again.moderate_threshold == bound.moderate_threshold
-    assert main([str(model), "--kind", "device", "--report", str(report), "--sensitivity-confidence", "1",
-                 "--quiet"]) == 2
-    assert "strictly between 0 and 1" in capsys.readouterr().err
+    for bad in ("1", "high"):
+        assert main([str(model), "--kind", "device", "--report", str(report), "--sensitivity-confidence", bad,
+                     "--quiet"]) == 2
+        assert "strictly between 0 and 1" in capsys.readouterr().err
+    # asked for, the point estimate comes back, threshold and all
+    assert main([str(model), "--kind", "device", "--report", str(report), "--sensitivity-confidence", "point",
+                 "--quiet"]) == 0
+    back = RiskPolicy.from_dict(json.loads((model / "card.json").read_text())["device"]["risk"])
+    assert back.sensitivity_confidence is None and back.moderate_threshold == point.moderate_threshold
 
 
 def test_reports_that_are_not_this_models_calib_split_are_refused_and_nothing_is_written(tmp_path, capsys):

@@ -12,7 +12,12 @@ change, and the card keeps the previous policy and the calib figures before and 
 ``policy_fit``.
 
     python -m training.deployed_policy MODEL_DIR --data DATASET [--kind both] [--class-recall mel=0.75]
-        [--report DIR ...]
+        [--report DIR ...] [--sensitivity-confidence 0.95|point] [--abstain 0.9]
+
+``--sensitivity-confidence 0.95`` fits the moderate threshold so that the one-sided 95 % lower
+confidence bound of the calib sensitivity reaches the target (the release's rule: the point estimate
+misses on new photos about half the time); the card keeps the rule, later refits follow it, and
+``point`` goes back to the point estimate.
 
 ``--report`` reuses a `dermaloop evaluate --as-deployed --split calib` folder of this very model
 (its photos.jsonl holds every photo's probabilities) instead of running the path again. When the
@@ -36,16 +41,20 @@ import numpy as np
 from dermaloop.risk import RiskPolicy, fit_class_offsets, policy_from_probabilities
 from training.abstain import abstain_figures, calib_part, fit_abstain, labelled_probs, write_card_sections
 
+POINT_ESTIMATE = "point"  # --sensitivity-confidence point: drop a card's confidence-bound rule
 
-def fit_deployed_policy(probs: np.ndarray, labels: np.ndarray, old: RiskPolicy,
-                        class_recall: dict[int, float], sensitivity_confidence: float | None = None) -> RiskPolicy:
+
+def fit_deployed_policy(probs: np.ndarray, labels: np.ndarray, old: RiskPolicy, class_recall: dict[int, float],
+                        sensitivity_confidence: float | str | None = None) -> RiskPolicy:
     """``old``'s temperature and targets with thresholds and offsets refitted on ``probs``; the
-    sensitivity rule is ``old``'s unless ``sensitivity_confidence`` names one."""
+    sensitivity rule is ``old``'s unless ``sensitivity_confidence`` names one (a confidence, or
+    ``POINT_ESTIMATE``): a refit never weakens a card's promise unless asked to."""
     p = np.asarray(probs, np.float64)
     y = np.asarray(labels, np.int64)
     if p.ndim != 2 or len(p) != len(y) or not len(y):
         raise ValueError(f"expected (n, classes) probabilities and n labels, got {p.shape} and {y.shape}")
-    confidence = old.sensitivity_confidence if sensitivity_confidence is None else sensitivity_confidence
+    confidence = (old.sensitivity_confidence if sensitivity_confidence is None
+                  else None if sensitivity_confidence == POINT_ESTIMATE else float(sensitivity_confidence))
     policy = policy_from_probabilities(old.temperature, p, y, old.malignant_mask, old.target_sensitivity,
                                        old.target_specificity, confidence)
     offsets = fit_class_offsets(p, y, class_recall) if class_recall else ()
@@ -96,7 +105,7 @@ def report_probs(report_dir: str | Path, version: str, kind: str, ids: list[str]
 def refit_model_dir(model_dir: str | Path, data: str | Path | None, kind: str, *,
                     class_recall: dict[str, float] | None = None, report: str | Path | None = None,
                     models_dir: str | Path | None = None, analysis_model: str | Path | None = None,
-                    abstain_coverage: float | None = None, sensitivity_confidence: float | None = None,
+                    abstain_coverage: float | None = None, sensitivity_confidence: float | str | None = None,
                     progress: bool = True, write: bool = True) -> dict[str, Any]:
     """Refit ``kind``'s thresholds and offsets on its calib photos as deployed; write them into the card.
 
@@ -204,19 +213,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--analysis-model", type=Path, help="the analysis TFLite file itself")
     parser.add_argument("--abstain", type=float, metavar="COVERAGE",
                         help="also fit a LAC abstain rule at this coverage (default: refit the card's own, if any)")
-    parser.add_argument("--sensitivity-confidence", type=float, metavar="C",
+    parser.add_argument("--sensitivity-confidence", metavar="C",
                         help="fit the moderate threshold so that the one-sided lower confidence bound of the "
-                             "malignant sensitivity reaches the target (e.g. 0.95; default: the card's own rule)")
+                             "malignant sensitivity reaches the target (e.g. 0.95), or 'point' for its calib "
+                             "point estimate (default: the card's own rule)")
     parser.add_argument("--dry-run", action="store_true", help="fit and print; do not write the card")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     from dermaloop.model_dir import ModelDir, ModelError
     from training.train_cli import parse_class_recall
 
-    if args.sensitivity_confidence is not None and not 0 < args.sensitivity_confidence < 1:
-        print(f"training.deployed_policy: --sensitivity-confidence must lie strictly between 0 and 1, got "
-              f"{args.sensitivity_confidence}", file=sys.stderr)
-        return 2
+    confidence: float | str | None = args.sensitivity_confidence
+    if confidence is not None and confidence != POINT_ESTIMATE:
+        try:
+            confidence = float(confidence)
+        except ValueError:
+            confidence = -1.0
+        if not 0 < confidence < 1:
+            print(f"training.deployed_policy: --sensitivity-confidence takes a confidence strictly between 0 and 1 "
+                  f"or '{POINT_ESTIMATE}', got {args.sensitivity_confidence!r}", file=sys.stderr)
+            return 2
     class_recall = None
     if args.class_recall is not None:
         try:
@@ -248,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             _print(refit_model_dir(args.model, args.data, kind, class_recall=class_recall, report=reports.get(kind),
                                    models_dir=models_dir, analysis_model=args.analysis_model,
                                    abstain_coverage=args.abstain,
-                                   sensitivity_confidence=args.sensitivity_confidence, progress=not args.quiet,
+                                   sensitivity_confidence=confidence, progress=not args.quiet,
                                    write=not args.dry_run))
     except (ModelError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"training.deployed_policy: {exc}", file=sys.stderr)
