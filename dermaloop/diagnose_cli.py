@@ -49,6 +49,13 @@ def _human(name: str, res: dict[str, Any]) -> str:
                      "less probable, because missing it costs more)")
     if res["risk"]:
         lines.append(f"  risk: {res['risk']}")
+    if res.get("unsure") is True and not res.get("demonstration"):  # the card's abstain rule (issue 20)
+        kept = res.get("prediction_set") or []
+        lines.append("  UNSURE: " + (f"prediction set {', '.join(kept)}: the model cannot tell these apart"
+                                     if len(kept) > 1 else
+                                     f"prediction set {kept[0]}: the photo does not support the call" if kept
+                                     else "empty prediction set: no class fits clearly")
+                     + "; a dermatologist should look")
     if res["message"]:
         lines.append(f"  note: {res['message']}")
     lines.append("  times (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in res["timings_ms"].items()))

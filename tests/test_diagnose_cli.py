@@ -236,3 +236,18 @@ def test_a_missing_analysis_model_is_a_clear_error(tmp_path, model_dir):
         open_device_path(tmp_path, model_dir)
     path = open_device_path(tmp_path, model_dir, localise=False)
     assert path.analyser is None and path.classifier.version == "tiny-1"
+
+
+def test_human_output_says_unsure_when_the_abstain_rule_does():
+    from dermaloop.diagnose_cli import _human
+
+    res = {"quality": {"ok": True, "issues": []}, "lesion": {"score": None}, "box": None, "risk": "moderate",
+           "message": None, "timings_ms": {}, "top": [{"label": "mel", "name": "Melanoma", "p": 0.69}],
+           "unsure": True, "prediction_set": ["mel", "nv"]}
+    assert "UNSURE: prediction set mel, nv: the model cannot tell these apart" in _human("a.jpg", res)
+    res["prediction_set"] = []
+    assert "UNSURE: empty prediction set" in _human("a.jpg", res)
+    res["unsure"] = False
+    assert "UNSURE" not in _human("a.jpg", res)
+    res.update(unsure=True, demonstration=True)  # a demonstration model claims no calibrated doubt
+    assert "UNSURE" not in _human("a.jpg", res)
