@@ -379,3 +379,15 @@ def test_class_recall_refuses_unknown_classes(data, tmp_path, capsys):
         assert "--class-recall" in capsys.readouterr().out and not (tmp_path / "m").exists()
     with pytest.raises(SystemExit, match="CLASS=RECALL"):
         main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--class-recall", "mel"])
+
+
+def test_the_sensitivity_confidence_rule_reaches_both_cards_and_nonsense_is_refused(data, tmp_path, capsys):
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "bad"), "--device-backbone", "tiny",
+                 "--cloud-backbone", "tiny", "--sensitivity-confidence", "1.5", "--quiet"]) == 2
+    assert "--sensitivity-confidence" in capsys.readouterr().out and not (tmp_path / "bad").exists()
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(data), "--out", str(out), "--device-backbone", "tiny",
+                 "--cloud-backbone", "tiny", "--sensitivity-confidence", "0.95", "--quiet"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    for kind in ("device", "cloud"):
+        assert card[kind]["risk"]["sensitivity_confidence"] == 0.95, kind
