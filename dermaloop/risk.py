@@ -7,7 +7,9 @@ calibration split turn it into tiers:
 
 * ``low``      p_malignant <  moderate_threshold (chosen for a target sensitivity, e.g. 0.90: few
                cancers fall below it);
-* ``high``     p_malignant >= high_threshold (chosen for a target specificity, e.g. 0.95);
+* ``high``     p_malignant >= high_threshold (chosen for a target specificity, e.g. 0.95, and never
+               above ``HIGH_AT_MOST``: a spot the calibrated model finds more likely malignant
+               than not is never told "moderate");
 * ``moderate`` in between.
 
 The model's *call* (the one class it names) is the argmax of log-probability plus a per-class
@@ -30,9 +32,13 @@ import numpy as np
 __all__ = ["RiskPolicy", "softmax", "fit_temperature", "threshold_for_sensitivity",
            "threshold_for_specificity", "sensitivity_lower_bound", "fit_policy", "policy_from_probabilities",
            "fit_class_offsets",
-           "decide", "RISK_TIERS", "AbstainRule", "ABSTAIN_METHODS", "conformal_scores"]
+           "decide", "RISK_TIERS", "HIGH_AT_MOST", "AbstainRule", "ABSTAIN_METHODS", "conformal_scores"]
 
 RISK_TIERS = ("low", "moderate", "high")
+# The calibrated probabilities are shown to patients and dermatologists: "Melanoma 74 %" beside
+# "Moderate risk: within a few weeks" reads as a contradiction, and is one. At or above this
+# malignancy probability a fitted policy says "high" whatever the specificity target allows.
+HIGH_AT_MOST = 0.5
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -233,7 +239,7 @@ def policy_from_probabilities(temperature: float, probs: np.ndarray, labels: np.
     p_mal = np.asarray(probs)[:, mask].sum(axis=1)
     positive = mask[np.asarray(labels)]
     moderate = threshold_for_sensitivity(p_mal, positive, target_sensitivity, sensitivity_confidence)
-    high = max(threshold_for_specificity(p_mal, positive, target_specificity), moderate)
+    high = max(min(threshold_for_specificity(p_mal, positive, target_specificity), HIGH_AT_MOST), moderate)
     return RiskPolicy(float(temperature), tuple(bool(v) for v in mask), moderate, high, target_sensitivity,
                       target_specificity, sensitivity_confidence=sensitivity_confidence)
 

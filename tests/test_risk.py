@@ -176,3 +176,26 @@ def test_the_sensitivity_rule_travels_with_the_policy():
     for bad in (1.5, 0, "high", [0.9]):
         with pytest.raises(ValueError, match="sensitivity_confidence"):
             RiskPolicy.from_dict({**policy.to_dict(), "sensitivity_confidence": bad})
+
+
+def test_a_spot_more_likely_malignant_than_not_is_never_told_moderate():
+    """At 95 % specificity the fitted high threshold can sit well above 0.5 (the release's was 0.76),
+    and the portal showed "Risk: moderate · malignant p 75 %". A fitted policy caps it at 0.5."""
+    from dermaloop.risk import HIGH_AT_MOST, policy_from_probabilities
+
+    rng = np.random.default_rng(6)
+    labels = np.array([0] * 300 + [1] * 700)  # class 0 is the malignant one
+    malignant = labels == 0
+
+    def policy_for(p_mal: np.ndarray):
+        return policy_from_probabilities(1.0, np.stack([p_mal, 1 - p_mal], axis=1), labels, [True, False])
+
+    # benign spots that often look suspicious: the 95 % specificity point is high
+    p_mal = np.where(malignant, rng.beta(2, 2, 1000), rng.beta(3, 2, 1000))
+    assert threshold_for_specificity(p_mal, malignant, 0.95) > 0.7  # uncapped, "high" would start above 0.7
+    policy = policy_for(p_mal)
+    assert policy.high_threshold == HIGH_AT_MOST == 0.5 and policy.tier(0.75) == "high"
+    assert policy.moderate_threshold < policy.high_threshold
+    # a model whose specificity point is already below 0.5 keeps it
+    calm = np.where(malignant, rng.beta(2, 8, 1000), rng.beta(1, 12, 1000))
+    assert policy_for(calm).high_threshold == threshold_for_specificity(calm, malignant, 0.95) < 0.5
