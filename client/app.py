@@ -68,8 +68,15 @@ def _heading(text: str) -> ft.Text:
 
 
 def _top_rows(top: list[dict[str, Any]]) -> list[ft.Control]:
-    return [ft.Text(f"{i + 1}. {t.get('name') or t.get('label')}: {wording.percent(float(t.get('p') or 0))}")
-            for i, t in enumerate(top or [])]
+    """The classes in order of probability (numbers that agree with the percentages), and a line
+    saying why when the model's call is a less probable class (its melanoma offset)."""
+    rows: list[ft.Control] = [
+        ft.Text(f"{i + 1}. {t.get('name') or t.get('label')}: {wording.percent(float(t.get('p') or 0))}")
+        for i, t in enumerate(wording.by_probability(top))]
+    note = wording.call_note(top)
+    if note:
+        rows.append(ft.Text(note, italic=True))
+    return rows
 
 
 def _labelled(control: ft.Control, label: str) -> ft.Control:
@@ -473,8 +480,12 @@ class PatientApp:
         review = remote.get("review")
         if review:  # the dermatologist's word comes before any model's
             summary = f"Dermatologist: {self._label_name(review.get('label'))}"
-        elif best:
-            summary = f"{best['name']} ({wording.percent(best['p'])})"
+        elif best:  # the most probable class, never a less probable call: a list row has no room to explain
+            answer = (remote.get("cloud") or {}) if cloud_top else (case.device or {})
+            likely = wording.by_probability(answer.get("top"))[0]
+            summary = f"{likely['name']} ({wording.percent(likely['p'])})"
+            if answer.get("risk") in wording.RISK_ADVICE and not answer.get("demonstration"):
+                summary = f"{wording.RISK_ADVICE[answer['risk']][0]} · {summary}"
         else:
             summary = "No classification"
         unread = self.sync.unread(case.case_id) if self.sync else 0

@@ -64,6 +64,27 @@ DEMONSTRATION = ("Demonstration model: no risk estimate",
                  "The names above mean nothing medically. A dermatologist can still look at your photo.")
 
 
+# The model's call can be a class less probable than another (a melanoma offset, dermaloop.risk):
+# the patient's list is in order of probability, so the numbers never contradict the percentages,
+# and this line says why the call differs.
+CALL_NOTE = ("The model flags {call} for a dermatologist's attention although {likely} is more probable: "
+             "missing {call} would cost more.")
+
+
+def by_probability(top: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A model's top list (in the order of its call) in order of probability, most probable first."""
+    return sorted(top or [], key=lambda t: -float(t.get("p") or 0))
+
+
+def call_note(top: Sequence[Mapping[str, Any]]) -> str | None:
+    """The line that explains a call which is not the most probable class; None when it is."""
+    ranked = by_probability(top)
+    if not top or not ranked or ranked[0] is top[0]:
+        return None
+    name = lambda t: t.get("name") or t.get("label")  # noqa: E731
+    return CALL_NOTE.format(call=name(top[0]), likely=name(ranked[0]))
+
+
 def risk_advice(risk: str | None, demonstration: bool = False) -> tuple[str, str]:
     if demonstration:
         return DEMONSTRATION

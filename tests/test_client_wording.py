@@ -54,3 +54,46 @@ def test_the_risk_box_shows_the_unsure_line_under_the_advice():
     assert box_texts({"risk": "low", "top": []}) == list(wording.risk_advice("low"))
     assert box_texts({"demonstration": True, "unsure": True, "predictionSet": ["mel", "nv"]}) == list(
         wording.DEMONSTRATION)
+
+
+# The nevus photo ISIC_0024314 through the release's device model: the call (melanoma, by its offset)
+# is not the most probable class. The app listed "1. Benign keratosis 46 %, 2. Melanoma 21 %,
+# 3. Nevus 27 %" and the home list called the case "Melanoma (26 %)".
+CALLED_BELOW = [{"label": "mel", "name": "Melanoma", "p": 0.21}, {"label": "bkl", "name": "Benign keratosis", "p": 0.46},
+                {"label": "nv", "name": "Melanocytic nevus (mole)", "p": 0.27}]
+
+
+def test_the_list_is_in_order_of_probability_and_a_less_probable_call_is_explained():
+    from client.app import _top_rows
+
+    texts = [c.value for c in _top_rows(CALLED_BELOW)]
+    assert texts[:3] == ["1. Benign keratosis: 46%", "2. Melanocytic nevus (mole): 27%", "3. Melanoma: 21%"]
+    assert texts[3] == ("The model flags Melanoma for a dermatologist's attention although Benign keratosis is more "
+                        "probable: missing Melanoma would cost more.")
+    sure = sorted(CALLED_BELOW, key=lambda t: -t["p"])
+    assert [c.value for c in _top_rows(sure)] == texts[:3]  # the call is the most probable: no note
+    assert _top_rows([]) == []
+
+
+def test_the_home_list_names_the_most_probable_class_and_the_tier(tmp_path):
+    from types import SimpleNamespace
+
+    from client.app import PatientApp
+    from client.device import Device
+    from dermaloop.settings import load_settings
+    from tests.test_sign_in_off_loop import Page
+    from tests.worker_support import lesion_jpeg
+
+    device = Device(load_settings(environ={}), tmp_path / "device")
+    app = PatientApp(Page(), device)
+    app.session, app.sync = SimpleNamespace(uid="patient-1"), None
+    case = device.store.add_case("patient-1", lesion_jpeg(1))
+    case = SimpleNamespace(case_id=case.case_id, status="diagnosed", created_at=0, image_path=case.image_path,
+                           device={"top": CALLED_BELOW, "risk": "moderate"},
+                           remote={"status": "diagnosed", "cloud": {"top": CALLED_BELOW, "risk": "high"}})
+    title = app._case_row(case).title.value
+    assert title.endswith(": Higher risk · Benign keratosis (46%)"), title  # the cloud's word, not the call
+    case.remote["cloud"]["demonstration"] = True
+    case.remote["cloud"]["risk"] = None
+    title = app._case_row(case).title.value
+    assert title.endswith(": Benign keratosis (46%)") and "risk" not in title, title

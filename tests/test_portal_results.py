@@ -196,3 +196,17 @@ def test_agreement_leaves_demonstration_answers_out_and_says_how_many():
         "(1 answered by a demonstration model left out)"]
     empty = monitoring.compute({}, {}, NOW)
     assert monitoring.agreement_lines(empty)[0] == "Device model agreed with the dermatologists: n/a"
+
+
+def test_a_call_below_a_more_probable_class_is_explained_and_the_list_is_by_probability():
+    top = [{"label": "mel", "name": "Melanoma", "p": 0.21}, {"label": "bkl", "name": "Benign keratosis", "p": 0.46},
+           {"label": "nv", "name": "Melanocytic nevus (mole)", "p": 0.27}]
+    record = cases.device_record({"modelVersion": "device-1", "quality": {"ok": True, "issues": []}, "top": top,
+                                  "risk": "moderate"}, at=NOW)
+    lines = texts(results.model_lines("Device model", record, lambda label: {"bkl": "Benign keratosis"}.get(label, label)))
+    assert lines[2:5] == ["Benign keratosis: 46%", "Melanocytic nevus (mole): 27%", "Melanoma: 21%"]
+    call = next(line for line in lines if line.startswith("Call:"))
+    assert call == ("Call: Melanoma (named over the more probable Benign keratosis, 46%, by the card's decision "
+                    "offset: missing it costs more)")
+    record["top"] = sorted(top, key=lambda t: -t["p"])
+    assert "Call: Benign keratosis" in texts(results.model_lines("Device model", record, str))
