@@ -718,7 +718,8 @@ class CaseView:
             [ft.Radio(value=v, label=f"{name}" + (f" ({v})" if v not in ("other", "ungradable") else ""))
              for v, name in labels], spacing=0))
         self.other = ft.TextField(label="Other diagnosis", value=existing.get("otherText") or "", width=420)
-        self.confidence = ft.RadioGroup(value=existing.get("confidence") or "medium", content=ft.Row(
+        # no default: a confidence nobody chose would be stored as the dermatologist's (it is optional)
+        self.confidence = ft.RadioGroup(value=existing.get("confidence"), content=ft.Row(
             [ft.Radio(value=v, label=f"{v.capitalize()} confidence") for v in cases.REVIEW_CONFIDENCES]))
         self.recommendation = ft.TextField(label="Recommendation to the patient", multiline=True, min_lines=3,
                                            value=existing.get("recommendation") or "", width=640)
@@ -813,7 +814,7 @@ class CaseView:
             if self.send_button is not None:
                 self.send_button.disabled = True
         else:
-            self.status_text.value = f"Status: {case.get('status')}"
+            self.status_text.value = f"Status: {results.status_text(case.get('status'))}"
         claim = self.session.mirrors["claims"].get(self.case_id)
         holder = cases.claim_holder(claim, claims.now_ms())
         if self.claimed and holder not in (None, self.session.uid):

@@ -42,6 +42,21 @@ def pct(p: Any) -> str:
     return f"{float(p) * 100:.0f}%" if isinstance(p, int | float) else "?"
 
 
+# A case's status as the case view words it: "diagnosed" alone read as if a doctor had diagnosed it.
+STATUS_TEXT = {
+    "queued": "waiting for the cloud model",
+    "processing": "the cloud model is analysing it",
+    "diagnosed": "answered by the models, waiting for a dermatologist's review",
+    "failed": "the cloud analysis failed",
+    "reviewed": "reviewed by a dermatologist",
+    "labelled": "reviewed by a dermatologist; its label is in a training set",
+}
+
+
+def status_text(status: Any) -> str:
+    return STATUS_TEXT.get(str(status), str(status))
+
+
 def top_call(result: Any) -> Call | None:
     """A model's call (``top[0]``) from a ``device`` or ``cloud`` record, None when it made none."""
     if not isinstance(result, Mapping):

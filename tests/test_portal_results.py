@@ -210,3 +210,11 @@ def test_a_call_below_a_more_probable_class_is_explained_and_the_list_is_by_prob
                     "offset: missing it costs more)")
     record["top"] = sorted(top, key=lambda t: -t["p"])
     assert "Call: Benign keratosis" in texts(results.model_lines("Device model", record, str))
+
+
+def test_the_case_status_is_worded_for_a_dermatologist():
+    # "diagnosed" alone read as if a doctor had already diagnosed the case
+    assert results.status_text("diagnosed") == "answered by the models, waiting for a dermatologist's review"
+    assert {results.status_text(s) for s in cases.Status if s not in cases.LOCAL_STATUSES} == set(
+        results.STATUS_TEXT.values())  # every status a case in the database can have is worded
+    assert results.status_text("something-new") == "something-new"
