@@ -447,7 +447,8 @@ class CaseView:
             ft.OutlinedButton("Zoom out", icon=ft.Icons.ZOOM_OUT, on_click=self._zoom_out),
             ft.TextButton("Reset zoom", icon=ft.Icons.CENTER_FOCUS_STRONG, on_click=self._zoom_reset),
         ], wrap=True, visible=False)
-        self.show_heatmap = ft.Switch(label="Heatmap", value=False, on_change=lambda e: self._redraw_picture())
+        self.show_heatmap = ft.Switch(label="Heatmap (where the cloud model looked for its call)", value=False,
+                                      on_change=lambda e: self._redraw_picture())
         self.show_box = ft.Switch(label="Lesion box", value=False, on_change=lambda e: self._redraw_picture())
         self.claim_text = ft.Text("")
         self.status_text = ft.Text("")
