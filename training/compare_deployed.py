@@ -58,17 +58,7 @@ def read_photos(report_dir: str | Path) -> dict[str, dict[str, Any]]:
 def compare(a_dir: str | Path, b_dir: str | Path, taxonomy_name: str = "ham10000") -> dict[str, Any]:
     """Figures of A and B on the photos both classified, and B - A with 95 % paired-bootstrap intervals."""
     taxonomy = load_taxonomy(taxonomy_name)
-    a, b = read_photos(a_dir), read_photos(b_dir)
-    ids = sorted(set(a) & set(b))
-    if not ids:
-        raise ValueError("the two evaluations share no classified photo: were they run on the same split?")
-    mismatched = [i for i in ids if a[i]["label"] != b[i]["label"]]
-    if mismatched:
-        raise ValueError(f"the evaluations disagree on the labels of {len(mismatched)} photos, e.g. {mismatched[0]}")
-    index = {c: k for k, c in enumerate(taxonomy.ids)}
-    labels = np.array([index[a[i]["label"]] for i in ids])
-    call_a = np.array([index[a[i]["called"]] for i in ids])
-    call_b = np.array([index[b[i]["called"]] for i in ids])
+    a, b, ids, labels, call_a, call_b = _paired(a_dir, b_dir, taxonomy.ids)
     malignant = np.asarray(taxonomy.malignant_mask, bool)
     mal = malignant[labels]
     flag_a, flag_b = malignant[call_a], malignant[call_b]
@@ -89,6 +79,21 @@ def compare(a_dir: str | Path, b_dir: str | Path, taxonomy_name: str = "ham10000
                                  int((labels == k).sum())]
                              for k, c in enumerate(taxonomy.ids) if (labels == k).any()},
     }
+
+
+def _paired(a_dir: str | Path, b_dir: str | Path, class_ids: list[str] | tuple[str, ...]):
+    """Both reports' photos, the ids both classified, and their labels and calls as class indices;
+    a refusal when they share no photo or disagree on a label (not the same split)."""
+    a, b = read_photos(a_dir), read_photos(b_dir)
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        raise ValueError("the two evaluations share no classified photo: were they run on the same split?")
+    mismatched = [i for i in ids if a[i]["label"] != b[i]["label"]]
+    if mismatched:
+        raise ValueError(f"the evaluations disagree on the labels of {len(mismatched)} photos, e.g. {mismatched[0]}")
+    index = {c: k for k, c in enumerate(class_ids)}
+    return (a, b, ids, np.array([index[a[i]["label"]] for i in ids]), np.array([index[a[i]["called"]] for i in ids]),
+            np.array([index[b[i]["called"]] for i in ids]))
 
 
 def tier_figures(risk_a: list[str | None], risk_b: list[str | None], malignant: np.ndarray) -> dict[str, Any]:
@@ -116,14 +121,8 @@ def gates(current_dir: str | Path, candidate_dir: str | Path, taxonomy_name: str
     in the retraining job) and calibration (each report's ECE). The int8 gate compares a device
     model with its own float model and is not a two-report question; it is in the training card."""
     taxonomy = load_taxonomy(taxonomy_name)
-    a, b = read_photos(current_dir), read_photos(candidate_dir)
-    ids = sorted(set(a) & set(b))
-    if not ids:
-        raise ValueError("the two evaluations share no classified photo: were they run on the same split?")
-    index = {c: k for k, c in enumerate(taxonomy.ids)}
-    labels = np.array([index[a[i]["label"]] for i in ids])
-    verdicts = [balanced_accuracy_gate(labels, np.array([index[a[i]["called"]] for i in ids]),
-                                       np.array([index[b[i]["called"]] for i in ids]))]
+    a, b, ids, labels, call_a, call_b = _paired(current_dir, candidate_dir, taxonomy.ids)
+    verdicts = [balanced_accuracy_gate(labels, call_a, call_b)]
     if all(a[i]["risk"] in TIERS and b[i]["risk"] in TIERS for i in ids):
         verdicts.append(sensitivity_gate(labels, taxonomy.malignant_mask,
                                          np.array([a[i]["risk"] != "low" for i in ids]),
