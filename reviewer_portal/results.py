@@ -119,13 +119,6 @@ def risk_badges(risk: str | None, demonstration: Iterable[str], answered: Iterab
     return [*badges, *doubt_badges, named + DEMONSTRATION]
 
 
-def _most_probable(result: Mapping[str, Any], probs: Mapping[str, Any] | None) -> tuple[str, float] | None:
-    """(label, p) of the most probable class of a model's answer, from its probabilities or top list."""
-    pairs = ([(str(k), float(v or 0)) for k, v in probs.items()] if probs else
-             [(str(t.get("label")), float(t.get("p") or 0)) for t in result.get("top") or [] if isinstance(t, Mapping)])
-    return max(pairs, key=lambda kv: kv[1]) if pairs else None
-
-
 def model_lines(title: str, result: Any, name: Callable[[str], str]) -> list[Line]:
     """One model's column in the case view: version, the demonstration warning right above the
     probabilities (before any number can be read as a finding), the call and, when the card's
@@ -140,18 +133,16 @@ def model_lines(title: str, result: Any, name: Callable[[str], str]) -> list[Lin
     if demonstration:
         lines.append(Line(DEMONSTRATION, "warning"))
     probs = result.get("probs") if isinstance(result.get("probs"), Mapping) else None
-    if probs:
-        for label, p in sorted(probs.items(), key=lambda kv: -float(kv[1] or 0)):
-            lines.append(Line(f"{name(label)}: {pct(p)}"))
-    else:  # the device's top list comes in the call's order: shown by probability like the cloud's
-        top = [t for t in result.get("top") or [] if isinstance(t, Mapping)]
-        for t in sorted(top, key=lambda t: -float(t.get("p") or 0)):
-            lines.append(Line(f"{t.get('name') or t.get('label')}: {pct(t.get('p'))}"))
+    # (label, shown name, p), most probable first: the device's top list comes in the call's order
+    ranked = sorted(((str(k), name(str(k)), v) for k, v in probs.items()) if probs else
+                    ((str(t.get("label")), t.get("name") or t.get("label"), t.get("p"))
+                     for t in result.get("top") or [] if isinstance(t, Mapping)),
+                    key=lambda r: -float(r[2] or 0))
+    lines += [Line(f"{shown}: {pct(p)}") for _, shown, p in ranked]
     call = top_call(result)
     text = f"Call: {call.name if call else 'none (photo declined)'}"
-    likely = _most_probable(result, probs)
-    if call and likely and likely[0] != call.label and not demonstration:
-        text += (f" (named over the more probable {name(likely[0])}, {pct(likely[1])}, by the card's "
+    if call and ranked and ranked[0][0] != call.label and not demonstration:
+        text += (f" (named over the more probable {ranked[0][1]}, {pct(ranked[0][2])}, by the card's "
                  "decision offset: missing it costs more)")
     lines.append(Line(text, "call"))
     unsure = unsure_line(result, name)
