@@ -474,15 +474,13 @@ class PatientApp:
     def _case_row(self, case) -> ft.Control:
         remote = case.remote or {}
         status = remote.get("status") or case.status
-        cloud_top = ((remote.get("cloud") or {}).get("top") or [None])[0]
-        device_top = ((case.device or {}).get("top") or [None])[0]
-        best = cloud_top or device_top
+        # the cloud's answer once it has one, else the device's
+        answer = next((a for a in (remote.get("cloud"), case.device) if a and a.get("top")), None)
         review = remote.get("review")
         if review:  # the dermatologist's word comes before any model's
             summary = f"Dermatologist: {self._label_name(review.get('label'))}"
-        elif best:  # the most probable class, never a less probable call: a list row has no room to explain
-            answer = (remote.get("cloud") or {}) if cloud_top else (case.device or {})
-            likely = wording.by_probability(answer.get("top"))[0]
+        elif answer:  # the most probable class, never a less probable call: a list row has no room to explain
+            likely = wording.by_probability(answer["top"])[0]
             summary = f"{likely['name']} ({wording.percent(likely['p'])})"
             if answer.get("risk") in wording.RISK_ADVICE and not answer.get("demonstration"):
                 summary = f"{wording.RISK_ADVICE[answer['risk']][0]} · {summary}"

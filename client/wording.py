@@ -78,8 +78,10 @@ def by_probability(top: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 def call_note(top: Sequence[Mapping[str, Any]]) -> str | None:
     """The line that explains a call which is not the most probable class; None when it is."""
+    if not top:
+        return None
     ranked = by_probability(top)
-    if not top or not ranked or ranked[0] is top[0]:
+    if ranked[0] is top[0]:
         return None
     name = lambda t: t.get("name") or t.get("label")  # noqa: E731
     return CALL_NOTE.format(call=name(top[0]), likely=name(ranked[0]))
